@@ -1,0 +1,334 @@
+"""Recipes: typed dataclasses loaded from YAML plus ``key=value`` overrides, validated up front.
+
+A recipe is the whole description of a run. Every section is a dataclass; unknown keys, wrong types
+and impossible values raise :class:`NewsloraError` naming the key and the valid choices before any
+model or data is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from .errors import NewsloraError
+
+METHODS = ("lora", "adalora", "dora", "rslora", "pissa", "loraplus", "vera")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "roberta-base"  # hub id or local folder
+    max_length: int = 128
+    random_init: bool = False  # build from the config only (tests, speed benchmarks)
+    config_overrides: dict = field(default_factory=dict)  # e.g. {num_hidden_layers: 2} for tiny models
+    tokenizer: str | None = None  # defaults to the backbone
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+
+    def check(self):
+        _positive("model.max_length", self.max_length)
+
+
+@dataclass
+class DataConfig:
+    source: str = "ag_news"  # hub dataset id, or a local file / folder with train (and test) files
+    test: str | None = None  # a separate labelled test file; default: the source's test split
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: list[str] | None = None
+    validation_size: float = 0.05  # fraction of train (<1) or a number of rows (>=1), stratified
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    seed: int = 42
+
+    def check(self):
+        if self.validation_size <= 0:
+            raise NewsloraError("data.validation_size must be > 0 (a fraction < 1 or a row count >= 1): "
+                                "model selection needs a validation split")
+        if self.validation_size >= 1 and self.validation_size != int(self.validation_size):
+            raise NewsloraError(f"data.validation_size={self.validation_size}: use a fraction < 1 or a whole row count")
+        for k in ("max_train_samples", "max_test_samples"):
+            if getattr(self, k) is not None:
+                _positive(f"data.{k}", getattr(self, k))
+        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
+            raise NewsloraError(f"data.label_names has duplicates: {self.label_names}")
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    layers: list[int] | None = None  # transform only these encoder layers (default: all)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    loraplus_lr_ratio: float = 16.0  # LoRA+: lr(B) = ratio * lr(A); used by method=loraplus
+
+    def check(self):
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise NewsloraError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise NewsloraError("lora.target_modules is empty: name at least one module, e.g. [query, value]")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise NewsloraError(f"lora.layers={self.layers}: give non-negative layer indices, or null for all layers")
+        _positive("lora.loraplus_lr_ratio", self.loraplus_lr_ratio)
+
+
+@dataclass
+class AdaLoraSection:
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0  # optimizer steps of warm-up before pruning (0: 10% of total)
+    tfinal: int = 0  # final steps with a fixed budget (0: 20% of total)
+    deltaT: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+    def check(self):
+        _positive("adalora.init_r", self.init_r)
+        _positive("adalora.target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise NewsloraError(f"adalora.target_r={self.target_r} exceeds adalora.init_r={self.init_r}")
+        _positive("adalora.deltaT", self.deltaT)
+        for k in ("beta1", "beta2"):
+            if not 0 < getattr(self, k) < 1:
+                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be in (0, 1)")
+
+
+@dataclass
+class VeraSection:
+    r: int = 256
+    d_initial: float = 0.1
+    dropout: float = 0.0
+
+    def check(self):
+        _positive("vera.r", self.r)
+
+
+@dataclass
+class HeadConfig:
+    # full: PEFT's default, the whole classification head trains (593,668 params on roberta-base);
+    # lora: the head's dense layer gets LoRA of rank head.r and only the output projection trains fully.
+    # Both keep the standard architecture, so merged models load with plain transformers.
+    type: Literal["full", "lora"] = "full"
+    r: int = 8  # rank of the head's LoRA (type=lora)
+
+    def check(self):
+        _positive("head.r", self.r)
+
+
+@dataclass
+class BudgetConfig:
+    max_params: int = 1_000_000  # trainable parameters, classification head included
+    auto_fit: bool = False  # raise the rank to the largest value that fits
+
+    def check(self):
+        _positive("budget.max_params", self.max_params)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # fraction of the optimizer steps (<1) or a step count (>=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    eval_steps: int | None = None  # None: evaluate at each epoch end
+    logging_steps: int = 50
+    save_total_limit: int = 2
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
+    group_by_length: bool = True  # shuffled length buckets: less padding, still random
+    torch_compile: bool = False
+    threads: int | None = None  # CPU threads (default: torch's choice)
+    seed: int = 42
+
+    def check(self):
+        _positive("train.lr", self.lr)
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise NewsloraError("set train.epochs > 0 or train.max_steps > 0")
+        for k in ("batch_size", "eval_batch_size", "grad_accum", "logging_steps", "save_total_limit"):
+            _positive(f"train.{k}", getattr(self, k))
+        for k in ("eval_steps", "early_stopping_patience", "threads"):
+            if getattr(self, k) is not None:
+                _positive(f"train.{k}", getattr(self, k))
+        if self.weight_decay < 0:
+            raise NewsloraError(f"train.weight_decay={self.weight_decay} must be >= 0")
+        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
+            raise NewsloraError(f"train.warmup={self.warmup}: use a fraction in [0, 1) or a whole step count")
+
+
+@dataclass
+class DistillConfig:
+    teachers: list[str] = field(default_factory=list)  # run folders or merged models; empty: no distillation
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the cross-entropy on labels; 1 - alpha goes to the KL term
+
+    def check(self):
+        _positive("distill.temperature", self.temperature)
+        if not 0 <= self.alpha <= 1:
+            raise NewsloraError(f"distill.alpha={self.alpha} must be in [0, 1]")
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    method: Literal[METHODS] = "lora"  # type: ignore[valid-type]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    adalora: AdaLoraSection = field(default_factory=AdaLoraSection)
+    vera: VeraSection = field(default_factory=VeraSection)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def check(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise NewsloraError(f"name={self.name!r}: use a plain folder name such as 'lora-r8'")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.check()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _positive(key: str, value):
+    if value is None or value <= 0:
+        raise NewsloraError(f"{key}={value} must be > 0")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a YAML recipe (or the defaults), apply ``key=value`` overrides and validate it."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise NewsloraError(f"recipe not found: {path} (pass --config with a YAML file, e.g. configs/demo.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise NewsloraError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise NewsloraError(f"{path} must hold a mapping of recipe sections, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    return recipe_from_dict(data)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    recipe = _build(Recipe, data, "")
+    recipe.check()
+    return recipe
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``[q,v]``, ``3e-4``, ``null``)."""
+    if "=" not in item:
+        raise NewsloraError(f"override {item!r} is not key=value (e.g. lora.r=8 train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise NewsloraError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise NewsloraError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise NewsloraError(_unknown(prefix + str(key), key, list(fields)))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+def _unknown(full: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown recipe key {full!r}{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise NewsloraError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise NewsloraError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise NewsloraError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise NewsloraError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise NewsloraError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise NewsloraError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise NewsloraError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,157 @@
+"""Predict stage: load a run folder or merged model, classify texts, write a Kaggle ``ID,Label`` submission."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import NewsloraError
+
+PICKLE_SUFFIXES = {".pkl", ".pickle"}
+
+
+class Classifier:
+    """A trained news classifier. ``classify("headline")`` -> {"label", "score", "scores"}; a list gives a list."""
+
+    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = 128):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
+        """Class probabilities, shape (len(texts), num_labels). Texts are batched by length (less padding);
+        the output keeps the input order."""
+        if not texts:
+            return np.zeros((0, len(self.label_names)), dtype=np.float32)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+        out = np.empty((len(texts), len(self.label_names)), dtype=np.float32)
+        device = next(self.model.parameters()).device
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            batch = self.tokenizer.pad({"input_ids": [enc["input_ids"][j] for j in idx],
+                                        "attention_mask": [enc["attention_mask"][j] for j in idx]},
+                                       return_tensors="pt")
+            logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits
+            out[idx] = torch.softmax(logits.float(), -1).cpu().numpy()
+        return out
+
+    def classify(self, text: str | list[str]):
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        probs = self.predict_proba(texts)
+        res = [{"label": self.label_names[int(p.argmax())], "score": float(p.max()),
+                "scores": {n: float(s) for n, s in zip(self.label_names, p)}} for p in probs]
+        return res[0] if single else res
+
+
+def _label_names(config) -> list[str]:
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def load_model(path: str | Path):
+    """(model, tokenizer, label_names, max_length) from a run folder or a merged/standalone model folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise NewsloraError(f"model not found: {path} (pass a run folder or its merged/ folder)")
+    if (path / "recipe.yaml").is_file() and (path / "adapter").is_dir():
+        return _load_run(path)
+    if (path / "config.json").is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        meta = json.loads((path / "newslora.json").read_text()) if (path / "newslora.json").is_file() else {}
+        return model, AutoTokenizer.from_pretrained(path), _label_names(model.config), meta.get("max_length", 128)
+    if (path / "recipe.yaml").is_file():
+        raise NewsloraError(f"{path} has no adapter/: the run did not finish; continue it with "
+                            f"newslora train --resume {path}")
+    raise NewsloraError(f"{path} is neither a newslora run folder (recipe.yaml + adapter/) nor a model folder "
+                        "(config.json)")
+
+
+def _load_run(run_dir: Path):
+    from peft import PeftModel
+
+    from .config import load_recipe
+    from .model import load_backbone, load_tokenizer
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    info = json.loads((run_dir / "run.json").read_text())
+    names = info["label_names"]
+    if (run_dir / "backbone").is_dir():  # random-init backbone saved with the run
+        recipe.model.backbone, recipe.model.random_init = str(run_dir / "backbone"), False
+    recipe.model.quantization = "none" if not torch.cuda.is_available() else recipe.model.quantization
+    base = load_backbone(recipe, names)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    return model, load_tokenizer(str(run_dir / "adapter")), names, recipe.model.max_length
+
+
+def load_classifier(path: str | Path, device: str | None = None) -> Classifier:
+    """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``."""
+    model, tok, names, max_length = load_model(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Classifier(model.to(device), tok, names, max_length)
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+
+def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False) -> list[str]:
+    """Texts to classify from CSV/TSV/JSONL/parquet/plain text, or a pickled HF ``Dataset`` (``trust_pickle``)."""
+    from .data import check_texts, read_table
+
+    path = Path(path)
+    if not path.exists():
+        raise NewsloraError(f"input not found: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        df = _read_pickle(path, text_column, trust_pickle)
+    else:
+        df = read_table(path, text_column, label_column=None)
+    if df.empty:
+        raise NewsloraError(f"{path} has no rows to classify")
+    return check_texts(df, str(path))["text"].tolist()
+
+
+def _read_pickle(path: Path, text_column: str, trust: bool) -> pd.DataFrame:
+    if not trust:
+        raise NewsloraError(f"refusing to unpickle {path}: unpickling runs arbitrary code from the file; pass "
+                            "--trust-pickle only if you trust its source, or convert it to CSV/parquet first")
+    with open(path, "rb") as f:
+        obj = pickle.load(f)  # noqa: S301 - the user vouched for this file with --trust-pickle
+    if hasattr(obj, "to_pandas"):
+        obj = obj.to_pandas()
+    if isinstance(obj, dict):
+        obj = pd.DataFrame(obj)
+    if not isinstance(obj, pd.DataFrame) or text_column not in obj.columns:
+        raise NewsloraError(f"{path}: expected a pickled HF Dataset/DataFrame with a {text_column!r} column, "
+                            f"got {type(obj).__name__}")
+    return pd.DataFrame({"text": obj[text_column].astype(str)})
+
+
+def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str], extra: bool = False) -> Path:
+    """Kaggle format: ``ID,Label`` with IDs 0..N-1 and integer labels; ``extra`` adds names and probabilities."""
+    path = Path(path)
+    pred = probs.argmax(-1)
+    df = pd.DataFrame({"ID": np.arange(len(pred)), "Label": pred.astype(int)})
+    if extra:
+        df["label_name"] = [label_names[i] for i in pred]
+        for i, n in enumerate(label_names):
+            df[f"p_{n}"] = probs[:, i].round(6)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str = "text",
+            trust_pickle: bool = False, extra_columns: bool = False, batch_size: int = 128) -> Path:
+    texts = read_texts(input, text_column, trust_pickle)  # input problems surface before the model loads
+    clf = load_classifier(model)
+    return write_submission(output, clf.predict_proba(texts, batch_size), clf.label_names, extra_columns)
