@@ -743,7 +743,8 @@ def write_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike) 
         f'```python\nfrom transformers import pipeline\n\nclf = pipeline("text-classification", '
         f'model="{model}")\nprint(clf("Stocks rally as oil prices fall."))\n```',
         "With newslora:",
-        f'```bash\nnewslora predict {model} "Stocks rally as oil prices fall."\n```',
+        f'```bash\nnewslora classify {model} "Stocks rally as oil prices fall."\n'
+        f'newslora predict {model} --input test.csv --output submission.csv   # Kaggle ID,Label file\n```',
         f'```python\nfrom newslora import load_classifier\n\nclf = load_classifier("{model}")\n'
         'print(clf.classify("Stocks rally as oil prices fall."))\n```',
         "## Training recipe",
