@@ -1,0 +1,236 @@
+"""The core pipeline end to end on a tiny random-init RoBERTa with the real tokenizer and real AG News rows."""
+import csv
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from openpyxl import load_workbook
+from typer.testing import CliRunner
+
+from conftest import ROBERTA, TEST_CSV, TRAIN_CSV, tiny_overrides
+from newslora.cli import app
+from newslora.config import load_recipe
+from newslora.data import read_table
+from newslora.predict import load_classifier
+from newslora.train import train
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_folder_is_complete(tiny_run):
+    d = tiny_run.run_dir
+    for f in ("recipe.yaml", "run.json", "metrics_steps.csv", "metrics_epochs.csv", "metrics.xlsx", "eval.json",
+              "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
+        assert (d / f).is_file(), f
+    info = json.loads((d / "run.json").read_text())
+    assert info["status"] == "completed" and info["trainable"]["total"] == tiny_run.trainable.total
+    assert info["versions"]["transformers"] and info["device"].startswith(("cpu", "cuda"))
+    assert load_recipe(d / "recipe.yaml").data.max_train_samples == 256
+    ev = json.loads((d / "eval.json").read_text())
+    for split, n in (("validation", 64), ("test", 128)):
+        m = ev[split]
+        assert m["n"] == n and 0 <= m["accuracy"] <= 1
+        assert set(m["per_class"]) == {"World", "Sports", "Business", "Sci/Tech"}
+        assert np.array(m["confusion_matrix"]).sum() == n
+        assert m["accuracy"] == pytest.approx(np.trace(m["confusion_matrix"]) / n)
+    steps = pd.read_csv(d / "metrics_steps.csv")
+    assert steps["eval_accuracy"].notna().sum() >= 2 and steps["loss"].notna().sum() >= 2
+    epochs = pd.read_csv(d / "metrics_epochs.csv")
+    assert list(epochs["epoch"]) == [1]
+    wb = load_workbook(d / "metrics.xlsx")
+    assert "epochs" in wb.sheetnames
+
+
+def test_eval_json_matches_an_independent_evaluation(tiny_run):
+    """The reported test accuracy is what the saved adapter really gives on the test rows."""
+    clf = load_classifier(tiny_run.run_dir)
+    test = read_table(TEST_CSV)
+    ev = json.loads((tiny_run.run_dir / "eval.json").read_text())["test"]
+    from newslora.data import _stratified_head
+
+    rows = _stratified_head(test, 128, 42)
+    pred = clf.predict_proba(rows["text"].tolist()).argmax(-1)
+    assert np.mean(pred == rows["label"].to_numpy()) == pytest.approx(ev["accuracy"])
+
+
+def test_export_merged_equals_adapter(tiny_run, tmp_path):
+    r = cli("export", tiny_run.run_dir)
+    assert r.exit_code == 0, r.output
+    merged = tiny_run.run_dir / "merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    texts = read_table(TEST_CSV)["text"].tolist()[:200]
+    a = load_classifier(tiny_run.run_dir).predict_proba(texts)
+    b = load_classifier(merged).predict_proba(texts)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    # a plain transformers user can load it
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert m.config.id2label[1] == "Sports"
+    card = (merged / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["pipeline_tag"] == "text-classification"
+
+
+def _check_submission(path, n):
+    rows = list(csv.reader(open(path)))
+    assert rows[0][:2] == ["ID", "Label"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(n))
+    assert {int(r[1]) for r in rows[1:]} <= {0, 1, 2, 3}
+
+
+def test_predict_formats(tiny_run, tmp_path):
+    out = tmp_path / "submission.csv"
+    r = cli("predict", tiny_run.run_dir, "--input", TEST_CSV, "--output", out)
+    assert r.exit_code == 0, r.output
+    _check_submission(out, 7600)
+    texts = ["Stocks fall on oil", "Team wins the cup", "New chip is fast"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    pd.DataFrame({"text": texts}).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "in.parquet")
+    for name in ("in.txt", "in.jsonl", "in.parquet"):
+        o = tmp_path / f"{name}.csv"
+        r = cli("predict", tiny_run.run_dir, "-i", tmp_path / name, "-o", o, "--extra-columns")
+        assert r.exit_code == 0, r.output
+        _check_submission(o, 3)
+        df = pd.read_csv(o)
+        assert set(df["label_name"]) <= {"World", "Sports", "Business", "Sci/Tech"}
+        np.testing.assert_allclose(df.filter(like="p_").sum(axis=1), 1, atol=1e-4)
+
+
+def test_pickle_needs_explicit_trust(tiny_run, tmp_path):
+    import datasets
+
+    pkl = tmp_path / "test.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump(datasets.Dataset.from_dict({"text": ["Stocks fall", "Team wins"]}), f)
+    out = tmp_path / "sub.csv"
+    r = cli("predict", tiny_run.run_dir, "-i", pkl, "-o", out)
+    assert r.exit_code == 2 and "--trust-pickle" in r.output and not out.exists()
+    r = cli("predict", tiny_run.run_dir, "-i", pkl, "-o", out, "--trust-pickle")
+    assert r.exit_code == 0, r.output
+    _check_submission(out, 2)
+
+
+def test_classify_api(tiny_run):
+    from newslora import load_classifier as top_level
+
+    clf = top_level(tiny_run.run_dir)
+    one = clf.classify("Oil prices climb")
+    assert one["label"] in clf.label_names and sum(one["scores"].values()) == pytest.approx(1, abs=1e-5)
+    many = clf.classify(["Oil prices climb", "Cup final tonight"])
+    assert isinstance(many, list) and len(many) == 2
+
+
+def test_evaluate_command(tiny_run, tmp_path):
+    out = tmp_path / "m.json"
+    r = cli("evaluate", tiny_run.run_dir, "--data", TEST_CSV, "--output", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    assert m["n"] == 7600 and len(m["confusion_matrix"]) == 4
+
+
+def test_serve(tiny_run):
+    from fastapi.testclient import TestClient
+
+    from newslora.serve import create_app
+
+    c = TestClient(create_app(tiny_run.run_dir))
+    assert c.get("/health").json()["status"] == "ok"
+    res = c.post("/classify", json={"texts": ["Stocks fall", "Team wins"]}).json()["results"]
+    assert len(res) == 2 and res[0]["label"] in c.get("/labels").json()["labels"]
+    assert c.post("/classify", json={"texts": [" "]}).status_code == 422
+    assert c.post("/classify", json={"texts": []}).status_code == 422
+
+
+class Interrupt:
+    """A callback that presses Ctrl-C after ``at`` optimizer steps."""
+
+    def __init__(self, at):
+        from transformers import TrainerCallback
+
+        class _CB(TrainerCallback):
+            def on_step_end(cb, args, state, control, **kw):  # noqa: N805
+                if state.global_step >= at:
+                    raise KeyboardInterrupt
+
+        self.cb = _CB()
+
+
+def test_resume_continues_an_interrupted_run(tmp_path):
+    recipe = load_recipe(None, tiny_overrides(**{"train.epochs": 2}))
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, run_dir=run_dir, extra_callbacks=[Interrupt(5).cb])
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert not (run_dir / "eval.json").exists()
+    assert (run_dir / "metrics_steps.csv").is_file()  # curves of the partial run are kept
+    r = cli("train", "--resume", run_dir)
+    assert r.exit_code == 0, r.output
+    state = json.loads(sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                              key=lambda p: int(p.parent.name.split("-")[1]))[-1].read_text())
+    assert state["global_step"] == 16  # 2 epochs x 256/32 batches
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # one continuous history, no restart
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_early_stopping_stops(tmp_path):
+    recipe = load_recipe(None, tiny_overrides(**{"train.lr": 1e-12, "train.epochs": 3, "train.eval_steps": 2,
+                                                 "train.early_stopping_patience": 1, "train.metric": "loss"}))
+    res = train(recipe, run_dir=tmp_path / "es")
+    steps = pd.read_csv(res.run_dir / "metrics_steps.csv")
+    assert steps["step"].max() < 24  # 3 epochs would be 24 steps
+
+
+@pytest.mark.parametrize("args, words", [
+    (["lora.rr=2"], ["unknown recipe key"]),
+    (["budget.max_params=1000"], ["over budget", "head", "adapter", "budget.max_params=1,000"]),
+    ([f"data.source={TRAIN_CSV.parent / 'nope.csv'}"], ["data file not found"]),
+    (["data.text_column=body"], ["column 'body' not found"]),
+    (["lora.target_modules=[qkv]"], ["lora.target_modules", "query"]),
+    (["lora.layers=[0,9]"], ["lora.layers", "0..1"]),
+])
+def test_bad_train_inputs_leave_nothing(tmp_path, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    r = cli("train", *tiny_overrides(), *args)
+    assert r.exit_code == 2, r.output
+    msg = " ".join(r.output.split())
+    for w in words:
+        assert w in msg, (w, msg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_predict_bad_inputs(tiny_run, tmp_path):
+    out = tmp_path / "sub.csv"
+    r = cli("predict", tiny_run.run_dir, "-i", tmp_path / "missing.csv", "-o", out)
+    assert r.exit_code == 2 and "not found" in r.output and not out.exists()
+    (tmp_path / "empty.txt").write_text("\n\n")
+    r = cli("predict", tiny_run.run_dir, "-i", tmp_path / "empty.txt", "-o", out)
+    assert r.exit_code == 2 and "no rows" in r.output and not out.exists()
+    r = cli("predict", tmp_path, "-i", TEST_CSV, "-o", out)
+    assert r.exit_code == 2 and "neither" in r.output and not out.exists()
+
+
+def test_offline_hub_model_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = cli("train", *tiny_overrides(**{"model.backbone": "roberta-base", "model.random_init": "false"}))
+    assert r.exit_code == 2
+    msg = " ".join(r.output.split())
+    assert "hub is unreachable" in msg and "model.backbone=" in msg and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("extra, count", [
+    (["lora.r=4"], 741_124), (["lora.r=8"], 888_580), (["lora.r=6", "lora.target_modules=[query,key,value]"], 925_444),
+])
+def test_published_roberta_counts(extra, count):
+    r = cli("budget", f"model.backbone={ROBERTA}", *extra, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["trainable"] == count
