@@ -234,3 +234,14 @@ def test_published_roberta_counts(extra, count):
     r = cli("budget", f"model.backbone={ROBERTA}", *extra, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["trainable"] == count
+
+
+def test_gradient_accumulation_averages_the_loss(tmp_path):
+    """grad_accum=2 with half the batch logs the same loss scale as one full batch (not 2x)."""
+    first = {}
+    for accum, bs in ((1, 32), (2, 16)):
+        recipe = load_recipe(None, tiny_overrides(**{"train.grad_accum": accum, "train.batch_size": bs,
+                                                     "train.max_steps": 1, "train.group_by_length": "false"}))
+        res = train(recipe, run_dir=tmp_path / f"ga{accum}")
+        first[accum] = pd.read_csv(res.run_dir / "metrics_steps.csv")["loss"].dropna().iloc[0]
+    assert first[2] == pytest.approx(first[1], rel=0.1), first

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .config import Recipe, load_recipe
-from .model import Breakdown, count_trainable
+from .model import Breakdown, count_trainable, get_rank, rank_key
 
 
 @dataclass
@@ -19,13 +19,21 @@ class BudgetReport:
     def fits(self) -> bool:
         return self.breakdown.fits
 
+    @property
+    def rank(self) -> dict:
+        """``{"lora.r": 8}`` (``adalora.init_r`` / ``vera.r`` for those methods): the value counted, after auto_fit."""
+        fit = self.breakdown.fit
+        return {rank_key(self.recipe.method): fit["chosen"] if fit else get_rank(self.recipe)}
+
     def to_json(self) -> dict:
         return {"name": self.recipe.name, "method": self.recipe.method, "backbone": self.recipe.model.backbone,
-                **self.breakdown.to_dict()}
+                "rank": self.rank, "head_type": self.recipe.head.type, **self.breakdown.to_dict()}
 
     def print(self, console) -> None:
         b = self.breakdown
-        t = Table(title=f"{self.recipe.name}: {self.recipe.method} on {self.recipe.model.backbone}")
+        (key, r), = self.rank.items()
+        t = Table(title=f"{self.recipe.name}: {self.recipe.method} ({key}={r}, head.type={self.recipe.head.type}) "
+                        f"on {self.recipe.model.backbone}")
         t.add_column("group")
         t.add_column("trainable", justify="right")
         for mod, n in b.by_module.items():
@@ -33,12 +41,18 @@ class BudgetReport:
         for layer, n in b.by_layer.items():
             if layer != "head":
                 t.add_row(f"  layer {layer}", f"{n:,}", style="dim")
+        t.add_row("adapter total", f"{b.adapter:,}")
         t.add_row("classification head", f"{b.head:,}")
         t.add_row("total", f"{b.total:,}", style="bold")
         verdict = "fits" if b.fits else "OVER BUDGET"
         t.add_row("budget", f"{b.budget:,} ({100 * b.total / b.budget:.1f}%, {verdict})",
                   style="green" if b.fits else "bold red")
         console.print(t)
+        if b.fit:
+            f = b.fit
+            why = ("capped at the rank limit of the targeted modules" if f["capped"] else
+                   f"{f['chosen'] + 1} would need {f['next_trainable']:,}")
+            console.print(f"budget.auto_fit: {f['key']} {f['requested']} -> {f['chosen']} ({why})", highlight=False)
 
 
 def budget_report(config: str | Path | None = None, overrides=()) -> BudgetReport:

@@ -84,11 +84,13 @@ class LoraSection:
 
 @dataclass
 class AdaLoraSection:
+    # The budget counts AdaLoRA at init_r (1,537 * init_r per 768x768 module: A, B and the singular values E);
+    # the rank allocator then prunes to an average of target_r per module over the run.
     init_r: int = 12
     target_r: int = 8
-    tinit: int = 0  # optimizer steps of warm-up before pruning (0: 10% of total)
-    tfinal: int = 0  # final steps with a fixed budget (0: 20% of total)
-    deltaT: int = 10
+    tinit: int = 0  # optimizer steps of warm-up before pruning (0: 10% of the run's optimizer steps)
+    tfinal: int = 0  # final optimizer steps with the allocation frozen (0: 20% of the run's steps, at least 1)
+    deltaT: int = 10  # optimizer steps between two re-allocations
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
@@ -96,8 +98,12 @@ class AdaLoraSection:
     def check(self):
         _positive("adalora.init_r", self.init_r)
         _positive("adalora.target_r", self.target_r)
-        if self.target_r > self.init_r:
-            raise NewsloraError(f"adalora.target_r={self.target_r} exceeds adalora.init_r={self.init_r}")
+        if self.target_r >= self.init_r:
+            raise NewsloraError(f"adalora.target_r={self.target_r} must be below adalora.init_r={self.init_r}: "
+                                "AdaLoRA prunes from init_r down to target_r (use method=lora for a fixed rank)")
+        for k in ("tinit", "tfinal"):
+            if getattr(self, k) < 0:
+                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be >= 0 (0: automatic)")
         _positive("adalora.deltaT", self.deltaT)
         for k in ("beta1", "beta2"):
             if not 0 < getattr(self, k) < 1:
@@ -117,7 +123,8 @@ class VeraSection:
 @dataclass
 class HeadConfig:
     # full: PEFT's default, the whole classification head trains (593,668 params on roberta-base);
-    # lora: the head's dense layer gets LoRA of rank head.r and only the output projection trains fully.
+    # lora: the head's dense layer gets LoRA of rank head.r (AdaLoRA/VeRA: the method's own rank) and only the
+    # output projection trains fully (RoBERTa-style heads; a single-linear head such as BERT's needs type=full).
     # Both keep the standard architecture, so merged models load with plain transformers.
     type: Literal["full", "lora"] = "full"
     r: int = 8  # rank of the head's LoRA (type=lora)
@@ -206,6 +213,12 @@ class Recipe:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check()
+        if self.method == "adalora" and self.train.early_stopping_patience:
+            raise NewsloraError("train.early_stopping_patience does not combine with method=adalora: the rank "
+                                "schedule runs to the last optimizer step (set train.early_stopping_patience=null)")
+        if self.model.quantization != "none" and self.model.random_init:
+            raise NewsloraError(f"model.quantization={self.model.quantization} quantizes pretrained weights; it "
+                                "does not combine with model.random_init=true")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -224,20 +237,24 @@ def _positive(key: str, value):
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a YAML recipe (or the defaults), apply ``key=value`` overrides and validate it."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise NewsloraError(f"recipe not found: {path} (pass --config with a YAML file, e.g. configs/demo.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise NewsloraError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise NewsloraError(f"{path} must hold a mapping of recipe sections, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "recipe", "--config", "configs/demo.yaml") if path is not None else {}
     for item in overrides:
         apply_override(data, item)
     return recipe_from_dict(data)
+
+
+def read_yaml_mapping(path: str | Path, what: str, option: str, example: str) -> dict:
+    """A YAML file holding a mapping, or one clear error line (missing file, bad YAML, not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NewsloraError(f"{what} not found: {path} (pass {option} with a YAML file, e.g. {example})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise NewsloraError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise NewsloraError(f"{path} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -274,7 +291,7 @@ def _build(cls, data: Any, prefix: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise NewsloraError(_unknown(prefix + str(key), key, list(fields)))
+            raise NewsloraError(unknown_key_message(prefix + str(key), key, list(fields)))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
@@ -283,7 +300,7 @@ def _build(cls, data: Any, prefix: str):
     return cls(**kwargs)
 
 
-def _unknown(full: str, key: str, valid: list[str]) -> str:
+def unknown_key_message(full: str, key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(key), valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown recipe key {full!r}{hint}; valid keys here: {', '.join(valid)}"

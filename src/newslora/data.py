@@ -115,21 +115,22 @@ def find_label_names(path: Path) -> list[str] | None:
 def encode_labels(df: pd.DataFrame, names: list[str] | None, where: str) -> tuple[pd.DataFrame, list[str]]:
     """Map labels to ids 0..K-1 and check them; returns the frame and the label names."""
     labels = df["label"]
-    if labels.isna().any():
-        row = int(np.flatnonzero(labels.isna().to_numpy())[0])
+    missing = labels.isna() | (labels.astype(str).str.strip() == "")
+    if missing.any():
+        row = int(np.flatnonzero(missing.to_numpy())[0])
         raise NewsloraError(f"{where}: row {row} has no label; fill or drop unlabelled rows")
-    if labels.dtype == object and not all(isinstance(v, (int, np.integer)) for v in labels):
-        as_num = pd.to_numeric(labels, errors="coerce")
+    if not pd.api.types.is_numeric_dtype(labels):
+        as_num = pd.to_numeric(labels.astype(str).str.strip(), errors="coerce")
         if as_num.notna().all():
             labels = as_num
         else:  # string labels: names are the sorted distinct values unless the recipe gives them
-            values = sorted(map(str, labels.unique()))
-            names = names or values
-            unknown = sorted(set(map(str, labels)) - set(names))
+            values = labels.astype(str).str.strip()
+            names = names or sorted(values.unique())
+            unknown = sorted(set(values) - set(names))
             if unknown:
                 raise NewsloraError(f"{where}: labels {unknown[:5]} are not in data.label_names {names}")
             lookup = {n: i for i, n in enumerate(names)}
-            return df.assign(label=[lookup[str(v)] for v in labels]), names
+            return df.assign(label=values.map(lookup).to_numpy()), list(names)
     if not np.all(np.asarray(labels, dtype=float) == np.asarray(labels, dtype=float).round()):
         raise NewsloraError(f"{where}: labels must be integers or class names")
     labels = labels.astype(int)
@@ -154,8 +155,8 @@ def _load_local(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, lis
     src = Path(cfg.source).expanduser()
     test_path = Path(cfg.test).expanduser() if cfg.test else None
     if src.is_dir():
-        train_path = _pick(src, "train")
-        test_path = test_path or _pick(src, "test", required=False)
+        train_path = find_split_file(src, "train")
+        test_path = test_path or find_split_file(src, "test", required=False)
     else:
         train_path = src
     train = read_table(train_path, cfg.text_column, cfg.label_column)
@@ -163,7 +164,7 @@ def _load_local(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, lis
     return train, test, cfg.label_names or find_label_names(train_path)
 
 
-def _pick(folder: Path, stem: str, required: bool = True) -> Path | None:
+def find_split_file(folder: Path, stem: str, required: bool = True) -> Path | None:
     hits = sorted(p for p in folder.iterdir() if p.stem.startswith(stem) and p.suffix.lower() in TABLE_SUFFIXES)
     if not hits and required:
         raise NewsloraError(f"{folder}: no {stem}.csv/.tsv/.jsonl/.parquet file inside; name the file in data.source")

@@ -25,19 +25,20 @@ CHECK_TEXTS = [
 
 def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 1e-4) -> Path:
     """Merge ``run_dir``'s adapter (``merge_and_unload``) into ``run_dir/merged`` (or ``output``)."""
+    from .model import merge_adapter
     from .predict import Classifier, _load_run
 
     run_dir = Path(run_dir)
     if not (run_dir / "adapter").is_dir() or not (run_dir / "recipe.yaml").is_file():
         raise NewsloraError(f"{run_dir} is not a finished run folder (needs recipe.yaml and adapter/)")
     target = Path(output) if output else run_dir / "merged"
-    model, tok, names, max_length = _load_run(run_dir)
+    model, tok, names, max_length = _load_run(run_dir, full_precision=True)  # QLoRA runs merge into full precision
     model.eval()
     before = Classifier(model, tok, names, max_length).predict_proba(CHECK_TEXTS)
     with torch.inference_mode():
         enc = tok(CHECK_TEXTS, padding=True, return_tensors="pt")
         logits_adapter = model(**enc).logits
-        merged = model.merge_and_unload()
+        merged = merge_adapter(model)
         logits_merged = merged(**enc).logits
     diff = (logits_adapter - logits_merged).abs().max().item()
     if diff > atol:

@@ -7,6 +7,7 @@ the count of the model that trains.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -75,8 +76,12 @@ def load_backbone_config(recipe: Recipe, label_names: list[str]):
     return config
 
 
-def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False):
-    """The base classifier: pretrained weights, random init (``model.random_init``) or meta tensors (counting)."""
+def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False, for_training: bool = True):
+    """The base classifier: pretrained weights, random init (``model.random_init``) or meta tensors (counting).
+
+    With ``model.quantization`` (CUDA only) the weights load in 4 or 8 bit through bitsandbytes and, for training,
+    go through PEFT's ``prepare_model_for_kbit_training`` (QLoRA); the classification head stays unquantized.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -88,12 +93,19 @@ def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False):
         with ctx:
             return AutoModelForSequenceClassification.from_config(config, **kwargs)
     name = resolve_backbone(recipe.model.backbone)
-    if recipe.model.quantization != "none":
+    quantized = recipe.model.quantization != "none"
+    if quantized:
         kwargs.update(quantization_kwargs(recipe.model.quantization))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name, config=config, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(name, config=config, **kwargs)
+        if quantized and for_training:  # QLoRA: freeze, upcast norms/head to fp32, checkpoint activations
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
     except (OSError, ValueError) as e:
         if Path(name).is_dir() and not any(Path(name).glob("*.safetensors")) and not any(Path(name).glob("*.bin")):
             raise NewsloraError(f"{name} has a config but no weights; set model.random_init=true for a random-init "
@@ -103,21 +115,31 @@ def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False):
         hf_logging.set_verbosity(verbosity)
 
 
-def quantization_kwargs(mode: str) -> dict:
+def check_quantization(mode: str) -> None:
+    """Raise one clear line unless ``model.quantization=mode`` can run here (CUDA GPU + bitsandbytes)."""
+    if mode == "none":
+        return
     if not torch.cuda.is_available():
-        raise NewsloraError(f"model.quantization={mode} needs a CUDA GPU (bitsandbytes); none is available here: "
-                            "set model.quantization=none")
+        raise NewsloraError(f"model.quantization={mode} needs a CUDA GPU (bitsandbytes) and none is available here; "
+                            "set model.quantization=none to train in full precision")
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise NewsloraError("model.quantization needs bitsandbytes: pip install 'newslora[quant]'") from None
+        raise NewsloraError(f"model.quantization={mode} needs bitsandbytes: pip install 'newslora[quant]'") from None
+
+
+def quantization_kwargs(mode: str) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    check_quantization(mode)
+    skip = list(HEAD_PREFIXES)  # the head is trained (fully or with LoRA): keep it in full precision
     if mode == "4bit":
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
     else:
-        q = BitsAndBytesConfig(load_in_8bit=True)
-    return {"quantization_config": q}
+        q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return {"quantization_config": q, "device_map": {"": torch.cuda.current_device()}}
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -132,13 +154,47 @@ def head_dense_name(model) -> str | None:
 def head_modules(model, recipe: Recipe) -> list[str]:
     """Modules trained in full (PEFT ``modules_to_save``)."""
     if recipe.head.type == "lora" and head_dense_name(model):
-        return ["out_proj"]
+        return ["classifier.out_proj"]
     return [p for p in HEAD_PREFIXES if getattr(model, p, None) is not None]
+
+
+def head_state(model) -> dict:
+    """The head's base weights. With ``head.type=lora`` the head's dense layer keeps its (randomly initialised,
+    never pretrained) base weight frozen under the LoRA: it is saved with the run, or a reload would re-draw it."""
+    return {f"{p}.{k}": v.detach().cpu().contiguous() for p in HEAD_PREFIXES if getattr(model, p, None) is not None
+            for k, v in getattr(model, p).state_dict().items()}
+
+
+def load_head_state(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected:
+        raise NewsloraError(f"{path}: head weights {unexpected} do not fit {model.config.model_type}")
+
+
+def merge_adapter(model):
+    """``merge_and_unload`` for every method: fully trained modules (PEFT ``modules_to_save``) are unwrapped first,
+    since PEFT's generic unload (VeRA) cannot unwrap a non-Linear module such as a RoBERTa head."""
+    from peft.utils import ModulesToSaveWrapper
+
+    inner = model.get_base_model()
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(inner.get_submodule(parent) if parent else inner, child,
+                    module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None))
+    return model.merge_and_unload()
 
 
 def target_regex(model, recipe: Recipe) -> str:
     """One regex for PEFT's ``target_modules``: the chosen module names in the chosen layers, plus the head's
     dense layer when ``head.type=lora``. A regex (full match) keeps layer selection and head exact."""
+    return "|".join(re.escape(n) for n in target_names(model, recipe))
+
+
+def target_names(model, recipe: Recipe) -> list[str]:
+    """Full names of the linear modules that get an adapter (see :func:`target_regex`)."""
     modules = recipe.lora.target_modules
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     matches = {mod: [n for n in names if (n == mod or n.endswith("." + mod)) and not n.startswith(HEAD_PREFIXES)]
@@ -158,7 +214,24 @@ def target_regex(model, recipe: Recipe) -> str:
         hits = [n for n in hits if (m := LAYER_RE.search(n)) and int(m.group(1)) in keep]
     if recipe.head.type == "lora" and head_dense_name(model):
         hits.append(head_dense_name(model))
-    return "|".join(re.escape(n) for n in hits)
+    return hits
+
+
+def adalora_schedule(recipe: Recipe, total_steps: int) -> tuple[int, int]:
+    """(tinit, tfinal) for a run of ``total_steps`` optimizer steps, checked against PEFT's phases.
+
+    The callback passes 0-based step indices 0..total_steps-1, so the final allocation (at index
+    ``total_steps - tfinal``) needs ``tfinal >= 1``; pruning happens at indices in ``(tinit, total_steps - tfinal)``.
+    """
+    a = recipe.adalora
+    tinit = a.tinit or int(0.1 * total_steps)
+    tfinal = a.tfinal or max(1, int(0.2 * total_steps))
+    if tinit + tfinal >= total_steps:
+        raise NewsloraError(
+            f"adalora: tinit={tinit} + tfinal={tfinal} leave no pruning phase in a run of {total_steps} optimizer "
+            f"steps (train.optimizer steps = ceil(epochs * batches / grad_accum) or train.max_steps); lower "
+            f"adalora.tinit/adalora.tfinal or train longer")
+    return tinit, tfinal
 
 
 def peft_config(model, recipe: Recipe, total_steps: int | None = None, for_count: bool = False):
@@ -166,6 +239,11 @@ def peft_config(model, recipe: Recipe, total_steps: int | None = None, for_count
     from peft import AdaLoraConfig, LoraConfig, TaskType, VeraConfig
 
     lo, m = recipe.lora, recipe.method
+    if recipe.head.type == "lora" and head_dense_name(model) is None:
+        head = sum(p.numel() for pre in HEAD_PREFIXES if getattr(model, pre, None) is not None
+                   for p in getattr(model, pre).parameters())
+        raise NewsloraError(f"head.type=lora: the {model.config.model_type} classification head is a single linear "
+                            f"layer ({head:,} parameters), nothing to low-rank; use head.type=full")
     # PEFT's SEQ_CLS task always trains the whole classifier; with a LoRA head we name what trains ourselves.
     lora_head = recipe.head.type == "lora" and head_dense_name(model) is not None
     common = dict(task_type=None if lora_head else TaskType.SEQ_CLS, target_modules=target_regex(model, recipe),
@@ -178,11 +256,13 @@ def peft_config(model, recipe: Recipe, total_steps: int | None = None, for_count
                           **common)
     if m == "adalora":
         a = recipe.adalora
-        steps = total_steps or 1000
-        return AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=a.tinit or int(0.1 * steps),
-                             tfinal=a.tfinal or int(0.2 * steps), deltaT=a.deltaT, beta1=a.beta1, beta2=a.beta2,
-                             orth_reg_weight=a.orth_reg_weight, total_step=steps, lora_alpha=lo.alpha,
-                             lora_dropout=lo.dropout, bias=lo.bias, **common)
+        if total_steps is None and not for_count:
+            raise NewsloraError("method=adalora needs the run's optimizer-step count (total_steps) to build")
+        steps = total_steps or 1000  # counting only: the schedule does not change the parameter count
+        tinit, tfinal = adalora_schedule(recipe, steps) if total_steps else (0, 1)
+        return AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.deltaT,
+                             beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight, total_step=steps,
+                             lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias, **common)
     init = "pissa" if m == "pissa" and not for_count else True
     return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias, use_dora=m == "dora",
                       use_rslora=m == "rslora", init_lora_weights=init, **common)
@@ -209,14 +289,23 @@ class Breakdown:
     budget: int
     by_module: dict = field(default_factory=dict)  # e.g. {"query": 36864, "value": 36864}
     by_layer: dict = field(default_factory=dict)  # {"0": 12288, ..., "head": 593668}
+    fit: dict | None = None  # budget.auto_fit: RankFit.to_dict() of the rank it chose
 
     @property
     def fits(self) -> bool:
         return self.total <= self.budget
 
+    def summary(self) -> str:
+        """``head 593,668 + adapter 147,456 (attention.self.query 73,728, ...)``: the breakdown on one line."""
+        groups = ", ".join(f"{m} {n:,}" for m, n in self.by_module.items())
+        return f"head {self.head:,} + adapter {self.adapter:,}" + (f" ({groups})" if groups else "")
+
     def to_dict(self) -> dict:
-        return {"trainable": self.total, "head": self.head, "adapter": self.adapter, "budget": self.budget,
-                "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer}
+        d = {"trainable": self.total, "head": self.head, "adapter": self.adapter, "budget": self.budget,
+             "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer}
+        if self.fit is not None:
+            d["auto_fit"] = self.fit
+        return d
 
 
 def breakdown(model, budget: int) -> Breakdown:
@@ -245,9 +334,23 @@ def breakdown(model, budget: int) -> Breakdown:
     return Breakdown(head + adapter, head, adapter, budget, dict(by_module), dict(by_layer))
 
 
-def count_trainable(recipe: Recipe, label_names: list[str] | None = None) -> Breakdown:
-    """Exact trainable count of the recipe's model, built on the meta device (no weights are read)."""
+def count_trainable(recipe: Recipe, label_names: list[str] | None = None, fit: bool = True) -> Breakdown:
+    """Exact trainable count of the recipe's model, built on the meta device (no weights are read).
+
+    With ``budget.auto_fit`` (and ``fit``) the count is that of the fitted rank (see :func:`fit_rank`); the recipe
+    itself is not changed (use :func:`apply_auto_fit`).
+    """
     names = label_names or recipe.data.label_names or ["0", "1", "2", "3"]
+    if fit and recipe.budget.auto_fit:
+        recipe = copy.deepcopy(recipe)
+        rf = apply_auto_fit(recipe, names)
+        b = _count(recipe, names)
+        b.fit = rf.to_dict()
+        return b
+    return _count(recipe, names)
+
+
+def _count(recipe: Recipe, names: list[str]) -> Breakdown:
     base = load_backbone(recipe, names, meta=True)
     return breakdown(attach_adapter(base, recipe, for_count=True), recipe.budget.max_params)
 
@@ -255,13 +358,120 @@ def count_trainable(recipe: Recipe, label_names: list[str] | None = None) -> Bre
 def check_budget(b: Breakdown, recipe: Recipe) -> None:
     if not b.fits:
         raise NewsloraError(
-            f"over budget: {b.total:,} trainable parameters (head {b.head:,} + adapter {b.adapter:,}) > "
-            f"budget.max_params={b.budget:,} for method={recipe.method}; lower the rank, target fewer modules/layers, "
-            f"use head.type=lora, or set budget.auto_fit=true")
+            f"over budget: {b.total:,} trainable parameters > budget.max_params={b.budget:,} for "
+            f"method={recipe.method}: {b.summary()}; lower the rank, target fewer modules/layers, use "
+            f"head.type=lora, or set budget.auto_fit=true")
+
+
+# ----------------------------------------------------------------------------- auto fit
+
+RANK_KEYS = {"adalora": ("adalora", "init_r"), "vera": ("vera", "r")}  # every other method: lora.r
+VERA_RANK_FACTOR = 4  # VeRA's shared random projections may exceed the layer width (the paper: r=1024 on base)
+
+
+def rank_key(method: str) -> str:
+    return ".".join(RANK_KEYS.get(method, ("lora", "r")))
+
+
+def get_rank(recipe: Recipe) -> int:
+    section, attr = RANK_KEYS.get(recipe.method, ("lora", "r"))
+    return getattr(getattr(recipe, section), attr)
+
+
+def with_rank(recipe: Recipe, r: int) -> Recipe:
+    section, attr = RANK_KEYS.get(recipe.method, ("lora", "r"))
+    out = copy.deepcopy(recipe)
+    setattr(getattr(out, section), attr, int(r))
+    return out
+
+
+@dataclass
+class RankFit:
+    key: str  # "lora.r", "adalora.init_r" or "vera.r"
+    requested: int  # the recipe's value
+    chosen: int  # the largest value that fits (capped at ``limit``)
+    limit: int  # the largest rank that makes sense for the targeted modules
+    total: int  # trainable parameters at ``chosen``
+    next_total: int | None  # trainable parameters at ``chosen + 1`` (None when ``chosen == limit``)
+    budget: int
+
+    @property
+    def capped(self) -> bool:
+        return self.chosen == self.limit and (self.next_total is None or self.next_total <= self.budget)
+
+    def describe(self) -> str:
+        why = (f"capped at {self.limit}, the rank limit of the targeted modules" if self.capped else
+               f"{self.chosen + 1} would need {self.next_total:,} > {self.budget:,}")
+        return f"budget.auto_fit: {self.key} {self.requested} -> {self.chosen} ({self.total:,} trainable; {why})"
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "requested": self.requested, "chosen": self.chosen, "limit": self.limit,
+                "trainable": self.total, "next_trainable": self.next_total, "capped": self.capped}
+
+
+def rank_limit(recipe: Recipe, names: list[str]) -> int:
+    """The largest sensible rank: an update of a d_in x d_out layer has rank <= min(d_in, d_out)."""
+    base = load_backbone(recipe, names, meta=True)
+    targets = set(target_names(base, recipe))
+    width = min(min(m.in_features, m.out_features) for n, m in base.named_modules() if n in targets)
+    return width * (VERA_RANK_FACTOR if recipe.method == "vera" else 1)
+
+
+def fit_rank(recipe: Recipe, label_names: list[str] | None = None) -> RankFit:
+    """The largest rank (``lora.r``, ``adalora.init_r`` or ``vera.r``) whose model fits ``budget.max_params``
+    for the recipe's modules, layers and head.
+
+    The count is affine in the rank for every method (a rank adds the same parameters to each targeted module),
+    so two meta-device counts give the answer; it is then verified by counting it and the next rank, with a
+    binary search over meta-device counts as the fallback.
+    """
+    names = label_names or recipe.data.label_names or ["0", "1", "2", "3"]
+    budget, key = recipe.budget.max_params, rank_key(recipe.method)
+    lo = recipe.adalora.target_r + 1 if recipe.method == "adalora" else 1
+    limit = rank_limit(recipe, names)
+    cache: dict[int, Breakdown] = {}
+
+    def count(r: int) -> Breakdown:
+        if r not in cache:
+            cache[r] = _count(with_rank(recipe, r), names)
+        return cache[r]
+
+    if limit < lo or not count(lo).fits:
+        floor = count(min(lo, limit))
+        raise NewsloraError(
+            f"over budget even at {key}={min(lo, limit)}"
+            f"{f' (adalora.init_r must exceed adalora.target_r={recipe.adalora.target_r})' if lo > 1 else ''}: "
+            f"{floor.total:,} trainable parameters > budget.max_params={budget:,}: {floor.summary()}; target fewer "
+            f"modules/layers or use head.type=lora")
+    if lo == limit:
+        r = lo
+    else:
+        slope = count(lo + 1).total - count(lo).total
+        r = limit if slope <= 0 else min(limit, lo + (budget - count(lo).total) // slope)
+        if not (count(r).fits and (r == limit or not count(r + 1).fits)):  # not affine after all: search
+            a, b = lo, limit  # count(a) fits
+            while a < b:
+                mid = (a + b + 1) // 2
+                a, b = (mid, b) if count(mid).fits else (a, mid - 1)
+            r = a
+    nxt = count(r + 1).total if r < limit else None
+    return RankFit(key, get_rank(recipe), r, limit, count(r).total, nxt, budget)
+
+
+def apply_auto_fit(recipe: Recipe, label_names: list[str] | None = None) -> RankFit | None:
+    """Set the recipe's rank (in place) to :func:`fit_rank`'s choice when ``budget.auto_fit``; return the fit."""
+    if not recipe.budget.auto_fit:
+        return None
+    rf = fit_rank(recipe, label_names)
+    section, attr = RANK_KEYS.get(recipe.method, ("lora", "r"))
+    setattr(getattr(recipe, section), attr, rf.chosen)
+    return rf
 
 
 def build_model(recipe: Recipe, label_names: list[str], total_steps: int | None = None):
-    """Backbone + adapter, budget-checked. Returns (peft_model, breakdown)."""
+    """Backbone + adapter, budget-checked. Returns (peft_model, breakdown). ``budget.auto_fit`` sets the recipe's
+    rank first (in place, as :func:`newslora.train.prepare` does)."""
+    apply_auto_fit(recipe, label_names)
     base = load_backbone(recipe, label_names)
     model = attach_adapter(base, recipe, total_steps)
     b = breakdown(model, recipe.budget.max_params)

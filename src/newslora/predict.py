@@ -75,19 +75,24 @@ def load_model(path: str | Path):
                         "(config.json)")
 
 
-def _load_run(run_dir: Path):
+def _load_run(run_dir: Path, full_precision: bool = False):
+    """A run folder's adapter model. ``full_precision``: load a quantized run's backbone unquantized (export merges
+    into full-precision weights); without CUDA a quantized run always loads in full precision."""
     from peft import PeftModel
 
     from .config import load_recipe
-    from .model import load_backbone, load_tokenizer
+    from .model import load_backbone, load_head_state, load_tokenizer
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     info = json.loads((run_dir / "run.json").read_text())
     names = info["label_names"]
     if (run_dir / "backbone").is_dir():  # random-init backbone saved with the run
         recipe.model.backbone, recipe.model.random_init = str(run_dir / "backbone"), False
-    recipe.model.quantization = "none" if not torch.cuda.is_available() else recipe.model.quantization
-    base = load_backbone(recipe, names)
+    if full_precision or not torch.cuda.is_available():
+        recipe.model.quantization = "none"
+    base = load_backbone(recipe, names, for_training=False)
+    if (run_dir / "head_init.safetensors").is_file():  # head.type=lora: the head's frozen base weights
+        load_head_state(base, run_dir / "head_init.safetensors")
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     return model, load_tokenizer(str(run_dir / "adapter")), names, recipe.model.max_length
 
@@ -96,7 +101,9 @@ def load_classifier(path: str | Path, device: str | None = None) -> Classifier:
     """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``."""
     model, tok, names, max_length = load_model(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Classifier(model.to(device), tok, names, max_length)
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
+    return Classifier(model, tok, names, max_length)
 
 
 # ----------------------------------------------------------------------------- inputs and outputs

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,15 +21,17 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback,
-                          TrainingArguments, set_seed)
+from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, ProgressCallback, Trainer,
+                          TrainerCallback, TrainingArguments, set_seed)
 
 from . import __version__
 from .config import Recipe, load_recipe
 from .data import Splits, load_splits, tokenize
 from .errors import NewsloraError
 from .evaluate import classification_metrics, summary
-from .model import Breakdown, attach_adapter, breakdown, check_budget, count_trainable, load_backbone, load_tokenizer
+from .model import (Breakdown, adalora_schedule, apply_auto_fit, attach_adapter, breakdown, check_budget,
+                    check_quantization, count_trainable, head_dense_name, head_state, load_backbone,
+                    load_head_state, load_tokenizer)
 
 console = Console(stderr=True)
 STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "eval_loss", "eval_accuracy", "eval_macro_precision",
@@ -56,13 +59,26 @@ def optimizer_steps(n_train: int, t) -> int:
     return math.ceil(t.epochs * per_epoch)
 
 
+def cpu_has_bf16(amx: bool = False) -> bool:
+    """Native bf16 matmuls on this CPU (AMX, or with ``amx=False`` also AVX512-BF16), not emulated ones."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported",) if amx else ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, f, lambda: False)() for f in checks)
+
+
 def precision_flags(choice: str) -> dict:
+    """TrainingArguments flags. ``auto``: bf16 (fp16 before Ampere) on GPU; bf16 autocast on CPUs with AMX
+    (bench/RESULTS.md: 1.6x per step on MiniLM, same accuracy); fp32 on other CPUs."""
     if choice == "auto":
         if not torch.cuda.is_available():
-            return {}
+            return {"bf16": True, "use_cpu": True} if cpu_has_bf16(amx=True) else {}
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if choice in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise NewsloraError(f"train.precision={choice} needs a GPU; use train.precision=auto or fp32 on CPU")
+    if not torch.cuda.is_available():
+        if choice == "fp16" or (choice == "bf16" and not cpu_has_bf16()):
+            raise NewsloraError(f"train.precision={choice} needs a GPU (or, for bf16, a CPU with AMX/AVX512-BF16); "
+                                "use train.precision=auto or fp32 on this machine")
+        if choice == "bf16":
+            return {"bf16": True, "use_cpu": True}  # bf16 autocast on the CPU
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
@@ -126,10 +142,56 @@ def write_metric_csvs(run_dir: Path, log_history: list[dict]) -> None:
 
 
 class Collator(DataCollatorWithPadding):
-    """Pads each batch to its own longest row; drops the ``length`` helper column."""
+    """Pads each batch to its own longest row; drops the ``length`` helper column.
+
+    The usual batch (input_ids, attention_mask, labels, right padding) is padded with numpy: ~15x less CPU
+    per batch than ``tokenizer.pad`` (bench/RESULTS.md), which matters when a GPU step takes milliseconds.
+    Anything else goes through ``DataCollatorWithPadding``.
+    """
+
+    FAST_KEYS = {"input_ids", "attention_mask", "labels", "length"}
 
     def __call__(self, features):
+        if (features and self.tokenizer.padding_side == "right" and self.tokenizer.pad_token_id is not None
+                and set(features[0]) <= self.FAST_KEYS and "input_ids" in features[0]):
+            return pad_batch(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features])
+
+
+def pad_batch(features, pad_id: int, multiple: int | None = None) -> dict:
+    """Right-pad ``input_ids`` (and build ``attention_mask``) to the longest row, rounded up to ``multiple``."""
+    ids = [f["input_ids"] for f in features]
+    width = max(map(len, ids))
+    if multiple:
+        width = -(-width // multiple) * multiple
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+    return batch
+
+
+class ReadableProgress(ProgressCallback):
+    """The Trainer's progress bars, with one short line per log instead of a raw dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        where = f"step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0:.2f})"
+        if "eval_accuracy" in logs:
+            line = (f"{where}  validation: loss {logs['eval_loss']:.4f}  accuracy {logs['eval_accuracy']:.4f}  "
+                    f"macro-F1 {logs['eval_macro_f1']:.4f}")
+        elif "loss" in logs:
+            line = f"{where}  train loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
+        elif "train_runtime" in logs:
+            line = f"trained in {logs['train_runtime']:.1f} s ({logs.get('train_samples_per_second', 0):.1f} samples/s)"
+        else:
+            return
+        self.training_bar.write(line)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -144,54 +206,134 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class AdaLoraCallback(TrainerCallback):
-    """AdaLoRA's rank allocation: ``update_and_allocate`` after every optimizer step, before zero_grad.
+    """AdaLoRA's rank allocation: ``update_and_allocate`` exactly once per optimizer step (``on_optimizer_step``:
+    after ``optimizer.step()``, before ``zero_grad``, so gradient accumulation is respected), with the 0-based
+    index of that step -- the Trainer increments ``global_step`` after this event -- as in PEFT's reference loop.
 
-    The Trainer increments ``global_step`` after this event, so ``state.global_step`` is the 0-based index of
-    the step just taken (as in PEFT's reference loop). Ranks are recorded at each log for the run folder.
+    The allocation (PEFT's ``rank_pattern``) lives here and is put on the adapter config only around the call and
+    at the end (:meth:`finish`): with a pattern on its config PEFT saves *shrunk* tensors, which the Trainer's
+    checkpoints could not load back into the full-size model on ``--resume``. Checkpoints hold full-size tensors
+    (pruned singular values are zeros) plus ``adalora_state.pt`` (allocation, importance scores, call count).
+    Rank over time goes to ``adalora_ranks.csv`` (step, module, rank; step = optimizer steps done): at the start,
+    after every re-allocation that changes a rank, and at the end.
     """
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.calls = 0
-        self.rows: list[tuple[int, str, int]] = []
+    STATE = "adalora_state.pt"
+    COLUMNS = ["step", "module", "rank"]
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        model.base_model.update_and_allocate(state.global_step)
-        self.calls += 1
+    def __init__(self, run_dir: Path, total_steps: int):
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.calls = 0  # update_and_allocate calls
+        self.steps: list[int] = []  # the step index given to each call
+        self.pattern: dict | None = None  # {"<module>.lora_E.default": [kept?] * init_r}; None: nothing pruned yet
+        self.last: dict[str, int] = {}
 
-    def record(self, model, step: int):
-        for name, n in adalora_ranks(model).items():
-            self.rows.append((step, name, n))
-        with open(self.run_dir / "adalora_ranks.csv", "w", newline="") as f:
+    @staticmethod
+    def _config(model):
+        return model.peft_config[model.active_adapter]
+
+    def ranks(self, model) -> dict[str, int]:
+        """Current rank of every AdaLoRA module under the current allocation (init_r before the first one)."""
+        out = {}
+        for name, p in model.get_base_model().named_parameters():
+            if ".lora_E." in name:
+                kept = self.pattern.get(name) if self.pattern else None
+                out[name.split(".lora_E.")[0]] = int(sum(kept)) if kept is not None else int(p.shape[0])
+        return out
+
+    def _truncate(self, keep_until: int) -> dict[str, int]:
+        """Resumed: drop the rows the interrupted part logged after the checkpoint; return the last ranks kept."""
+        path, rows = self.run_dir / "adalora_ranks.csv", []
+        if path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        return {r["module"]: int(r["rank"]) for r in rows}
+
+    def _write(self, step: int, ranks: dict[str, int]) -> None:
+        path = self.run_dir / "adalora_ranks.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["step", "module", "rank"])
-            w.writerows(self.rows)
+            if new:
+                w.writerow(self.COLUMNS)
+            w.writerows((step, m, n) for m, n in ranks.items())
+        self.last = dict(ranks)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record(model, state.global_step)
+        if state.max_steps != self.total_steps:
+            raise NewsloraError(f"AdaLoRA was built for total_step={self.total_steps} optimizer steps but the Trainer "
+                                f"will take {state.max_steps}; please report this")
+        if state.global_step > 0:  # --resume: restore the allocation and the importance scores
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.STATE
+            if ckpt.is_file():
+                st = torch.load(ckpt, weights_only=False)
+                self.pattern, self.calls, self.steps = st["pattern"], st["calls"], st["steps"]
+                alloc = model.base_model.rankallocator
+                alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = st["ipt"], st["exp_avg_ipt"], st["exp_avg_unc"]
+            self.last = self._truncate(state.global_step)
+            if self.ranks(model) != self.last:
+                self._write(state.global_step, self.ranks(model))
+        else:
+            (self.run_dir / "adalora_ranks.csv").unlink(missing_ok=True)
+            self._write(0, self.ranks(model))
 
-    def on_log(self, args, state, control, model=None, **kwargs):
-        self.record(model, state.global_step)
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        cfg = self._config(model)
+        cfg.rank_pattern = self.pattern
+        model.base_model.update_and_allocate(state.global_step)
+        pattern, cfg.rank_pattern = cfg.rank_pattern, None
+        self.calls += 1
+        self.steps.append(state.global_step)
+        if pattern is not None and pattern is not self.pattern:
+            self.pattern = pattern
+            ranks = self.ranks(model)
+            if ranks != self.last:
+                self._write(state.global_step + 1, ranks)
 
+    def on_save(self, args, state, control, model=None, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            alloc = model.base_model.rankallocator
+            torch.save({"pattern": self.pattern, "calls": self.calls, "steps": self.steps, "ipt": alloc.ipt,
+                        "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc}, ckpt / self.STATE)
 
-def adalora_ranks(model) -> dict[str, int]:
-    """Current rank of every AdaLoRA module: the number of non-zero singular values (lora_E)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_E" in name:
-            module = name.removeprefix("base_model.model.").split(".lora_E")[0]
-            out[module] = int((p.detach() != 0).sum())
-    return out
+    def finish(self, model, step: int) -> dict:
+        """Put the final allocation on the adapter config (the saved adapter is then shrunk to it), log the final
+        ranks and write ``adalora_rank_pattern.json``; returns a summary for run.json."""
+        cfg = self._config(model)
+        cfg.rank_pattern = self.pattern
+        ranks = self.ranks(model)
+        self._write(step, ranks)
+        a = {"init_r": cfg.init_r, "target_r": cfg.target_r, "total_step": cfg.total_step, "tinit": cfg.tinit,
+             "tfinal": cfg.tfinal, "deltaT": cfg.deltaT}
+        summary = {**a, "ranks": ranks, "total_rank": sum(ranks.values()), "target_total_rank": cfg.target_r * len(ranks),
+                   "rank_pattern": {k: [bool(x) for x in v] for k, v in (self.pattern or {}).items()}}
+        write_json(self.run_dir / "adalora_rank_pattern.json", summary)
+        return {**a, "optimizer_step_calls": self.calls, "total_rank": summary["total_rank"],
+                "ranks_changed": any(n != cfg.init_r for n in ranks.values())}
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 def prepare(recipe: Recipe):
-    """Cheap, complete validation before anything is written: data, tokenizer, budget (meta device)."""
+    """Cheap, complete validation before anything is written: quantization support, data, tokenizer, the AdaLoRA
+    schedule, ``budget.auto_fit`` (sets the recipe's rank in place) and the budget (meta device)."""
+    check_quantization(recipe.model.quantization)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     splits = load_splits(recipe.data)
-    b = count_trainable(recipe, splits.label_names)
+    if recipe.method == "adalora":
+        adalora_schedule(recipe, optimizer_steps(len(splits.train), recipe.train))
+    fit = apply_auto_fit(recipe, splits.label_names)
+    b = count_trainable(recipe, splits.label_names, fit=False)
+    if fit is not None:
+        b.fit = fit.to_dict()
+        console.print(fit.describe())
     check_budget(b, recipe)
     return tokenizer, splits, b
 
@@ -210,7 +352,7 @@ def new_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
 
 
 def train(recipe: Recipe | None = None, run_dir: str | Path | None = None, resume: str | Path | None = None,
-          trainer_factory=None, extra_callbacks=()) -> RunResult:
+          trainer_factory=None, extra_callbacks=(), evaluate_test: bool = True) -> RunResult:
     """Train one recipe into one run folder (or continue ``resume``, an interrupted run folder).
 
     ``trainer_factory(**kwargs) -> Trainer`` lets other stages (distillation) swap the Trainer class.
@@ -228,14 +370,25 @@ def train(recipe: Recipe | None = None, run_dir: str | Path | None = None, resum
         torch.set_num_threads(recipe.train.threads)
     set_seed(recipe.train.seed)
     tokenizer, splits, b = prepare(recipe)
+    if not evaluate_test:  # search trials: validation only, the test split is never evaluated
+        splits.test = None
     print_breakdown(b, recipe)
     if resume is None:
         run_dir = new_run_dir(recipe, run_dir)
+    distiller = None
+    if recipe.distill.teachers:  # distill.py: teachers checked, their train outputs cached, before the run folder
+        from .distill import Distiller
+
+        distiller = Distiller(recipe, splits)
+        trainer_factory = distiller.trainer_factory(trainer_factory)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _run(recipe, run_dir, tokenizer, splits, resume is not None, trainer_factory, list(extra_callbacks))
+    result = _run(recipe, run_dir, tokenizer, splits, resume is not None, trainer_factory, list(extra_callbacks),
+                  fit=b.fit)
+    return distiller.finish(result) if distiller else result
 
 
-def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: bool, trainer_factory, callbacks):
+def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: bool, trainer_factory, callbacks,
+         fit: dict | None = None):
     t, started = recipe.train, datetime.now(timezone.utc).isoformat(timespec="seconds")
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     ml = recipe.model.max_length
@@ -248,8 +401,16 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
     base = load_backbone(recipe, splits.label_names)
     if recipe.model.random_init and not resuming:  # random weights cannot be fetched again: keep them
         base.save_pretrained(run_dir / "backbone")
+    if recipe.head.type == "lora" and head_dense_name(base):  # the LoRA head's frozen, freshly drawn base weights
+        if resuming and (run_dir / "head_init.safetensors").is_file():
+            load_head_state(base, run_dir / "head_init.safetensors")
+        elif not resuming:
+            from safetensors.torch import save_file
+
+            save_file(head_state(base), str(run_dir / "head_init.safetensors"))
     model = attach_adapter(base, recipe, total_steps)
     b = breakdown(model, recipe.budget.max_params)
+    b.fit = fit  # budget.auto_fit's choice (prepare applied it to the recipe)
     check_budget(b, recipe)
     if recipe.method == "pissa" and not resuming:
         model.peft_config["default"].init_lora_weights = True  # saved as a plain LoRA start for conversion
@@ -262,7 +423,8 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
             "target_modules": recipe.lora.target_modules,
             "rank": {"adalora": recipe.adalora.init_r, "vera": recipe.vera.r}.get(recipe.method, recipe.lora.r),
             "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0},
-            "optimizer_steps": total_steps, "device": device_name(), "versions": versions(), "started": started,
+            "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
+            "started": started,
             "finished": None, "status": "running", "train_runtime_s": None, "train_samples_per_second": None}
     write_json(run_dir / "run.json", info)
 
@@ -274,7 +436,9 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup), lr_scheduler_type=t.scheduler,
         optim="sgd" if t.optimizer == "sgd" else ("adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"),
         eval_strategy=eval_strategy, eval_steps=t.eval_steps, save_strategy=eval_strategy, save_steps=t.eval_steps,
-        save_total_limit=t.save_total_limit, load_best_model_at_end=True,
+        # AdaLoRA's model is the one at the end of its rank schedule: an earlier "best" checkpoint holds another
+        # allocation (and more than target_r ranks); every other method keeps the best validation checkpoint.
+        save_total_limit=t.save_total_limit, load_best_model_at_end=recipe.method != "adalora",
         metric_for_best_model=f"eval_{t.metric}", greater_is_better=t.metric != "loss",
         logging_steps=t.logging_steps, logging_first_step=True, report_to="none", seed=t.seed, data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
@@ -286,7 +450,7 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         return summary(classification_metrics(p.label_ids, logits.argmax(-1), splits.label_names))
 
     callbacks = [MetricsFileCallback(run_dir), *callbacks]
-    ada = AdaLoraCallback(run_dir) if recipe.method == "adalora" else None
+    ada = AdaLoraCallback(run_dir, total_steps) if recipe.method == "adalora" else None
     if ada:
         callbacks.append(ada)
     if t.early_stopping_patience:
@@ -297,6 +461,11 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
                   processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
                   optimizers=optimizers)
     trainer = (trainer_factory or Trainer)(**kwargs)
+    # Sequence classifiers accept **kwargs but ignore num_items_in_batch; without this the Trainer would skip
+    # averaging over gradient-accumulation steps and the loss (and gradients) would be grad_accum times too large.
+    trainer.model_accepts_loss_kwargs = False
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ReadableProgress())
     t0 = time.time()
     try:
         out = trainer.train(resume_from_checkpoint=True if resuming else None)
@@ -308,10 +477,9 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
     info["train_runtime_s"] = round(time.time() - t0, 2)
     info["train_samples_per_second"] = out.metrics.get("train_samples_per_second")
     write_metric_csvs(run_dir, trainer.state.log_history)
+    info["trainer_max_steps"] = trainer.state.max_steps
     if ada:
-        ada.record(model, trainer.state.global_step)
-        write_json(run_dir / "adalora_rank_pattern.json", model.peft_config["default"].rank_pattern or {})
-        info["adalora_optimizer_step_calls"] = ada.calls
+        info["adalora"] = ada.finish(model, trainer.state.global_step)
 
     save_adapter(model, recipe, run_dir)
     tokenizer.save_pretrained(run_dir / "adapter")
@@ -339,8 +507,26 @@ def save_adapter(model, recipe: Recipe, run_dir: Path) -> None:
         shutil.rmtree(target)
     if recipe.method == "pissa":
         model.save_pretrained(target, path_initial_model_for_weight_conversion=str(run_dir / "pissa_init"))
+        _keep_saved_modules(model, target)
     else:
-        model.save_pretrained(target)
+        with warnings.catch_warnings():  # AdaLoRA may prune a module to rank 0: PEFT warns about its empty tensors
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+            model.save_pretrained(target)
+
+
+def _keep_saved_modules(model, target: Path) -> None:
+    """PEFT's PiSSA -> LoRA conversion writes only the lora_A/lora_B tensors: put the fully trained modules
+    (``modules_to_save``: the classification head) back into the converted adapter."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path = target / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    full = get_peft_model_state_dict(model)
+    extra = {k: v.detach().cpu().contiguous() for k, v in full.items() if k not in saved and ".lora_" not in k}
+    if extra:
+        saved.update(extra)
+        save_file(saved, str(path), metadata={"format": "pt"})
 
 
 def loraplus_optimizer(model, recipe: Recipe):

@@ -1,0 +1,426 @@
+"""Distillation stage: train a student recipe against the averaged soft labels of one or more teachers.
+
+A recipe distils when ``distill.teachers`` is non-empty (``newslora train``), or through the shortcut
+``newslora distill --teacher PATH[,PATH...] --config student.yaml``. The student is a normal run in every
+other respect (budget check, AdaLoRA schedule, early stopping, evaluation, run folder, export); only the
+Trainer's training loss changes::
+
+    loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)  (+ the model's own terms)
+
+The model's own terms are whatever the PEFT model adds to ``outputs.loss`` when labels are passed: AdaLoRA's
+orthogonality penalty ``orth_reg_weight * R``. The student is therefore always called with labels and the
+distillation loss is ``outputs.loss + (1 - alpha) * (T^2 * KL - CE)``; with ``alpha=1`` this is exactly the
+plain run's loss.
+
+Teachers are run folders or merged/standalone model folders and may use another backbone and tokenizer:
+each teacher reads the raw train texts with its own tokenizer and max_length. Their logits are computed
+once per training example and cached on disk (``CACHE_ROOT/teacher_logits``), keyed by the teacher's identity
+(path, weight files' size and mtime, tokenizer, max_length) and the rows' fingerprint; the averaged
+probabilities at temperature T become a ``teacher_probs`` column of the student's tokenized train set, which
+the collator passes through to the loss. Evaluation is untouched (validation/test have no such column).
+
+Heavy imports (torch, transformers, pandas) stay inside functions: ``newslora.cli`` imports this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import NewsloraError
+
+TEACHER_COLUMN = "teacher_probs"
+CACHE_VERSION = "v1"
+# teacher forward passes actually run (cache misses); tests read it to prove the cache is used
+STATS = {"teacher_batches": 0, "teacher_rows": 0}
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+@dataclass
+class Teacher:
+    path: str  # as given
+    resolved: Path
+    kind: str  # "run" (newslora run folder) or "model" (merged / standalone model folder)
+    label_names: list[str]
+    max_length: int
+    tokenizer_path: Path
+    files: list  # (relative name, size, mtime_ns) of everything that defines the weights
+
+    def describe(self) -> dict:
+        return {"path": self.path, "resolved": str(self.resolved), "kind": self.kind,
+                "max_length": self.max_length}
+
+
+def inspect_teacher(path: str | Path) -> Teacher:
+    """Cheap look at a teacher (no weights loaded): kind, labels, max_length, identity. Clear one-line errors."""
+    import yaml
+
+    given = str(path)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise NewsloraError(f"distill teacher not found: {given} (give a finished run folder or a merged model "
+                            "folder, e.g. runs/distill-teacher or runs/distill-teacher/merged)")
+    p = p.resolve()
+    if (p / "recipe.yaml").is_file():
+        if not (p / "adapter").is_dir() or not (p / "run.json").is_file():
+            raise NewsloraError(f"distill teacher {given} has no adapter/: that run did not finish; finish it with "
+                                f"newslora train --resume {given}")
+        info = json.loads((p / "run.json").read_text())
+        try:
+            recipe = yaml.safe_load((p / "recipe.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            recipe = {}
+        max_length = int((recipe.get("model") or {}).get("max_length") or 128)
+        files = _weight_files(p, ["recipe.yaml", "*.safetensors", "adapter/*.safetensors", "adapter/*.bin",
+                                  "adapter/*.json", "backbone/*.safetensors", "backbone/*.bin", "backbone/config.json"])
+        return Teacher(given, p, "run", list(info["label_names"]), max_length, p / "adapter", files)
+    if (p / "config.json").is_file():
+        config = json.loads((p / "config.json").read_text())
+        id2label = config.get("id2label") or {}
+        n = len(id2label) or int(config.get("num_labels", 2))
+        names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+        meta = json.loads((p / "newslora.json").read_text()) if (p / "newslora.json").is_file() else {}
+        files = _weight_files(p, ["config.json", "*.safetensors", "*.bin"])
+        return Teacher(given, p, "model", names, int(meta.get("max_length", 128)), p, files)
+    raise NewsloraError(f"distill teacher {given} is neither a newslora run folder (recipe.yaml + adapter/) nor a "
+                        "model folder (config.json)")
+
+
+def _weight_files(root: Path, patterns: list[str]) -> list:
+    out = []
+    for pat in patterns:
+        for f in sorted(root.glob(pat)):
+            st = f.stat()
+            out.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def check_labels(teacher: Teacher, student_labels: list[str]) -> None:
+    """The teacher must predict the student's classes, in the same order."""
+    t, s = teacher.label_names, list(student_labels)
+    if len(t) != len(s):
+        raise NewsloraError(f"distill teacher {teacher.path} has {len(t)} labels {t} but the student's data has "
+                            f"{len(s)} labels {s}; a teacher must predict the same classes as the student")
+    if t != s:
+        raise NewsloraError(f"distill teacher {teacher.path} has labels {t} but the student's data has labels {s}; "
+                            "a teacher must predict the same classes, in the same order (set data.label_names)")
+
+
+def _load(teacher: Teacher):
+    """(model, tokenizer) of a teacher, in eval mode on the best device."""
+    import torch
+
+    from .predict import load_model
+
+    model, tok, _, _ = load_model(teacher.resolved)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tok
+
+
+def _cache_key(teacher: Teacher, tokenizer, df) -> str:
+    from .data import frame_fingerprint, tokenizer_fingerprint
+
+    ident = {"version": CACHE_VERSION, "path": str(teacher.resolved), "files": teacher.files,
+             "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": teacher.max_length,
+             "data": frame_fingerprint(df), "rows": len(df)}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | None = None, cache: bool = True):
+    """Logits (n_rows, n_labels) of one teacher over ``df["text"]``, read with the teacher's own tokenizer and
+    max_length; computed once and cached on disk. ``loaded`` (path -> (model, tokenizer)) reuses a loaded model."""
+    import numpy as np
+
+    from .data import CACHE_ROOT
+    from .model import load_tokenizer
+
+    tok = loaded[teacher.path][1] if loaded and teacher.path in loaded else load_tokenizer(str(teacher.tokenizer_path))
+    path = CACHE_ROOT / "teacher_logits" / f"{_cache_key(teacher, tok, df)}.npy"
+    shape = (len(df), len(teacher.label_names))
+    if cache and path.is_file():
+        try:
+            arr = np.load(path)
+            if arr.shape == shape:
+                return arr
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed below
+    if loaded is not None and teacher.path in loaded:
+        model, tok = loaded[teacher.path]
+    else:
+        model, tok = _load(teacher)
+        if loaded is not None:
+            loaded[teacher.path] = (model, tok)
+    arr = _forward(model, tok, df["text"].tolist(), teacher.max_length, batch_size)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+        try:
+            np.save(tmp, arr)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # read-only or full cache dir: computing again next time is fine
+    return arr
+
+
+def _forward(model, tokenizer, texts: list[str], max_length: int, batch_size: int):
+    """Teacher logits in input order; batches grouped by length (less padding)."""
+    import numpy as np
+    import torch
+
+    n_labels = model.config.num_labels
+    out = np.empty((len(texts), n_labels), dtype=np.float32)
+    if not texts:
+        return out
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+    device = next(model.parameters()).device
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    with torch.inference_mode():
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            batch = tokenizer.pad({k: [enc[k][j] for j in idx] for k in keys}, return_tensors="pt")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            out[idx] = logits.float().cpu().numpy()
+            STATS["teacher_batches"] += 1
+            STATS["teacher_rows"] += len(idx)
+    return out
+
+
+def soft_targets(logits_list: list, temperature: float):
+    """Teachers' probabilities at temperature T, averaged over teachers: (n_rows, n_labels) float32."""
+    import numpy as np
+
+    probs = []
+    for logits in logits_list:
+        z = logits.astype(np.float64) / temperature
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        probs.append(p / p.sum(axis=1, keepdims=True))
+    return np.mean(probs, axis=0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- loss, collator, trainer
+
+
+def distill_loss(model, inputs: dict, soft, temperature: float, alpha: float):
+    """(loss, outputs) for one batch. ``inputs`` carries labels, so ``outputs.loss`` is the model's own loss: CE
+    plus anything the PEFT model adds (AdaLoRA's orthogonality penalty), which is kept at full weight."""
+    import torch.nn.functional as F
+
+    outputs = model(**inputs)
+    if alpha == 1:
+        return outputs.loss, outputs
+    logits = outputs.logits
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), inputs["labels"].view(-1))
+    log_student = F.log_softmax(logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_student, soft.to(log_student.device, log_student.dtype), reduction="batchmean")
+    return outputs.loss + (1 - alpha) * (temperature ** 2 * kl - ce), outputs
+
+
+class DistillCollator:
+    """Wraps the run's collator: ``teacher_probs`` rows are stacked into a float tensor, the rest padded as usual."""
+
+    def __init__(self, inner=None):
+        if inner is None:
+            from transformers import default_data_collator as inner
+        self.inner = inner
+
+    def __call__(self, features):
+        import torch
+
+        if not features or TEACHER_COLUMN not in features[0]:
+            return self.inner(features)
+        soft = torch.stack([torch.as_tensor(f[TEACHER_COLUMN], dtype=torch.float32) for f in features])
+        batch = self.inner([{k: v for k, v in f.items() if k != TEACHER_COLUMN} for f in features])
+        batch[TEACHER_COLUMN] = soft
+        return batch
+
+
+def distill_trainer_class(base=None):
+    """A subclass of ``base`` (default: transformers' Trainer) whose training loss distils from ``teacher_probs``."""
+    from transformers import Trainer
+
+    base = base or Trainer
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise NewsloraError("distillation needs trainer_factory to be a transformers Trainer subclass")
+
+    class DistillTrainer(base):
+        distill_temperature: float = 2.0
+        distill_alpha: float = 0.5
+        loss_is_scaled_for_ga = False  # the distillation loss is a per-batch mean
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            soft = inputs.pop(TEACHER_COLUMN, None)
+            if soft is None or "labels" not in inputs:  # evaluation batches: the normal loss
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            loss, outputs = distill_loss(model, inputs, soft, self.distill_temperature, self.distill_alpha)
+            return (loss, outputs) if return_outputs else loss
+
+    DistillTrainer.__name__ = DistillTrainer.__qualname__ = f"Distill{base.__name__}"
+    return DistillTrainer
+
+
+# ----------------------------------------------------------------------------- the hook train() calls
+
+
+class Distiller:
+    """Built by ``train()`` when ``recipe.distill.teachers`` is set, before the run folder exists: checks the
+    teachers and computes (or reads) their train-set outputs. ``trainer_factory`` swaps the Trainer and adds the
+    soft-label column; ``finish`` records teachers, T, alpha and teacher vs student accuracy in the run folder."""
+
+    def __init__(self, recipe, splits):
+        d = recipe.distill
+        self.recipe, self.splits = recipe, splits
+        self.temperature, self.alpha = float(d.temperature), float(d.alpha)
+        self.teachers = [inspect_teacher(p) for p in d.teachers]
+        for t in self.teachers:
+            check_labels(t, splits.label_names)
+        loaded: dict = {}
+        logits = [teacher_logits(t, splits.train, recipe.train.eval_batch_size, loaded) for t in self.teachers]
+        loaded.clear()
+        self.soft = soft_targets(logits, self.temperature)
+
+    def trainer_factory(self, base=None):
+        cls = distill_trainer_class(base)
+        soft, T, alpha = self.soft, self.temperature, self.alpha
+        train_labels = self.splits.train["label"].to_numpy()
+
+        def factory(**kwargs):
+            import numpy as np
+
+            ds = kwargs["train_dataset"]
+            if len(ds) != len(soft) or not np.array_equal(np.asarray(ds["labels"]), train_labels):
+                raise NewsloraError("distillation: the tokenized train set is not row-aligned with the train split "
+                                    "(teacher outputs cannot be attached)")
+            kwargs["train_dataset"] = ds.add_column(TEACHER_COLUMN, soft.tolist())
+            kwargs["data_collator"] = DistillCollator(kwargs.get("data_collator"))
+            trainer = cls(**kwargs)
+            trainer.distill_temperature, trainer.distill_alpha = T, alpha
+            return trainer
+
+        return factory
+
+    def record(self) -> dict:
+        return {"teachers": [t.path for t in self.teachers], "temperature": self.temperature, "alpha": self.alpha,
+                "teacher_details": [t.describe() for t in self.teachers]}
+
+    def finish(self, result):
+        """run.json gets ``distill``; distill.json gets teacher and student accuracy side by side."""
+        from .train import console, write_json
+
+        run_dir = Path(result.run_dir)
+        info = json.loads((run_dir / "run.json").read_text())
+        info["distill"] = self.record()
+        write_json(run_dir / "run.json", info)
+        student = {s: result.eval[s]["accuracy"] for s in ("validation", "test") if s in result.eval}
+        out = {k: v for k, v in self.record().items() if k != "teacher_details"}
+        try:
+            teacher, each = self.teacher_accuracy()
+        except Exception as e:  # the student is trained and saved; a teacher evaluation must not fail the run
+            console.print(f"[yellow]warning: teacher evaluation failed: {e}[/yellow]")
+            teacher, each = None, []
+        out.update(teacher=teacher, student=student, teachers_each=each,
+                   student_macro_f1={s: result.eval[s]["macro_f1"] for s in student})
+        write_json(run_dir / "distill.json", out)
+        return result
+
+    def teacher_accuracy(self) -> tuple[dict, list]:
+        """Accuracy on the student's validation/test splits: a run-folder teacher's own eval.json when its splits are
+        the student's, otherwise its (cached) outputs on the student's splits. Several teachers: their ensemble."""
+        import numpy as np
+
+        from .evaluate import classification_metrics
+
+        splits = {s: df for s, df in (("validation", self.splits.validation), ("test", self.splits.test))
+                  if df is not None}
+        each, logits, loaded = [], {s: [] for s in splits}, {}
+        need_logits = len(self.teachers) > 1
+        for t in self.teachers:
+            own = self._own_eval(t, splits)
+            row = {"path": t.path}
+            for s, df in splits.items():
+                if own is not None and not need_logits:
+                    row[s], row["source"] = own[s]["accuracy"], "teacher eval.json"
+                    continue
+                z = teacher_logits(t, df, self.recipe.train.eval_batch_size, loaded)
+                logits[s].append(z)
+                row[s], row["source"] = float((z.argmax(-1) == df["label"].to_numpy()).mean()), "student's splits"
+            each.append(row)
+        loaded.clear()
+        if len(self.teachers) == 1:
+            return {k: v for k, v in each[0].items() if k != "path"}, []
+        ens = {"source": "ensemble (averaged probabilities) on the student's splits"}
+        for s, df in splits.items():
+            p = soft_targets(logits[s], 1.0)
+            ens[s] = classification_metrics(df["label"].to_numpy(), p.argmax(-1), self.splits.label_names)["accuracy"]
+        return ens, each
+
+    def _own_eval(self, t: Teacher, splits: dict) -> dict | None:
+        """The teacher run's eval.json, if it was computed on exactly the student's validation/test splits."""
+        if t.kind != "run" or not (t.resolved / "eval.json").is_file():
+            return None
+        from .config import load_recipe
+
+        try:
+            theirs = load_recipe(t.resolved / "recipe.yaml").data
+        except NewsloraError:
+            return None
+        mine = self.recipe.data
+        same = ["text_column", "label_column", "label_names", "validation_size", "max_test_samples", "seed"]
+        if any(getattr(theirs, k) != getattr(mine, k) for k in same):
+            return None
+        if any(_norm(getattr(theirs, k)) != _norm(getattr(mine, k)) for k in ("source", "test")):
+            return None
+        ev = json.loads((t.resolved / "eval.json").read_text())
+        if any(s not in ev or ev[s].get("n") != len(df) for s, df in splits.items()):
+            return None
+        return ev
+
+
+def _norm(source: str | None) -> str | None:
+    if source is None:
+        return None
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.exists() else source
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def cli(teacher: str = typer.Option(..., "--teacher", "-t",
+                                    help="teacher run folder(s) or merged model folder(s), comma-separated"),
+        overrides: Optional[list[str]] = typer.Argument(None, help="student recipe overrides: key=value ..."),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="the student's YAML recipe"),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder (default runs/<name>)")):
+    """Distil teacher(s) into a student recipe (sets distill.teachers and trains it like `newslora train`)."""
+    from rich.console import Console
+
+    from .config import load_recipe
+    from .train import train
+
+    teachers = [t.strip() for t in teacher.split(",") if t.strip()]
+    if not teachers:
+        raise NewsloraError("--teacher is empty: give a run folder or merged model folder (comma-separate several)")
+    for t in teachers:  # a wrong path is reported before the recipe's data and model are touched
+        inspect_teacher(t)
+    recipe = load_recipe(config, overrides or [])
+    recipe.distill.teachers = teachers
+    recipe.check()
+    res = train(recipe, run_dir=run_dir)
+    out = Console()
+    d = json.loads((Path(res.run_dir) / "distill.json").read_text())
+    t = d.get("teacher") or {}
+    for split in ("validation", "test"):
+        if split in d["student"]:
+            ta = f"{t[split]:.4f}" if split in t else "n/a"
+            out.print(f"{split}: student accuracy {d['student'][split]:.4f}  teacher {ta}")
+    out.print(f"distilled from {', '.join(teachers)} (T={d['temperature']}, alpha={d['alpha']})")
+    out.print(f"run folder: {res.run_dir}")
