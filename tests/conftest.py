@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random-init RoBERTa with the real roberta-base tokenizer, and the shared AG News files."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tokenization cache in a per-session temp folder (never the user's ~/.cache); subprocesses inherit it
-os.environ.setdefault("NEWSLORA_CACHE", tempfile.mkdtemp(prefix="newslora-cache-"))
+if "NEWSLORA_CACHE" not in os.environ:
+    os.environ["NEWSLORA_CACHE"] = tempfile.mkdtemp(prefix="newslora-cache-")
+    atexit.register(shutil.rmtree, os.environ["NEWSLORA_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NEWSLORA_SHARED", REPO.parent / "shared"))

@@ -59,19 +59,19 @@ def optimizer_steps(n_train: int, t) -> int:
     return math.ceil(t.epochs * per_epoch)
 
 
-def cpu_has_bf16(amx: bool = False) -> bool:
-    """Native bf16 matmuls on this CPU (AMX, or with ``amx=False`` also AVX512-BF16), not emulated ones."""
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AMX or AVX512-BF16), not emulated ones."""
     cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported",) if amx else ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, f, lambda: False)() for f in checks)
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def precision_flags(choice: str) -> dict:
-    """TrainingArguments flags. ``auto``: bf16 (fp16 before Ampere) on GPU; bf16 autocast on CPUs with AMX
-    (bench/RESULTS.md: 1.6x per step on MiniLM, same accuracy); fp32 on other CPUs."""
+    """TrainingArguments flags. ``auto``: bf16 (fp16 before Ampere) on GPU, fp32 on CPU (reproducible everywhere).
+    ``bf16`` on a CPU with AMX/AVX512-BF16 is an explicit opt-in: bf16 autocast, faster per step there
+    (bench/RESULTS.md), at the cost of CPU-model-dependent numerics."""
     if choice == "auto":
         if not torch.cuda.is_available():
-            return {"bf16": True, "use_cpu": True} if cpu_has_bf16(amx=True) else {}
+            return {}
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if not torch.cuda.is_available():
         if choice == "fp16" or (choice == "bf16" and not cpu_has_bf16()):
