@@ -1,7 +1,8 @@
 """Real learning: LoRA on the pretrained MiniLM (packaged on PyPI) learns AG News from genuine rows.
 
-Calibrated on 2 CPU cores: 1 epoch on 1,500 rows (47 steps) reaches about 0.85 test accuracy on 1,000
-stratified test rows (chance is 0.25, the untrained head about 0.25-0.35); the floor is 0.75.
+Calibrated on 2 CPU cores: 1 epoch on 1,500 rows (47 optimizer steps, seed 42) gave 0.807 test accuracy
+(macro-F1 0.801) on 1,000 stratified test rows and 0.76 validation accuracy; chance is 0.25. The floors
+(0.75 accuracy, 0.70 macro-F1) leave room for CPU-to-CPU numeric noise, not for a model that did not learn.
 """
 import json
 
