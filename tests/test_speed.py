@@ -1,0 +1,161 @@
+"""Speed levers keep results: the fast inference path equals a plain one-by-one forward; the length-grouped
+training batches cover every row once per epoch, reshuffle each epoch and hold rows of similar length."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TEST_CSV, tiny_overrides
+
+
+class Captured(Exception):
+    """Raised by the trainer factory below: the Trainer newslora would train with, before it trains."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+
+def newslora_trainer(tmp_path, **overrides):
+    from transformers import Trainer
+
+    from newslora.config import load_recipe
+    from newslora.train import train
+
+    def capture(**kwargs):
+        raise Captured(Trainer(**kwargs))
+
+    recipe = load_recipe(None, tiny_overrides(**overrides))
+    with pytest.raises(Captured) as info:
+        train(recipe, run_dir=tmp_path / "run", trainer_factory=capture)
+    return info.value.trainer
+
+
+def texts_of_varied_length(n: int) -> list[str]:
+    from newslora.data import read_table
+
+    df = read_table(TEST_CSV).head(400)
+    lengths = df["text"].str.len()
+    picked = df.iloc[np.argsort(lengths.to_numpy())[np.linspace(0, len(df) - 1, n).astype(int)]]
+    return picked.sample(frac=1, random_state=0)["text"].tolist()  # unsorted: short and long mixed
+
+
+def varied_tiny_classifier():
+    """A tiny random RoBERTa + LoRA (random B, so the adapter changes the output) whose predictions vary by text."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import ROBERTA, TINY
+
+    config = AutoConfig.from_pretrained(ROBERTA, num_labels=4, initializer_range=0.5, **TINY)
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"],
+                                            init_lora_weights=False))
+    return model, AutoTokenizer.from_pretrained(ROBERTA)
+
+
+def test_predict_proba_matches_one_by_one_forward():
+    """Fast path (tokenize once, sort by length, padded batches, inference_mode) vs the plain path (one unpadded
+    text at a time, in input order): same argmax, probabilities equal to float32 rounding."""
+    from newslora.predict import Classifier
+
+    model, tok = varied_tiny_classifier()
+    texts = texts_of_varied_length(40)
+    fast = Classifier(model, tok, ["a", "b", "c", "d"], max_length=48).predict_proba(texts, batch_size=16)
+
+    model.eval()
+    with torch.no_grad():
+        plain = np.stack([torch.softmax(model(**tok(t, truncation=True, max_length=48, return_tensors="pt"))
+                                        .logits[0], -1).numpy() for t in texts])
+    lengths = [len(tok(t, truncation=True, max_length=48)["input_ids"]) for t in texts]
+    assert max(lengths) - min(lengths) > 20  # batches really are padded, and sorted differently from the input
+    assert len(set(plain.argmax(-1))) >= 3 and np.ptp(plain, axis=0).min() > 0.1  # a mixed-up order would show
+    assert fast.shape == plain.shape == (len(texts), 4)
+    np.testing.assert_array_equal(fast.argmax(-1), plain.argmax(-1))
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+
+
+def batch_spread(lengths: np.ndarray, order: list[int], batch_size: int) -> float:
+    """Mean over batches of (longest - shortest row)."""
+    order = np.asarray(order)
+    return float(np.mean([np.ptp(lengths[order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]))
+
+
+def test_length_grouped_sampler_covers_reshuffles_and_groups(tmp_path):
+    trainer = newslora_trainer(tmp_path, **{"data.max_train_samples": 2000, "train.batch_size": 16, "model.max_length": 128})
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    ds = trainer.train_dataset
+    n, bs = len(ds), trainer.args.per_device_train_batch_size
+    lengths = np.asarray(ds["length"])
+    sampler = trainer._get_train_sampler()
+    epoch1, epoch2 = list(sampler), list(sampler)
+    assert sorted(epoch1) == list(range(n)) and sorted(epoch2) == list(range(n))  # every row exactly once
+    assert epoch1 != epoch2  # a new order each epoch
+    random_spread = np.mean([batch_spread(lengths, np.random.default_rng(s).permutation(n).tolist(), bs)
+                             for s in range(5)])
+    assert batch_spread(lengths, epoch1, bs) < 0.25 * random_spread
+    assert batch_spread(lengths, epoch2, bs) < 0.25 * random_spread
+
+    # the DataLoader the Trainer trains from pads far less than random batches would
+    real = padded = rows = 0
+    for batch in trainer.get_train_dataloader():
+        m = batch["attention_mask"]
+        real, padded, rows = real + int(m.sum()), padded + m.numel(), rows + m.shape[0]
+        assert "length" not in batch
+    assert rows == n
+    order = np.random.default_rng(0).permutation(n)
+    random_padded = sum(int(lengths[order[i:i + bs]].max()) * len(order[i:i + bs]) for i in range(0, n, bs))
+    assert padded < 0.8 * random_padded
+    assert real == int(lengths.sum())
+
+
+def test_random_batches_when_grouping_is_off(tmp_path):
+    from torch.utils.data import RandomSampler
+
+    trainer = newslora_trainer(tmp_path, **{"train.group_by_length": "false"})
+    assert trainer.args.train_sampling_strategy == "random"
+    assert isinstance(trainer._get_train_sampler(), RandomSampler)
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_fast_collator_equals_datacollatorwithpadding(multiple):
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from conftest import ROBERTA
+    from newslora.data import tokenize
+    from newslora.train import Collator
+
+    tok = AutoTokenizer.from_pretrained(ROBERTA)
+    df = pd.DataFrame({"text": texts_of_varied_length(24), "label": [i % 4 for i in range(24)]})
+    ds = tokenize(df, tok, 48, cache=False)
+    features = [ds[i] for i in range(len(ds))]
+    fast = Collator(tok, pad_to_multiple_of=multiple)(features)
+    plain = DataCollatorWithPadding(tok, pad_to_multiple_of=multiple)(
+        [{k: v for k, v in f.items() if k != "length"} for f in features])
+    assert set(fast) == set(plain) == {"input_ids", "attention_mask", "labels"}
+    for k in plain:
+        assert fast[k].dtype == plain[k].dtype, k
+        assert torch.equal(fast[k], plain[k]), k
+    assert len(set(ds["length"])) > 1  # rows really needed padding
+    # an extra column (e.g. distillation's teacher_probs) falls back to DataCollatorWithPadding
+    extra = Collator(tok)([{**f, "weight": 1.0} for f in features[:4]])
+    assert "weight" in extra and torch.equal(extra["input_ids"], Collator(tok)(features[:4])["input_ids"])
+
+
+def test_cpu_bf16_needs_native_support(monkeypatch):
+    from newslora.errors import NewsloraError
+    from newslora import train as train_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_mod.precision_flags("fp32") == {"bf16": False, "fp16": False}
+    with pytest.raises(NewsloraError, match="fp16"):
+        train_mod.precision_flags("fp16")
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
+    with pytest.raises(NewsloraError, match="bf16"):
+        train_mod.precision_flags("bf16")
+    assert train_mod.precision_flags("auto") == {}  # no AMX: fp32
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
+    assert train_mod.precision_flags("bf16") == {"bf16": True, "use_cpu": True}
+    assert train_mod.precision_flags("auto") == {}  # auto stays fp32 on any CPU: bf16 there is opt-in
