@@ -1,54 +1,68 @@
 #!/usr/bin/env bash
 # GPU benchmarks for newslora: run from a fresh clone on a machine with one CUDA GPU (venv active):
 #
-#     bash bench/gpu.sh            # everything, about 8-10 minutes on one H100
-#     bash bench/gpu.sh epoch      # one stage: train | infer | epoch
+#     bash bench/gpu.sh                 # every stage, about 8 minutes on one H100
+#     bash bench/gpu.sh epoch infer     # some stages: epoch | infer | train | compile
 #
 # Stages (each prints its table and writes it under $OUT, default bench/gpu-results-<UTC time>/):
-#   train  bench/train_speed.py on CUDA: the plain HF Trainer + PEFT recipe (fp32, random batches) vs newslora
-#          (bf16 autocast, length-grouped batches, fused AdamW, pad_to_multiple_of=8), MiniLM and random-init
-#          roberta-base, plus newslora with train.torch_compile=true on roberta.
-#   infer  bench/infer_speed.py on CUDA: pipeline("text-classification") vs newslora predict_proba on the
-#          7,600-row test set (trains a short MiniLM run first).
-#   epoch  seconds per full AG News epoch for random-init roberta-base LoRA (newslora defaults): 120,000 rows
-#          (the 22,490-row sample repeated), batch 32 (recipe default) and batch 128, with peak CUDA memory.
-#          Target: <= 30 s per epoch on one H100.
+#   epoch    seconds per full AG News epoch for random-init roberta-base LoRA r=8 q,v (newslora defaults):
+#            120,000 rows (the 22,490-row sample repeated), batch 32 (recipe default) and batch 128, with peak
+#            CUDA memory. Target: <= 30 s per epoch on one H100.
+#   infer    bench/infer_speed.py: pipeline("text-classification") vs newslora predict_proba on the 7,600-row
+#            test set (a short random-init roberta-base run is trained first; MiniLM with BACKBONE=minilm).
+#   train    bench/train_speed.py: the plain HF Trainer + PEFT recipe (fp32, random batches) vs newslora
+#            (bf16 autocast, length-grouped batches, fused AdamW), random-init roberta-base.
+#   compile  newslora with train.torch_compile=true, same steps as train.
+# Knobs (environment): BACKBONE (roberta-random), EPOCH_ROWS (120000), STEPS (200), REPEATS (1), INFER_ROWS
+# (all), INFER_REPEATS (1), STAGE_TIMEOUT (seconds per stage, 0 = none), ALLOW_CPU=1 (smoke-test on a CPU).
 # Data and the roberta-base config come from ../shared (or $NEWSLORA_SHARED), as for the CPU benches.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=true  # the one-off tokenization of 122k rows uses every core
 PY=${PYTHON:-python}
-STAGE=${1:-all}
+STAGES=${*:-epoch infer train compile}
+BACKBONE=${BACKBONE:-roberta-random}
+EPOCH_ROWS=${EPOCH_ROWS:-120000}
+STEPS=${STEPS:-200}
+REPEATS=${REPEATS:-1}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-0}
+export ALLOW_CPU=${ALLOW_CPU:-0}
 OUT=${OUT:-bench/gpu-results-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
-$PY - <<'EOF' | tee "$OUT/device.txt"
-import sys, torch, transformers, peft
-if not torch.cuda.is_available():
-    sys.exit("bench/gpu.sh: no CUDA GPU visible (torch.cuda.is_available() is False)")
-print(f"{torch.cuda.get_device_name(0)} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
-      f"transformers {transformers.__version__} | peft {peft.__version__}")
-EOF
+$PY - <<'PYEOF' | tee "$OUT/device.txt"
+import os, sys, torch, transformers, peft, datasets
+if not torch.cuda.is_available() and os.environ["ALLOW_CPU"] != "1":
+    sys.exit("bench/gpu.sh: no CUDA GPU visible (torch.cuda.is_available() is False); ALLOW_CPU=1 to smoke-test")
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke test)"
+print(f"{name} | torch {torch.__version__} | CUDA {torch.version.cuda} | transformers {transformers.__version__} "
+      f"| peft {peft.__version__} | datasets {datasets.__version__}")
+PYEOF
+[[ ${PIPESTATUS[0]} == 0 ]] || exit 1
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo none)" | tee -a "$OUT/device.txt"
 
-run() {  # run NAME COMMAND...: echo the exact command, tee its output
+run() {  # run NAME COMMAND...: echo the exact command, tee its output (stderr to NAME.stderr)
     local name=$1; shift
     echo "\$ $*" | tee "$OUT/$name.txt"
-    "$@" 2>"$OUT/$name.stderr" | tee -a "$OUT/$name.txt"
+    local t=()
+    [[ $STAGE_TIMEOUT != 0 ]] && t=(timeout "$STAGE_TIMEOUT")
+    "${t[@]}" "$@" 2>"$OUT/$name.stderr" | tee -a "$OUT/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    [[ $rc == 0 ]] || { echo "stage $name failed (exit $rc); last stderr lines:"; tail -5 "$OUT/$name.stderr"; }
 }
 
-if [[ $STAGE == all || $STAGE == train ]]; then
-    run train_minilm $PY bench/train_speed.py --backbone minilm --steps 300 --repeats 2 \
-        --json "$OUT/train_minilm.json"
-    run train_roberta $PY bench/train_speed.py --backbone roberta-random --steps 200 --repeats 2 \
-        --variant compile=train.torch_compile=true --json "$OUT/train_roberta.json"
-fi
-if [[ $STAGE == all || $STAGE == infer ]]; then
-    run infer $PY bench/infer_speed.py --repeats 3
-fi
-if [[ $STAGE == all || $STAGE == epoch ]]; then
-    run epoch $PY bench/train_speed.py --backbone roberta-random --full-epoch 120000 --only newslora \
-        --variant batch128=train.batch_size=128 --json "$OUT/epoch.json"
-fi
+for stage in $STAGES; do
+    case $stage in
+    epoch) run epoch $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" --only newslora \
+               --variant batch128=train.batch_size=128 --json "$OUT/epoch.json" ;;
+    infer) run infer $PY bench/infer_speed.py --backbone "$BACKBONE" --repeats "${INFER_REPEATS:-1}" \
+               ${INFER_ROWS:+--rows "$INFER_ROWS"} ;;
+    train) run train $PY bench/train_speed.py --backbone "$BACKBONE" --steps "$STEPS" --repeats "$REPEATS" \
+               --json "$OUT/train.json" ;;
+    compile) run compile $PY bench/train_speed.py --backbone "$BACKBONE" --steps "$STEPS" --only newslora \
+               --variant compile=train.torch_compile=true --json "$OUT/compile.json" ;;
+    *) echo "bench/gpu.sh: unknown stage '$stage' (epoch, infer, train, compile)"; exit 2 ;;
+    esac
+done
 echo "results in $OUT"

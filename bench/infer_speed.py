@@ -33,11 +33,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def train_short_run(workdir: Path, steps: int, max_length: int) -> Path:
+def train_short_run(workdir: Path, steps: int, max_length: int, backbone: str) -> Path:
     from newslora.config import load_recipe
     from newslora.train import train
 
-    recipe = load_recipe(None, ["name=infer-bench", "model.backbone=minilm", f"model.max_length={max_length}",
+    model = {"minilm": ["model.backbone=minilm"],  # a random-init roberta-base: speed only (no weights here)
+             "roberta-random": [f"model.backbone={SHARED / 'models' / 'roberta-base'}", "model.random_init=true"],
+             "tiny": [f"model.backbone={SHARED / 'models' / 'roberta-base'}", "model.random_init=true",
+                      "model.config_overrides={num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, "
+                      "num_attention_heads: 2}"]}
+    recipe = load_recipe(None, ["name=infer-bench", *model[backbone], f"model.max_length={max_length}",
                                 f"data.source={TRAIN_CSV}", "data.validation_size=500",
                                 f"data.max_train_samples={steps * 32}", f"train.max_steps={steps}",
                                 "train.batch_size=32", "train.lr=1e-3", f"train.eval_steps={steps}"])
@@ -52,6 +57,8 @@ def main() -> None:
                    "(128,32) also times the others")
     p.add_argument("--pipeline-batch-size", type=int, default=1, help="pipeline batch size (its default: 1)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--backbone", choices=["minilm", "roberta-random", "tiny"], default="minilm",
+                   help="backbone of the short run (no --model); roberta-random: speed only; tiny: smoke tests")
     p.add_argument("--train-steps", type=int, default=150, help="steps of the short MiniLM run (no --model)")
     p.add_argument("--max-length", type=int, default=128, help="max length of the short run (no --model)")
     p.add_argument("--threads", type=int, default=None)
@@ -77,7 +84,7 @@ def main() -> None:
     run_dir = merged = None
     if a.model is None:
         t = time.perf_counter()
-        run_dir = train_short_run(tmp, a.train_steps, a.max_length)
+        run_dir = train_short_run(tmp, a.train_steps, a.max_length, a.backbone)
         print(f"trained {run_dir} in {time.perf_counter() - t:.0f} s", flush=True)
     elif (Path(a.model) / "adapter").is_dir():
         run_dir = Path(a.model)

@@ -59,8 +59,9 @@ def recipe_overrides(a, run_name: str) -> list[str]:
     return [f"name={run_name}", *backbone, f"model.max_length={a.max_length}",
             f"data.source={a.data}", f"data.validation_size={a.val_rows}", f"data.max_train_samples={a.rows}",
             "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "lora.target_modules=[query,value]",
-            f"train.lr={a.lr}", f"train.max_steps={a.steps}", f"train.batch_size={a.batch_size}",
-            f"train.eval_batch_size={a.eval_batch_size}", f"train.eval_steps={a.steps}",
+            f"train.lr={a.lr}", f"train.batch_size={a.batch_size}", f"train.eval_batch_size={a.eval_batch_size}",
+            *(["train.epochs=1", "train.max_steps=-1", "train.eval_steps=null"] if a.full_epoch else
+              [f"train.max_steps={a.steps}", f"train.eval_steps={a.steps}"]),
             f"train.logging_steps={a.logging_steps}", "train.weight_decay=0.01", "train.warmup=0.06",
             "train.scheduler=linear", f"train.seed={a.seed}"]
 
@@ -162,7 +163,8 @@ def run_plain(a, workdir: Path) -> dict:
     counter = Counting(DataCollatorWithPadding(tok))
     meter = meter_callback(counter)
     args = TrainingArguments(
-        output_dir=str(workdir / "plain"), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
+        output_dir=str(workdir / "plain"), max_steps=-1 if a.full_epoch else a.steps, num_train_epochs=1,
+        per_device_train_batch_size=a.batch_size,
         per_device_eval_batch_size=a.eval_batch_size, learning_rate=a.lr, weight_decay=0.01, warmup_steps=0.06,
         lr_scheduler_type="linear", logging_steps=a.logging_steps, eval_strategy="no", save_strategy="no",
         report_to="none", seed=a.seed)
@@ -284,11 +286,16 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
                    help="an extra newslora run with recipe overrides (repeatable)")
     p.add_argument("--only", choices=["plain", "newslora"], default=None, help="skip the other recipe")
+    p.add_argument("--full-epoch", type=int, default=None, metavar="ROWS",
+                   help="one full epoch over ROWS train rows (the sample repeated to ROWS + val rows) instead of "
+                        "--steps; speed only (repeated rows leak into validation)")
     p.add_argument("--data", default=str(TRAIN_CSV))
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     a.lr = a.lr or (1e-3 if a.backbone == "minilm" else 5e-4)
+    if a.full_epoch:
+        a.rows = a.full_epoch
     a.rows = a.rows or a.steps * a.batch_size
     if a.worker:
         return worker(a)
@@ -302,12 +309,24 @@ def main() -> None:
         name, _, rest = v.partition("=")
         variants.append((name, "newslora", [x for x in rest.split(",") if x]))
     device = f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else \
-        f"cpu: {os.cpu_count()} logical cores, torch {torch.get_num_threads()} threads"
-    print(f"device {device} | backbone {a.backbone} | {a.steps} steps x batch {a.batch_size} | rows {a.rows} | "
+        f"cpu: {os.cpu_count()} logical cores, torch threads {a.threads or torch.get_num_threads()}, " \
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    steps = f"1 epoch of {a.rows} rows" if a.full_epoch else f"{a.steps} steps"
+    print(f"device {device} | backbone {a.backbone} | {steps} x batch {a.batch_size} | rows {a.rows} | "
           f"val {a.val_rows} | max_length {a.max_length} | lr {a.lr} | "
           f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="newslora-train-bench-"))
     os.environ["NEWSLORA_CACHE"] = str(tmp / "cache")  # a fresh tokenization cache: the first run pays for it
+    if a.full_epoch:  # the sample repeated (in shuffled copies) to the epoch's rows plus the validation rows
+        import numpy as np
+        import pandas as pd
+
+        df = pd.read_csv(a.data)
+        need = a.full_epoch + a.val_rows
+        copies = [df.sample(frac=1, random_state=i) for i in range(-(-need // len(df)))]
+        pd.concat(copies).head(need).to_csv(tmp / "repeated.csv", index=False)
+        a.data = str(tmp / "repeated.csv")
+        sys.argv += ["--data", a.data]  # the workers read the same file
     log = tmp / "bench.log"
     results: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     for rep in range(a.repeats):
@@ -331,6 +350,10 @@ def main() -> None:
             acc = 100 * (med[name]["val_accuracy"] - med["plain"]["val_accuracy"])
             print(f"speed ratio {name}/plain (samples/s): {med[name]['samples_per_s'] / med['plain']['samples_per_s']:.2f}x"
                   f" (per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); validation accuracy {acc:+.2f} pt")
+    if a.full_epoch:
+        for name, m in med.items():
+            print(f"{name}: {m['loop_s']:.1f} s per epoch of {a.rows} rows ({m['steps']:.0f} steps), "
+                  f"peak memory {m['peak_mem_mb']:.0f} MB")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "device": device, "results": results}, indent=2))
     print(f"(logs: {log})")

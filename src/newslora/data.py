@@ -286,3 +286,23 @@ def tokenize(df: pd.DataFrame, tokenizer, max_length: int, cache: bool = True):
         if path.exists():
             return datasets.load_from_disk(str(path))
     return ds
+
+
+def pad_batch(features, pad_id: int, multiple: int | None = None) -> dict:
+    """Right-pad ``input_ids`` (and build ``attention_mask``) to the longest row, rounded up to ``multiple``;
+    ``labels`` when the rows have them. Numpy, not ``tokenizer.pad``: ~15x less CPU per batch (bench/RESULTS.md)."""
+    import torch
+
+    ids = [f["input_ids"] for f in features]
+    width = max(map(len, ids))
+    if multiple:
+        width = -(-width // multiple) * multiple
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+    return batch

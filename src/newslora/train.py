@@ -26,7 +26,7 @@ from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Progre
 
 from . import __version__
 from .config import Recipe, load_recipe
-from .data import Splits, load_splits, tokenize
+from .data import Splits, load_splits, pad_batch, tokenize
 from .errors import NewsloraError
 from .evaluate import classification_metrics, summary
 from .model import (Breakdown, adalora_schedule, apply_auto_fit, attach_adapter, breakdown, check_budget,
@@ -156,23 +156,6 @@ class Collator(DataCollatorWithPadding):
                 and set(features[0]) <= self.FAST_KEYS and "input_ids" in features[0]):
             return pad_batch(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features])
-
-
-def pad_batch(features, pad_id: int, multiple: int | None = None) -> dict:
-    """Right-pad ``input_ids`` (and build ``attention_mask``) to the longest row, rounded up to ``multiple``."""
-    ids = [f["input_ids"] for f in features]
-    width = max(map(len, ids))
-    if multiple:
-        width = -(-width // multiple) * multiple
-    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for i, row in enumerate(ids):
-        input_ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
-    if "labels" in features[0]:
-        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
-    return batch
 
 
 class ReadableProgress(ProgressCallback):
