@@ -6,7 +6,7 @@
 #
 # Stages (each prints its table and writes it under $OUT, default bench/gpu-results-<UTC time>/):
 #   epoch    seconds per full AG News epoch for random-init roberta-base LoRA r=8 q,v (newslora defaults):
-#            120,000 rows (the 22,490-row sample repeated), batch 32 (recipe default) and batch 128, with peak
+#            120,000 rows (the 22,490-row sample repeated), batch 128, then batch 32 (recipe default), with peak
 #            CUDA memory. Target: <= 30 s per epoch on one H100.
 #   infer    bench/infer_speed.py: pipeline("text-classification") vs newslora predict_proba on the 7,600-row
 #            test set (a short random-init roberta-base run is trained first; MiniLM with BACKBONE=minilm).
@@ -55,7 +55,7 @@ run() {  # run NAME COMMAND...: echo the exact command, tee its output (stderr t
 for stage in $STAGES; do
     case $stage in
     epoch) run epoch $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" --only newslora \
-               --variant batch128=train.batch_size=128 --json "$OUT/epoch.json" ;;
+               --batch-size 128 --variant batch32=train.batch_size=32 --json "$OUT/epoch.json" ;;
     infer) run infer $PY bench/infer_speed.py --backbone "$BACKBONE" --repeats "${INFER_REPEATS:-1}" \
                ${INFER_ROWS:+--rows "$INFER_ROWS"} ;;
     train) run train $PY bench/train_speed.py --backbone "$BACKBONE" --steps "$STEPS" --repeats "$REPEATS" \
