@@ -2,18 +2,21 @@
 # GPU benchmarks for newslora: run from a fresh clone on a machine with one CUDA GPU (venv active):
 #
 #     bash bench/gpu.sh                 # every stage, about 8 minutes on one H100
-#     bash bench/gpu.sh epoch infer     # some stages: epoch | infer | train | compile
+#     bash bench/gpu.sh epoch infer     # some stages: profile | epoch | infer | train | compile
 #
 # Stages (each prints its table and writes it under $OUT, default bench/gpu-results-<UTC time>/):
+#   profile  bench/profile_train.py: wall vs GPU-busy ms per step and the top CPU operators, random-init
+#            roberta-base LoRA, batch 32 and 128 (is the step bound by the Python side or by the kernels?).
 #   epoch    seconds per full AG News epoch for random-init roberta-base LoRA r=8 q,v (newslora defaults):
-#            120,000 rows (the 22,490-row sample repeated), batch 128, then batch 32 (recipe default), with peak
-#            CUDA memory. Target: <= 30 s per epoch on one H100.
+#            120,000 rows (the 22,490-row sample repeated), batch EPOCH_BATCH (128), then each of EPOCH_VARIANTS
+#            (default: batch 32, the recipe default), with peak CUDA memory. Target: <= 30 s per epoch on one H100.
 #   infer    bench/infer_speed.py: pipeline("text-classification") vs newslora predict_proba on the 7,600-row
 #            test set (a short random-init roberta-base run is trained first; MiniLM with BACKBONE=minilm).
 #   train    bench/train_speed.py: the plain HF Trainer + PEFT recipe (fp32, random batches) vs newslora
 #            (bf16 autocast, length-grouped batches, fused AdamW), random-init roberta-base.
 #   compile  newslora with train.torch_compile=true, same steps as train.
-# Knobs (environment): BACKBONE (roberta-random), EPOCH_ROWS (120000), STEPS (200), REPEATS (1), INFER_ROWS
+# Knobs (environment): BACKBONE (roberta-random), EPOCH_ROWS (120000), EPOCH_BATCH (128), EPOCH_VARIANTS
+# ("batch32=train.batch_size=32"; space-separated NAME=key=value,... as train_speed.py --variant), STEPS (200), REPEATS (1), INFER_ROWS
 # (all), INFER_REPEATS (1), STAGE_TIMEOUT (seconds per stage, 0 = none), ALLOW_CPU=1 (smoke-test on a CPU).
 # Data and the roberta-base config come from ../shared (or $NEWSLORA_SHARED), as for the CPU benches.
 set -uo pipefail
@@ -21,9 +24,11 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=true  # the one-off tokenization of 122k rows uses every core
 PY=${PYTHON:-python}
-STAGES=${*:-epoch infer train compile}
+STAGES=${*:-profile epoch infer train compile}
 BACKBONE=${BACKBONE:-roberta-random}
 EPOCH_ROWS=${EPOCH_ROWS:-120000}
+EPOCH_BATCH=${EPOCH_BATCH:-128}
+EPOCH_VARIANTS=${EPOCH_VARIANTS-batch32=train.batch_size=32}
 STEPS=${STEPS:-200}
 REPEATS=${REPEATS:-1}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-0}
@@ -54,15 +59,17 @@ run() {  # run NAME COMMAND...: echo the exact command, tee its output (stderr t
 
 for stage in $STAGES; do
     case $stage in
-    epoch) run epoch $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" --only newslora \
-               --batch-size 128 --variant batch32=train.batch_size=32 --json "$OUT/epoch.json" ;;
+    profile) run profile sh -c "$PY bench/profile_train.py --batch-size 32 && $PY bench/profile_train.py --batch-size 128" ;;
+    epoch) variants=(); for v in $EPOCH_VARIANTS; do variants+=(--variant "$v"); done
+           run epoch $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" --only newslora \
+               --batch-size "$EPOCH_BATCH" "${variants[@]}" --json "$OUT/epoch.json" ;;
     infer) run infer $PY bench/infer_speed.py --backbone "$BACKBONE" --repeats "${INFER_REPEATS:-1}" \
                ${INFER_ROWS:+--rows "$INFER_ROWS"} ;;
     train) run train $PY bench/train_speed.py --backbone "$BACKBONE" --steps "$STEPS" --repeats "$REPEATS" \
                --json "$OUT/train.json" ;;
     compile) run compile $PY bench/train_speed.py --backbone "$BACKBONE" --steps "$STEPS" --only newslora \
                --variant compile=train.torch_compile=true --json "$OUT/compile.json" ;;
-    *) echo "bench/gpu.sh: unknown stage '$stage' (epoch, infer, train, compile)"; exit 2 ;;
+    *) echo "bench/gpu.sh: unknown stage '$stage' (profile, epoch, infer, train, compile)"; exit 2 ;;
     esac
 done
 echo "results in $OUT"

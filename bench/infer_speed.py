@@ -53,8 +53,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="run folder or merged model folder (default: train a short run)")
     p.add_argument("--rows", type=int, default=None, help="first N test rows (default: all 7,600)")
-    p.add_argument("--batch-size", default="128", help="newslora predict_proba batch size; a comma list "
-                   "(128,32) also times the others")
+    p.add_argument("--batch-size", default="default", help="newslora predict_proba batch size (default: the "
+                   "library's, 32 on CPU / 128 on GPU); a comma list (default,128) also times the others")
     p.add_argument("--pipeline-batch-size", type=int, default=1, help="pipeline batch size (its default: 1)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--backbone", choices=["minilm", "roberta-random", "tiny"], default="minilm",
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--test", default=str(TEST_CSV))
     a = p.parse_args()
-    sizes = [int(x) for x in str(a.batch_size).split(",")]
+    sizes = [None if x == "default" else int(x) for x in str(a.batch_size).split(",")]
 
     import numpy as np
     import torch
@@ -99,7 +99,7 @@ def main() -> None:
     df, _ = encode_labels(df, clf.label_names, a.test)
     texts, y = df["text"].tolist(), df["label"].to_numpy()
     print(f"device {device} | model {merged} | {len(texts)} test rows | max_length {clf.max_length} | "
-          f"newslora batch {sizes[0]} | pipeline batch {a.pipeline_batch_size} | "
+          f"newslora batch {sizes[0] or 'default (32 on CPU, 128 on GPU)'} | pipeline batch {a.pipeline_batch_size} | "
           f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}", flush=True)
 
     pipe = pipeline("text-classification", model=str(merged), device=0 if torch.cuda.is_available() else -1)

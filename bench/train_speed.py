@@ -188,10 +188,8 @@ def run_plain(a, workdir: Path) -> dict:
 def run_newslora(a, workdir: Path, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     import torch
-    from transformers import Trainer
-
     from newslora.config import load_recipe
-    from newslora.train import train
+    from newslora.train import NewsloraTrainer, train
 
     pad_multiple = None
     extra = []
@@ -210,7 +208,7 @@ def run_newslora(a, workdir: Path, overrides: list[str]) -> dict:
         seen["pad_to_multiple_of"] = collator.pad_to_multiple_of
         counter.inner = collator
         kwargs["data_collator"] = counter
-        trainer = Trainer(**kwargs)
+        trainer = NewsloraTrainer(**kwargs)
         seen["optim"], seen["bf16"], seen["fp16"] = trainer.args.optim, trainer.args.bf16, trainer.args.fp16
         seen["sampling"] = trainer.args.train_sampling_strategy
         return trainer

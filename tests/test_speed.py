@@ -18,13 +18,11 @@ class Captured(Exception):
 
 
 def newslora_trainer(tmp_path, **overrides):
-    from transformers import Trainer
-
     from newslora.config import load_recipe
-    from newslora.train import train
+    from newslora.train import NewsloraTrainer, train
 
     def capture(**kwargs):
-        raise Captured(Trainer(**kwargs))
+        raise Captured(NewsloraTrainer(**kwargs))
 
     recipe = load_recipe(None, tiny_overrides(**overrides))
     with pytest.raises(Captured) as info:
@@ -159,3 +157,29 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
     assert train_mod.precision_flags("bf16") == {"bf16": True, "use_cpu": True}
     assert train_mod.precision_flags("auto") == {}  # auto stays fp32 on any CPU: bf16 there is opt-in
+
+
+def test_trainer_bookkeeping_shortcuts_keep_flops_and_clipping(tmp_path):
+    """NewsloraTrainer's cached FLOP count and trainable-only clipping give the stock Trainer's numbers."""
+    from transformers import Trainer
+
+    trainer = newslora_trainer(tmp_path, **{"train.batch_size": "8"})
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    for width in (batch["input_ids"], batch["input_ids"][:, :5]):  # cached per token: any batch shape
+        inputs = {**batch, "input_ids": width}
+        assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0
+
+    model.train()
+    loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert grads and not frozen_with_grad
+    full = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    trainer.args.max_grad_norm = float(full) / 4  # forces clipping by 4x
+    norm = trainer._clip_grad_norm(model)
+    assert float(norm) == pytest.approx(float(full), rel=1e-6)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n] / 4, rtol=1e-5, atol=1e-8)

@@ -115,7 +115,7 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             text_column: str = "text",
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling (runs code from the file)"),
             extra_columns: bool = typer.Option(False, "--extra-columns", help="add label names and probabilities"),
-            batch_size: int = 128):
+            batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU")):
     """Write a Kaggle submission (ID,Label) for every text in a file."""
     from .predict import predict as run_predict
 

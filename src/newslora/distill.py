@@ -244,10 +244,13 @@ class DistillCollator:
 
 
 def distill_trainer_class(base=None):
-    """A subclass of ``base`` (default: transformers' Trainer) whose training loss distils from ``teacher_probs``."""
+    """A subclass of ``base`` (default: :class:`newslora.train.NewsloraTrainer`) whose training loss distils from
+    ``teacher_probs``."""
     from transformers import Trainer
 
-    base = base or Trainer
+    from .train import NewsloraTrainer
+
+    base = base or NewsloraTrainer
     if not (isinstance(base, type) and issubclass(base, Trainer)):
         raise NewsloraError("distillation needs trainer_factory to be a transformers Trainer subclass")
 

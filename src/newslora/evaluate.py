@@ -35,7 +35,7 @@ def summary(m: dict) -> dict:
 
 
 def evaluate(model_path: str | Path, data: str | Path, text_column: str = "text", label_column: str = "label",
-             batch_size: int = 128, output: str | Path | None = None) -> dict:
+             batch_size: int | None = None, output: str | Path | None = None) -> dict:
     """Evaluate a run folder or merged model on a labelled file; optionally write the metrics as JSON."""
     from .data import check_texts, encode_labels, read_table
     from .predict import load_classifier

@@ -158,6 +158,32 @@ class Collator(DataCollatorWithPadding):
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
+class NewsloraTrainer(Trainer):
+    """The HF Trainer without per-step bookkeeping that costs CPU time and changes nothing. Each optimizer step the
+    stock Trainer walks every parameter of the model twice for nothing: ``floating_point_ops`` recounts the
+    (constant) non-embedding parameters for ``total_flos``, and clipping hands the frozen backbone's parameters,
+    which have no gradients, to ``clip_grad_norm_``. On a GPU, where a LoRA step is bound by the Python side,
+    that is time the accelerator waits (bench/RESULTS.md). Same ``total_flos``, same norm, same clipping."""
+
+    _flops_per_token: int | None = None
+    _trainable: list | None = None
+
+    def floating_point_ops(self, inputs) -> int:
+        if self._flops_per_token is None:
+            self._flops_per_token = super().floating_point_ops({"input_ids": torch.ones(1, 1)})
+        main = getattr(self.model, "main_input_name", "input_ids")
+        return self._flops_per_token * inputs[main].numel() if main in inputs else 0
+
+    def _clip_grad_norm(self, model):
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.NO:
+            return super()._clip_grad_norm(model)  # sharded / scaled gradients: the Trainer's own path
+        if self._trainable is None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
+
+
 class ReadableProgress(ProgressCallback):
     """The Trainer's progress bars, with one short line per log instead of a raw dict."""
 
@@ -338,7 +364,8 @@ def train(recipe: Recipe | None = None, run_dir: str | Path | None = None, resum
           trainer_factory=None, extra_callbacks=(), evaluate_test: bool = True) -> RunResult:
     """Train one recipe into one run folder (or continue ``resume``, an interrupted run folder).
 
-    ``trainer_factory(**kwargs) -> Trainer`` lets other stages (distillation) swap the Trainer class.
+    ``trainer_factory(**kwargs) -> Trainer`` (default :class:`NewsloraTrainer`) lets other stages (distillation)
+    swap the Trainer class.
     """
     if resume is not None:
         run_dir = Path(resume)
@@ -426,6 +453,9 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         logging_steps=t.logging_steps, logging_first_step=True, report_to="none", seed=t.seed, data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
         remove_unused_columns=False, torch_compile=t.torch_compile, dataloader_pin_memory=torch.cuda.is_available(),
+        # The NaN/inf filter reads the loss as a Python bool every step: a device sync that stops the CPU from
+        # queueing the next step while the GPU works. A diverged run logs nan instead of a smoothed-over value.
+        logging_nan_inf_filter=False,
         disable_tqdm=False, **precision_flags(t.precision))
 
     def compute_metrics(p):
@@ -443,7 +473,7 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
                   data_collator=Collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
                   processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
                   optimizers=optimizers)
-    trainer = (trainer_factory or Trainer)(**kwargs)
+    trainer = (trainer_factory or NewsloraTrainer)(**kwargs)
     # Sequence classifiers accept **kwargs but ignore num_items_in_batch; without this the Trainer would skip
     # averaging over gradient-accumulation steps and the loss (and gradients) would be grad_accum times too large.
     trainer.model_accepts_loss_kwargs = False
