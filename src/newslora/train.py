@@ -444,7 +444,9 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum, weight_decay=t.weight_decay,
         warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup), lr_scheduler_type=t.scheduler,
-        optim="sgd" if t.optimizer == "sgd" else ("adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"),
+        # fused AdamW on CPU too: one kernel per step instead of ~8 per tensor (1.1 vs 5.7 ms per step for
+        # roberta-base LoRA's trainable tensors on this project's CPU)
+        optim="sgd" if t.optimizer == "sgd" else "adamw_torch_fused",
         eval_strategy=eval_strategy, eval_steps=t.eval_steps, save_strategy=eval_strategy, save_steps=t.eval_steps,
         # AdaLoRA's model is the one at the end of its rank schedule: an earlier "best" checkpoint holds another
         # allocation (and more than target_r ranks); every other method keeps the best validation checkpoint.
