@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmarks for newslora: run from a fresh clone on a machine with one CUDA GPU (venv active):
 #
-#     bash bench/gpu.sh                 # every stage, about 8 minutes on one H100
+#     bash bench/gpu.sh                 # every stage: over 10 minutes on one H100 (2026-11-26: the batch-128
+#                                       # epoch alone took 95 s, the batch-32 one over 130 s)
 #     bash bench/gpu.sh epoch infer     # some stages: profile | epoch | infer | train | compile
 #
 # Stages (each prints its table and writes it under $OUT, default bench/gpu-results-<UTC time>/):
