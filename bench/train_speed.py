@@ -128,7 +128,6 @@ def loop_stats(meter, counter: Counting, batches_per_step: int) -> dict:
 
 def run_plain(a, workdir: Path) -> dict:
     """What a user would write with HF Trainer + PEFT (the rows come from newslora's split, to be the same)."""
-    t_start = time.perf_counter()
     import numpy as np
     import torch
     from datasets import Dataset
@@ -186,7 +185,6 @@ def run_plain(a, workdir: Path) -> dict:
 
 
 def run_newslora(a, workdir: Path, overrides: list[str]) -> dict:
-    t_start = time.perf_counter()
     import torch
     from newslora.config import load_recipe
     from newslora.train import NewsloraTrainer, train

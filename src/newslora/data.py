@@ -288,6 +288,11 @@ def tokenize(df: pd.DataFrame, tokenizer, max_length: int, cache: bool = True):
     return ds
 
 
+def pads_right(tokenizer) -> bool:
+    """Whether :func:`pad_batch` pads exactly as ``tokenizer.pad`` would (right padding with a pad token)."""
+    return tokenizer.padding_side == "right" and tokenizer.pad_token_id is not None
+
+
 def pad_batch(features, pad_id: int, multiple: int | None = None) -> dict:
     """Right-pad ``input_ids`` (and build ``attention_mask``) to the longest row, rounded up to ``multiple``;
     ``labels`` when the rows have them. Numpy, not ``tokenizer.pad``: ~15x less CPU per batch (bench/RESULTS.md)."""

@@ -170,27 +170,12 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
 
 
 def _forward(model, tokenizer, texts: list[str], max_length: int, batch_size: int):
-    """Teacher logits in input order; batches grouped by length (less padding)."""
-    import numpy as np
-    import torch
+    """Teacher logits in input order (the predict stage's length-batched forward), counted in ``STATS``."""
+    from .predict import batched_logits
 
-    n_labels = model.config.num_labels
-    out = np.empty((len(texts), n_labels), dtype=np.float32)
-    if not texts:
-        return out
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
-    device = next(model.parameters()).device
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    with torch.inference_mode():
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            batch = tokenizer.pad({k: [enc[k][j] for j in idx] for k in keys}, return_tensors="pt")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            out[idx] = logits.float().cpu().numpy()
-            STATS["teacher_batches"] += 1
-            STATS["teacher_rows"] += len(idx)
-    return out
+    STATS["teacher_batches"] += -(-len(texts) // batch_size)
+    STATS["teacher_rows"] += len(texts)
+    return batched_logits(model, tokenizer, texts, max_length, batch_size)
 
 
 def soft_targets(logits_list: list, temperature: float):

@@ -9,10 +9,33 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import pad_batch
+from .data import pad_batch, pads_right
 from .errors import NewsloraError
 
 PICKLE_SUFFIXES = {".pkl", ".pickle"}
+
+
+@torch.inference_mode()
+def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int | None = None) -> np.ndarray:
+    """float32 logits (len(texts), num_labels) in input order. Texts are tokenized once and batched by length
+    (less padding); ``batch_size``: default 128 on a GPU, 32 on a CPU (faster there: bench/RESULTS.md)."""
+    out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    if not len(texts):
+        return out
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+    device = next(model.parameters()).device
+    batch_size = batch_size or (32 if device.type == "cpu" else 128)
+    fast = pads_right(tokenizer)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        if fast:  # numpy padding: a fraction of tokenizer.pad's cost (bench/RESULTS.md)
+            batch = pad_batch([{"input_ids": enc["input_ids"][j]} for j in idx], tokenizer.pad_token_id)
+        else:
+            batch = tokenizer.pad({"input_ids": [enc["input_ids"][j] for j in idx],
+                                   "attention_mask": [enc["attention_mask"][j] for j in idx]}, return_tensors="pt")
+        out[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+    return out
 
 
 class Classifier:
@@ -24,30 +47,10 @@ class Classifier:
         self.label_names = list(label_names)
         self.max_length = max_length
 
-    @torch.inference_mode()
     def predict_proba(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
-        """Class probabilities, shape (len(texts), num_labels). Texts are batched by length (less padding);
-        the output keeps the input order. ``batch_size``: default 128 on a GPU, 32 on a CPU (faster there:
-        bench/RESULTS.md)."""
-        if not texts:
-            return np.zeros((0, len(self.label_names)), dtype=np.float32)
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
-        out = np.empty((len(texts), len(self.label_names)), dtype=np.float32)
-        device = next(self.model.parameters()).device
-        batch_size = batch_size or (32 if device.type == "cpu" else 128)
-        fast = self.tokenizer.padding_side == "right" and self.tokenizer.pad_token_id is not None
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            if fast:  # numpy padding: a fraction of tokenizer.pad's cost (bench/RESULTS.md)
-                batch = pad_batch([{"input_ids": enc["input_ids"][j]} for j in idx], self.tokenizer.pad_token_id)
-            else:
-                batch = self.tokenizer.pad({"input_ids": [enc["input_ids"][j] for j in idx],
-                                            "attention_mask": [enc["attention_mask"][j] for j in idx]},
-                                           return_tensors="pt")
-            logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits
-            out[idx] = torch.softmax(logits.float(), -1).cpu().numpy()
-        return out
+        """Class probabilities, shape (len(texts), num_labels), in input order (see :func:`batched_logits`)."""
+        logits = batched_logits(self.model, self.tokenizer, texts, self.max_length, batch_size)
+        return torch.softmax(torch.from_numpy(logits), -1).numpy()
 
     def classify(self, text: str | list[str]):
         single = isinstance(text, str)

@@ -26,7 +26,7 @@ from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Progre
 
 from . import __version__
 from .config import Recipe, load_recipe
-from .data import Splits, load_splits, pad_batch, tokenize
+from .data import Splits, load_splits, pad_batch, pads_right, tokenize
 from .errors import NewsloraError
 from .evaluate import classification_metrics, summary
 from .model import (Breakdown, adalora_schedule, apply_auto_fit, attach_adapter, breakdown, check_budget,
@@ -152,8 +152,8 @@ class Collator(DataCollatorWithPadding):
     FAST_KEYS = {"input_ids", "attention_mask", "labels", "length"}
 
     def __call__(self, features):
-        if (features and self.tokenizer.padding_side == "right" and self.tokenizer.pad_token_id is not None
-                and set(features[0]) <= self.FAST_KEYS and "input_ids" in features[0]):
+        if (features and pads_right(self.tokenizer) and set(features[0]) <= self.FAST_KEYS
+                and "input_ids" in features[0]):
             return pad_batch(features, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features])
 
@@ -169,9 +169,9 @@ class NewsloraTrainer(Trainer):
     _trainable: list | None = None
 
     def floating_point_ops(self, inputs) -> int:
-        if self._flops_per_token is None:
-            self._flops_per_token = super().floating_point_ops({"input_ids": torch.ones(1, 1)})
         main = getattr(self.model, "main_input_name", "input_ids")
+        if self._flops_per_token is None:  # the stock count for a single token
+            self._flops_per_token = super().floating_point_ops({main: torch.ones(1, 1)})
         return self._flops_per_token * inputs[main].numel() if main in inputs else 0
 
     def _clip_grad_norm(self, model):
