@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
 # GPU benchmarks for newslora: run from a fresh clone on a machine with one CUDA GPU (venv active):
 #
-#     bash bench/gpu.sh                 # every stage: over 10 minutes on one H100 (2026-11-26: the batch-128
-#                                       # epoch alone took 95 s, the batch-32 one over 130 s)
+#     bash bench/gpu.sh profile epoch   # the next measurements to take (about 6 minutes on one H100, estimate)
+#     bash bench/gpu.sh                 # every stage: well over 10 minutes on one H100 (2026-11-26: the batch-128
+#                                       # epoch alone took 95 s)
 #     bash bench/gpu.sh epoch infer     # some stages: profile | epoch | infer | train | compile
 #
 # Stages (each prints its table and writes it under $OUT, default bench/gpu-results-<UTC time>/):
 #   profile  bench/profile_train.py: wall vs GPU-busy ms per step and the top CPU operators, random-init
-#            roberta-base LoRA, batch 32 and 128 (is the step bound by the Python side or by the kernels?).
+#            roberta-base LoRA, batch PROFILE_BATCHES (128 512) (is the step bound by the Python side or by the
+#            kernels?).
 #   epoch    seconds per full AG News epoch for random-init roberta-base LoRA r=8 q,v (newslora defaults):
 #            120,000 rows (the 22,490-row sample repeated), batch EPOCH_BATCH (128), then each of EPOCH_VARIANTS
-#            (default: batch 32, the recipe default), with peak CUDA memory. Target: <= 30 s per epoch on one H100.
+#            (default: batch 512 with the learning rate scaled; then also with 2 DataLoader workers; then in TF32
+#            instead of bf16 autocast. If a step is bound by the host, a 4x larger batch is ~4x fewer steps at about
+#            the same cost each, workers take batch fetching and padding off the main thread, and TF32 has none of
+#            autocast's cast kernels), with peak CUDA memory. Target: <= 30 s per epoch on one H100.
 #   infer    bench/infer_speed.py: pipeline("text-classification") vs newslora predict_proba on the 7,600-row
 #            test set (a short random-init roberta-base run is trained first; MiniLM with BACKBONE=minilm).
 #   train    bench/train_speed.py: the plain HF Trainer + PEFT recipe (fp32, random batches) vs newslora
 #            (bf16 autocast, length-grouped batches, fused AdamW), random-init roberta-base.
-#   compile  newslora with train.torch_compile=true, same steps as train.
-# Knobs (environment): BACKBONE (roberta-random), EPOCH_ROWS (120000), EPOCH_BATCH (128), EPOCH_VARIANTS
-# ("batch32=train.batch_size=32"; space-separated NAME=key=value,... as train_speed.py --variant), STEPS (200), REPEATS (1), INFER_ROWS
-# (all), INFER_REPEATS (1), STAGE_TIMEOUT (seconds per stage, 0 = none), ALLOW_CPU=1 (smoke-test on a CPU).
+#   compile  newslora with train.torch_compile=true (default mode, then reduce-overhead: CUDA graphs), same steps as
+#            train.
+# Knobs (environment): BACKBONE (roberta-random), PROFILE_BATCHES ("128 512"), EPOCH_ROWS (120000), EPOCH_BATCH
+# (128), EPOCH_VARIANTS (space-separated NAME=key=value,... as train_speed.py --variant; "" for none), STEPS (200),
+# REPEATS (1), INFER_ROWS (all), INFER_REPEATS (1), STAGE_TIMEOUT (seconds per stage, 0 = none), ALLOW_CPU=1
+# (smoke-test on a CPU).
 # Data and the roberta-base config come from ../shared (or $NEWSLORA_SHARED), as for the CPU benches.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +36,9 @@ STAGES=${*:-profile epoch infer train compile}
 BACKBONE=${BACKBONE:-roberta-random}
 EPOCH_ROWS=${EPOCH_ROWS:-120000}
 EPOCH_BATCH=${EPOCH_BATCH:-128}
-EPOCH_VARIANTS=${EPOCH_VARIANTS-batch32=train.batch_size=32}
+B512=train.batch_size=512,train.lr=2e-3
+EPOCH_VARIANTS=${EPOCH_VARIANTS-b512=$B512 b512-workers=$B512,train.dataloader_workers=2 b512-tf32=$B512,train.precision=tf32}
+PROFILE_BATCHES=${PROFILE_BATCHES:-128 512}
 STEPS=${STEPS:-200}
 REPEATS=${REPEATS:-1}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-0}
@@ -60,7 +69,8 @@ run() {  # run NAME COMMAND...: echo the exact command, tee its output (stderr t
 
 for stage in $STAGES; do
     case $stage in
-    profile) run profile sh -c "$PY bench/profile_train.py --batch-size 32 && $PY bench/profile_train.py --batch-size 128" ;;
+    profile) cmd=""; for b in $PROFILE_BATCHES; do cmd+="${cmd:+ && }$PY bench/profile_train.py --batch-size $b"; done
+             run profile sh -c "$cmd" ;;
     epoch) variants=(); for v in $EPOCH_VARIANTS; do variants+=(--variant "$v"); done
            run epoch $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" --only newslora \
                --batch-size "$EPOCH_BATCH" "${variants[@]}" --json "$OUT/epoch.json" ;;
@@ -69,7 +79,9 @@ for stage in $STAGES; do
     train) run train $PY bench/train_speed.py --backbone "$BACKBONE" --steps "$STEPS" --repeats "$REPEATS" \
                --json "$OUT/train.json" ;;
     compile) run compile $PY bench/train_speed.py --backbone "$BACKBONE" --steps "$STEPS" --only newslora \
-               --variant compile=train.torch_compile=true --json "$OUT/compile.json" ;;
+               --variant compile=train.torch_compile=true \
+               --variant compile-cudagraphs=train.torch_compile=true,train.compile_mode=reduce-overhead \
+               --json "$OUT/compile.json" ;;
     *) echo "bench/gpu.sh: unknown stage '$stage' (profile, epoch, infer, train, compile)"; exit 2 ;;
     esac
 done

@@ -249,8 +249,9 @@ def run_child(a, kind: str, overrides: list[str], workdir: Path, log: Path) -> d
         f.flush()
         proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=f, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"{kind} run failed (exit {proc.returncode}); see {log}")
+    if proc.returncode != 0 or not lines:  # one failed variant must not cost the others' figures
+        last = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or [""]
+        return {"failed": f"exit {proc.returncode}: {last[0].strip()[:200]}"}
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -325,12 +326,18 @@ def main() -> None:
         sys.argv += ["--data", a.data]  # the workers read the same file
     log = tmp / "bench.log"
     results: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    failed: dict[str, str] = {}
     for rep in range(a.repeats):
         order = variants if rep % 2 == 0 else variants[::-1]
         for name, kind, overrides in order:
             r = run_child(a, kind, overrides, tmp / f"{name}-{rep}", log)
+            if "failed" in r:
+                failed[name] = r["failed"]
+                print(f"  repeat {rep + 1}: {name:<22} FAILED ({r['failed']})", flush=True)
+                continue
             results[name].append(r)
             print(f"  repeat {rep + 1}: {fmt_row(name, r)}", flush=True)
+    results = {name: rs for name, rs in results.items() if name not in failed}
     print("\nmedians over repeats" if a.repeats > 1 else "")
     print(HEADER)
     med = {}
@@ -350,9 +357,14 @@ def main() -> None:
         for name, m in med.items():
             print(f"{name}: {m['loop_s']:.1f} s per epoch of {a.rows} rows ({m['steps']:.0f} steps), "
                   f"peak memory {m['peak_mem_mb']:.0f} MB")
+    for name, why in failed.items():
+        print(f"{name}: FAILED ({why})")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "device": device, "results": results}, indent=2))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "device": device, "results": results, "failed": failed},
+                                           indent=2))
     print(f"(logs: {log})")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

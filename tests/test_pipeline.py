@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from openpyxl import load_workbook
 from typer.testing import CliRunner
@@ -197,6 +198,8 @@ def test_early_stopping_stops(tmp_path):
     (["data.text_column=body"], ["column 'body' not found"]),
     (["lora.target_modules=[qkv]"], ["lora.target_modules", "query"]),
     (["lora.layers=[0,9]"], ["lora.layers", "0..1"]),
+    pytest.param(["train.precision=tf32"], ["train.precision=tf32 needs an NVIDIA GPU", "train.precision=auto"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine tf32 may be valid")),
 ])
 def test_bad_train_inputs_leave_nothing(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)

@@ -159,6 +159,53 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
     assert train_mod.precision_flags("auto") == {}  # auto stays fp32 on any CPU: bf16 there is opt-in
 
 
+def test_tf32_needs_an_ampere_gpu(monkeypatch):
+    from newslora.errors import NewsloraError
+    from newslora import train as train_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NewsloraError, match="tf32 needs an NVIDIA GPU of the Ampere"):
+        train_mod.precision_flags("tf32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # Turing: no TF32
+    with pytest.raises(NewsloraError, match="Ampere"):
+        train_mod.precision_flags("tf32")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert train_mod.precision_flags("tf32") == {"bf16": False, "fp16": False, "tf32": True}
+
+
+def test_compile_mode_reaches_the_trainer_only_with_compile_on(tmp_path):
+    from newslora.config import load_recipe
+    from newslora.errors import NewsloraError
+
+    off = newslora_trainer(tmp_path / "off", **{"train.compile_mode": "reduce-overhead"})
+    assert off.args.torch_compile is False and off.args.torch_compile_mode is None
+    on = newslora_trainer(tmp_path / "on", **{"train.torch_compile": "true", "train.compile_mode": "reduce-overhead"})
+    assert on.args.torch_compile is True and on.args.torch_compile_mode == "reduce-overhead"
+    with pytest.raises(NewsloraError, match="train.compile_mode='fast' is not valid; choose one of: default"):
+        load_recipe(None, ["train.compile_mode=fast"])
+
+
+def test_dataloader_workers_train_the_same_run(tmp_path):
+    """Batches fetched and padded in a worker process: same batches, same losses as in the main process."""
+    from newslora.config import load_recipe
+    from newslora.errors import NewsloraError
+    from newslora.train import train
+
+    losses = {}
+    for workers in (0, 1):
+        recipe = load_recipe(None, tiny_overrides(**{"train.max_steps": 6, "train.logging_steps": 1,
+                                                     "train.eval_steps": 6, "train.dataloader_workers": workers,
+                                                     "data.max_test_samples": 32}))
+        run = train(recipe, run_dir=tmp_path / f"w{workers}")
+        steps = pd.read_csv(run.run_dir / "metrics_steps.csv").dropna(subset=["loss"])
+        losses[workers] = steps["loss"].tolist()
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert newslora_trainer(tmp_path / "dl", **{"train.dataloader_workers": 1}).get_train_dataloader().num_workers == 1
+    with pytest.raises(NewsloraError, match="train.dataloader_workers=-1 must be >= 0"):
+        load_recipe(None, ["train.dataloader_workers=-1"])
+
+
 def test_trainer_bookkeeping_shortcuts_keep_flops_and_clipping(tmp_path):
     """NewsloraTrainer's cached FLOP count and trainable-only clipping give the stock Trainer's numbers."""
     from transformers import Trainer

@@ -159,10 +159,15 @@ class TrainConfig:
     save_total_limit: int = 2
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
+    # auto: bf16/fp16 autocast on GPU, fp32 on CPU; tf32: fp32 with TF32 matmuls (Ampere+ GPUs, no autocast casts)
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     group_by_length: bool = True  # shuffled length buckets: less padding, still random
     torch_compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     threads: int | None = None  # CPU threads (default: torch's choice)
+    # DataLoader worker processes: batches fetched and padded off the main thread (a GPU run whose step is bound by
+    # the host); 0 on a CPU-only run, where a worker would take a core from the model
+    dataloader_workers: int = 0
     seed: int = 42
 
     def check(self):
@@ -176,6 +181,9 @@ class TrainConfig:
                 _positive(f"train.{k}", getattr(self, k))
         if self.weight_decay < 0:
             raise NewsloraError(f"train.weight_decay={self.weight_decay} must be >= 0")
+        if self.dataloader_workers < 0:
+            raise NewsloraError(f"train.dataloader_workers={self.dataloader_workers} must be >= 0 (0: load batches in "
+                                "the main process)")
         if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
             raise NewsloraError(f"train.warmup={self.warmup}: use a fraction in [0, 1) or a whole step count")
 

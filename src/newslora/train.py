@@ -67,13 +67,21 @@ def cpu_has_bf16() -> bool:
 
 def precision_flags(choice: str) -> dict:
     """TrainingArguments flags. ``auto``: bf16 (fp16 before Ampere) on GPU, fp32 on CPU (reproducible everywhere).
+    ``tf32``: fp32 weights and activations, TF32 tensor-core matmuls (Ampere or newer): no autocast, so none of its
+    per-matmul cast kernels, which count when a step is bound by the host (bench/RESULTS.md).
     ``bf16`` on a CPU with AMX/AVX512-BF16 is an explicit opt-in: bf16 autocast, faster per step there
     (bench/RESULTS.md), at the cost of CPU-model-dependent numerics."""
+    cuda = torch.cuda.is_available()
     if choice == "auto":
-        if not torch.cuda.is_available():
+        if not cuda:
             return {}
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if not torch.cuda.is_available():
+    if choice == "tf32":
+        if not cuda or torch.cuda.get_device_capability()[0] < 8:
+            raise NewsloraError("train.precision=tf32 needs an NVIDIA GPU of the Ampere generation or newer; use "
+                                "train.precision=auto or fp32 on this machine")
+        return {"bf16": False, "fp16": False, "tf32": True}
+    if not cuda:
         if choice == "fp16" or (choice == "bf16" and not cpu_has_bf16()):
             raise NewsloraError(f"train.precision={choice} needs a GPU (or, for bf16, a CPU with AMX/AVX512-BF16); "
                                 "use train.precision=auto or fp32 on this machine")
@@ -331,9 +339,10 @@ class AdaLoraCallback(TrainerCallback):
 
 
 def prepare(recipe: Recipe):
-    """Cheap, complete validation before anything is written: quantization support, data, tokenizer, the AdaLoRA
-    schedule, ``budget.auto_fit`` (sets the recipe's rank in place) and the budget (meta device)."""
+    """Cheap, complete validation before anything is written: quantization and precision support, data, tokenizer,
+    the AdaLoRA schedule, ``budget.auto_fit`` (sets the recipe's rank in place) and the budget (meta device)."""
     check_quantization(recipe.model.quantization)
+    precision_flags(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     splits = load_splits(recipe.data)
     if recipe.method == "adalora":
@@ -454,7 +463,9 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         metric_for_best_model=f"eval_{t.metric}", greater_is_better=t.metric != "loss",
         logging_steps=t.logging_steps, logging_first_step=True, report_to="none", seed=t.seed, data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
-        remove_unused_columns=False, torch_compile=t.torch_compile, dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False, torch_compile=t.torch_compile,
+        torch_compile_mode=t.compile_mode if t.torch_compile else None, dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=t.dataloader_workers, dataloader_persistent_workers=t.dataloader_workers > 0,
         # The NaN/inf filter reads the loss as a Python bool every step: a device sync that stops the CPU from
         # queueing the next step while the GPU works. A diverged run logs nan instead of a smoothed-over value.
         logging_nan_inf_filter=False,
