@@ -111,33 +111,19 @@ def precision_table(repeats: int) -> None:
 
 
 def fetch_table(batch_sizes: list[int], batches: int) -> None:
-    from newslora.config import load_recipe
-    from newslora.train import NewsloraTrainer, train
-
-    class Captured(Exception):
-        pass
+    from captured_trainer import newslora_trainer
 
     print(f"fetch + pad one training batch (main process), median of {batches} batches")
     print(f"{'batch':>6} {'ms/batch':>9} {'s per 120k-row epoch':>21}")
     tmp = Path(tempfile.mkdtemp(prefix="newslora-host-step-"))
     os.environ.setdefault("NEWSLORA_CACHE", str(tmp / "cache"))
     for bs in batch_sizes:
-        got = {}
-
-        def capture(**kwargs):
-            got["trainer"] = NewsloraTrainer(**kwargs)
-            raise Captured
-
-        recipe = load_recipe(None, [f"model.backbone={SHARED / 'models' / 'roberta-base'}", "model.random_init=true",
+        trainer = newslora_trainer([f"model.backbone={SHARED / 'models' / 'roberta-base'}", "model.random_init=true",
                                     "model.config_overrides={num_hidden_layers: 1, hidden_size: 32, "
                                     "intermediate_size: 64, num_attention_heads: 2}",
                                     f"data.source={SHARED / 'data' / 'ag_news' / 'train_sample.csv'}",
-                                    "data.validation_size=200", f"train.batch_size={bs}"])
-        try:
-            train(recipe, run_dir=tmp / f"b{bs}", trainer_factory=capture)
-        except Captured:
-            pass
-        it = iter(got["trainer"].get_train_dataloader())
+                                    "data.validation_size=200", f"train.batch_size={bs}"], tmp / f"b{bs}")
+        it = iter(trainer.get_train_dataloader())
         next(it)
         times = []
         for _ in range(batches):

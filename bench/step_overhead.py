@@ -43,29 +43,14 @@ def main() -> None:
     import torch
     from transformers import Trainer
 
-    from newslora.config import load_recipe
-    from newslora.train import NewsloraTrainer, train
-
-    class Captured(Exception):
-        pass
-
-    trainers = {}
-
-    def capture(**kwargs):
-        trainers["newslora"] = NewsloraTrainer(**kwargs)
-        raise Captured
+    from captured_trainer import newslora_trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="newslora-step-bench-"))
     os.environ.setdefault("NEWSLORA_CACHE", str(tmp / "cache"))
-    recipe = load_recipe(None, [f"model.backbone={SHARED / 'models' / 'roberta-base'}", "model.random_init=true",
-                                f"method={a.method}", f"data.source={SHARED / 'data' / 'ag_news' / 'train_sample.csv'}",
-                                "data.max_train_samples=256", "data.validation_size=64", "model.max_length=64",
-                                "train.batch_size=8", "train.max_steps=1"])
-    try:
-        train(recipe, run_dir=tmp / "run", trainer_factory=capture)
-    except Captured:
-        pass
-    ours = trainers["newslora"]
+    ours = newslora_trainer([f"model.backbone={SHARED / 'models' / 'roberta-base'}", "model.random_init=true",
+                             f"method={a.method}", f"data.source={SHARED / 'data' / 'ag_news' / 'train_sample.csv'}",
+                             "data.max_train_samples=256", "data.validation_size=64", "model.max_length=64",
+                             "train.batch_size=8", "train.max_steps=1"], tmp / "run")
     model = ours.model
     batch = next(iter(ours.get_train_dataloader()))
     model.train()
