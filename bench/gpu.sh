@@ -10,16 +10,18 @@
 #   profile  bench/profile_train.py: wall vs GPU-busy ms per step and the top CPU operators, random-init
 #            roberta-base LoRA, batch PROFILE_BATCHES (128 512) (is the step bound by the Python side or by the
 #            kernels?).
-#   epoch    seconds per full AG News epoch for random-init roberta-base LoRA r=8 q,v (newslora defaults):
-#            120,000 rows (the 22,490-row sample repeated), batch EPOCH_BATCH (128), then each of EPOCH_VARIANTS
-#            (default: batch 512 with the learning rate scaled; then also with 2 DataLoader workers; then in TF32
-#            instead of bf16 autocast. If a step is bound by the host, a 4x larger batch is ~4x fewer steps at about
-#            the same cost each, workers take batch fetching and padding off the main thread, and TF32 has none of
-#            autocast's cast kernels), with peak CUDA memory. Target: <= 30 s per epoch on one H100.
+#   epoch    seconds per full AG News epoch for random-init roberta-base LoRA r=8 q,v (newslora defaults, so
+#            TF32 on an Ampere+ GPU): 120,000 rows (the 22,490-row sample repeated), batch EPOCH_BATCH (128), then
+#            each of EPOCH_VARIANTS (default: the same in bf16 autocast, the GPU default before 2026-11-26 that
+#            gave 95 s; batch 512 with the learning rate scaled; the same in bf16 autocast. If a step is bound by the
+#            host, a 4x larger batch is ~4x fewer steps at about the same cost each, and TF32 has none of
+#            autocast's cast kernels; at batch 512 the GPU's arithmetic may start to count, where bf16 is 2x TF32's
+#            rate), with peak CUDA memory. Target: <= 30 s per epoch on one H100. Also worth a variant:
+#            train.dataloader_workers=2 (batch fetching off the main thread).
 #   infer    bench/infer_speed.py: pipeline("text-classification") vs newslora predict_proba on the 7,600-row
 #            test set (a short random-init roberta-base run is trained first; MiniLM with BACKBONE=minilm).
 #   train    bench/train_speed.py: the plain HF Trainer + PEFT recipe (fp32, random batches) vs newslora
-#            (bf16 autocast, length-grouped batches, fused AdamW), random-init roberta-base.
+#            (precision auto = TF32 on Ampere+, length-grouped batches, fused AdamW), random-init roberta-base.
 #   compile  newslora with train.torch_compile=true (default mode, then reduce-overhead: CUDA graphs), same steps as
 #            train.
 # Knobs (environment): BACKBONE (roberta-random), PROFILE_BATCHES ("128 512"), EPOCH_ROWS (120000), EPOCH_BATCH
@@ -37,7 +39,7 @@ BACKBONE=${BACKBONE:-roberta-random}
 EPOCH_ROWS=${EPOCH_ROWS:-120000}
 EPOCH_BATCH=${EPOCH_BATCH:-128}
 B512=train.batch_size=512,train.lr=2e-3
-EPOCH_VARIANTS=${EPOCH_VARIANTS-b512=$B512 b512-workers=$B512,train.dataloader_workers=2 b512-tf32=$B512,train.precision=tf32}
+EPOCH_VARIANTS=${EPOCH_VARIANTS-bf16=train.precision=bf16 b512=$B512 b512-bf16=$B512,train.precision=bf16}
 PROFILE_BATCHES=${PROFILE_BATCHES:-128 512}
 STEPS=${STEPS:-200}
 REPEATS=${REPEATS:-1}

@@ -7,9 +7,9 @@ One command (repo root, venv active):
 1. Per-step host cost by precision, on a proxy: random-init roberta-base *depth* (12 layers, LoRA r=8 on
    query/value, the recipe's dropouts) at width 64, batch 8 x 32 tokens, one thread, so the arithmetic is negligible
    and a step costs what PyTorch and Python spend per operator, as on a GPU whose kernels are faster than their
-   launches. Rows: fp32; bf16 autocast (newslora's GPU default); bf16 autocast with the frozen Linear weights stored
-   in bf16 (checked bit-identical to autocast). Median ms per step over interleaved repeats, and the aten operators
-   one step dispatches.
+   launches. Rows: fp32; bf16 autocast (newslora's GPU default until TF32 replaced it); bf16 autocast with the
+   frozen Linear weights stored in bf16 (checked bit-identical to autocast). Median ms per step over interleaved
+   repeats, and the aten operators one step dispatches.
 2. Fetching and padding one training batch (newslora's DataLoader over the tokenized shared sample, in the main
    process as by default): ms per batch at several batch sizes, and what that adds up to per 120k-row epoch.
 """

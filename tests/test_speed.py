@@ -147,31 +147,54 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
     from newslora import train as train_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_mod.resolve_precision("fp32") == "fp32"
     assert train_mod.precision_flags("fp32") == {"bf16": False, "fp16": False}
     with pytest.raises(NewsloraError, match="fp16"):
-        train_mod.precision_flags("fp16")
+        train_mod.resolve_precision("fp16")
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
     with pytest.raises(NewsloraError, match="bf16"):
-        train_mod.precision_flags("bf16")
-    assert train_mod.precision_flags("auto") == {}  # no AMX: fp32
+        train_mod.resolve_precision("bf16")
+    assert train_mod.resolve_precision("auto") == "fp32"  # no AMX: fp32
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
+    assert train_mod.resolve_precision("bf16") == "bf16"
     assert train_mod.precision_flags("bf16") == {"bf16": True, "use_cpu": True}
-    assert train_mod.precision_flags("auto") == {}  # auto stays fp32 on any CPU: bf16 there is opt-in
+    assert train_mod.resolve_precision("auto") == "fp32"  # auto stays fp32 on any CPU: bf16 there is opt-in
 
 
-def test_tf32_needs_an_ampere_gpu(monkeypatch):
+def test_tf32_needs_an_ampere_gpu_and_is_auto_there(monkeypatch):
     from newslora.errors import NewsloraError
     from newslora import train as train_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NewsloraError, match="tf32 needs an NVIDIA GPU of the Ampere"):
-        train_mod.precision_flags("tf32")
+        train_mod.resolve_precision("tf32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # Turing: no TF32
     with pytest.raises(NewsloraError, match="Ampere"):
-        train_mod.precision_flags("tf32")
+        train_mod.resolve_precision("tf32")
+    assert train_mod.resolve_precision("auto") == "fp16"  # before Ampere: fp16 autocast
+    assert train_mod.precision_flags("fp16") == {"bf16": False, "fp16": True}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert train_mod.precision_flags("tf32") == {"bf16": False, "fp16": False, "tf32": True}
+    # Ampere or newer: auto is TF32, not autocast (a host-bound step pays for autocast's casts)
+    assert train_mod.resolve_precision("auto") == "tf32"
+    assert train_mod.precision_flags("tf32") == {"bf16": False, "fp16": False}  # no autocast; no global TF32 switch
+    assert train_mod.precision_flags("bf16") == {"bf16": True, "fp16": False}
+
+
+def test_tf32_is_scoped_to_the_block():
+    """TF32 is on for CUDA matmuls inside ``tf32_matmuls`` and back to what it was after it, also after an error,
+    so an export in the same process compares the merged model in full fp32."""
+    from newslora.train import tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with pytest.raises(RuntimeError, match="inside"):
+        with tf32_matmuls(True):
+            assert matmul.fp32_precision == "tf32"
+            raise RuntimeError("inside")
+    assert matmul.fp32_precision == before != "tf32"
+    with tf32_matmuls(False):
+        assert matmul.fp32_precision == before
 
 
 def test_compile_mode_reaches_the_trainer_only_with_compile_on(tmp_path):

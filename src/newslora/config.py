@@ -159,7 +159,8 @@ class TrainConfig:
     save_total_limit: int = 2
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
-    # auto: bf16/fp16 autocast on GPU, fp32 on CPU; tf32: fp32 with TF32 matmuls (Ampere+ GPUs, no autocast casts)
+    # auto: TF32 on an Ampere+ GPU (fp16 autocast on older ones), fp32 on CPU; tf32: fp32 with TF32 matmuls
+    # (Ampere+ GPUs, no autocast casts); bf16/fp16: autocast, for batches large enough to keep a GPU busy
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     group_by_length: bool = True  # shuffled length buckets: less padding, still random
     torch_compile: bool = False

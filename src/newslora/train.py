@@ -13,6 +13,7 @@ import platform
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,29 +66,58 @@ def cpu_has_bf16() -> bool:
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-def precision_flags(choice: str) -> dict:
-    """TrainingArguments flags. ``auto``: bf16 (fp16 before Ampere) on GPU, fp32 on CPU (reproducible everywhere).
+def resolve_precision(choice: str) -> str:
+    """The precision a run trains in: ``fp32``, ``tf32``, ``bf16`` or ``fp16``; refuses what this machine can't do.
+    ``auto``: TF32 on an Ampere-or-newer GPU, fp16 autocast on an older one, fp32 on CPU (reproducible everywhere).
     ``tf32``: fp32 weights and activations, TF32 tensor-core matmuls (Ampere or newer): no autocast, so none of its
-    per-matmul cast kernels, which count when a step is bound by the host (bench/RESULTS.md).
-    ``bf16`` on a CPU with AMX/AVX512-BF16 is an explicit opt-in: bf16 autocast, faster per step there
-    (bench/RESULTS.md), at the cost of CPU-model-dependent numerics."""
+    per-matmul cast kernels. At the recipes' batch sizes (16-32) a LoRA step of roberta-base is bound by the host on
+    such a GPU, and autocast's casts cost ~20% more host time per step than fp32 (bench/RESULTS.md); ``bf16`` stays an
+    explicit choice for batches large enough to keep the GPU busy. ``bf16`` on a CPU with AMX/AVX512-BF16 is an
+    explicit opt-in: bf16 autocast, faster per step there (bench/RESULTS.md), at the cost of CPU-model-dependent
+    numerics."""
     cuda = torch.cuda.is_available()
     if choice == "auto":
         if not cuda:
-            return {}
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if choice == "tf32":
-        if not cuda or torch.cuda.get_device_capability()[0] < 8:
-            raise NewsloraError("train.precision=tf32 needs an NVIDIA GPU of the Ampere generation or newer; use "
-                                "train.precision=auto or fp32 on this machine")
-        return {"bf16": False, "fp16": False, "tf32": True}
-    if not cuda:
-        if choice == "fp16" or (choice == "bf16" and not cpu_has_bf16()):
-            raise NewsloraError(f"train.precision={choice} needs a GPU (or, for bf16, a CPU with AMX/AVX512-BF16); "
-                                "use train.precision=auto or fp32 on this machine")
-        if choice == "bf16":
-            return {"bf16": True, "use_cpu": True}  # bf16 autocast on the CPU
-    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+            return "fp32"
+        choice = "tf32" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    if choice == "tf32" and (not cuda or torch.cuda.get_device_capability()[0] < 8):
+        raise NewsloraError("train.precision=tf32 needs an NVIDIA GPU of the Ampere generation or newer; use "
+                            "train.precision=auto or fp32 on this machine")
+    if not cuda and (choice == "fp16" or (choice == "bf16" and not cpu_has_bf16())):
+        raise NewsloraError(f"train.precision={choice} needs a GPU (or, for bf16, a CPU with AMX/AVX512-BF16); "
+                            "use train.precision=auto or fp32 on this machine")
+    return choice
+
+
+def precision_flags(precision: str) -> dict:
+    """TrainingArguments flags for a resolved precision. TF32 is not among them: the Trainer's ``tf32=True`` flips a
+    process-wide switch and leaves it on; ``tf32_matmuls`` scopes it to the run."""
+    if precision == "bf16" and not torch.cuda.is_available():
+        return {"bf16": True, "use_cpu": True}  # bf16 autocast on the CPU
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """TF32 for CUDA matmuls inside the block, the previous setting restored after it (so an export or a prediction
+    later in the same process compares and predicts in full fp32)."""
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; mixing it with allow_tf32 is an error there
+    if not enabled:
+        yield
+        return
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
 
 
 def device_name() -> str:
@@ -342,7 +372,7 @@ def prepare(recipe: Recipe):
     """Cheap, complete validation before anything is written: quantization and precision support, data, tokenizer,
     the AdaLoRA schedule, ``budget.auto_fit`` (sets the recipe's rank in place) and the budget (meta device)."""
     check_quantization(recipe.model.quantization)
-    precision_flags(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
+    resolve_precision(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     splits = load_splits(recipe.data)
     if recipe.method == "adalora":
@@ -436,6 +466,7 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         model.save_pretrained(run_dir / "pissa_init")
         model.peft_config["default"].init_lora_weights = "pissa"
 
+    precision = resolve_precision(t.precision)
     info = {"name": recipe.name, "method": recipe.method, "backbone": recipe.model.backbone,
             "label_names": splits.label_names, "trainable": {"total": b.total, "head": b.head, "adapter": b.adapter,
                                                              "budget": b.budget},
@@ -443,7 +474,7 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
             "rank": {"adalora": recipe.adalora.init_r, "vera": recipe.vera.r}.get(recipe.method, recipe.lora.r),
             "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0},
             "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
-            "started": started,
+            "precision": precision, "started": started,
             "finished": None, "status": "running", "train_runtime_s": None, "train_samples_per_second": None}
     write_json(run_dir / "run.json", info)
 
@@ -469,7 +500,7 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         # The NaN/inf filter reads the loss as a Python bool every step: a device sync that stops the CPU from
         # queueing the next step while the GPU works. A diverged run logs nan instead of a smoothed-over value.
         logging_nan_inf_filter=False,
-        disable_tqdm=False, **precision_flags(t.precision))
+        disable_tqdm=False, **precision_flags(precision))
 
     def compute_metrics(p):
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -494,7 +525,8 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
     trainer.add_callback(ReadableProgress())
     t0 = time.time()
     try:
-        out = trainer.train(resume_from_checkpoint=True if resuming else None)
+        with tf32_matmuls(precision == "tf32"):
+            out = trainer.train(resume_from_checkpoint=True if resuming else None)
     except KeyboardInterrupt:
         info.update(status="interrupted", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         write_json(run_dir / "run.json", info)
@@ -509,9 +541,10 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
 
     save_adapter(model, recipe, run_dir)
     tokenizer.save_pretrained(run_dir / "adapter")
-    results = {"validation": split_metrics(trainer, val_ds, splits.label_names)}
-    if test_ds is not None:
-        results["test"] = split_metrics(trainer, test_ds, splits.label_names)
+    with tf32_matmuls(precision == "tf32"):  # evaluated as validated during training
+        results = {"validation": split_metrics(trainer, val_ds, splits.label_names)}
+        if test_ds is not None:
+            results["test"] = split_metrics(trainer, test_ds, splits.label_names)
     write_json(run_dir / "eval.json", results)
     info.update(status="completed", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 best_checkpoint=trainer.state.best_model_checkpoint)
