@@ -76,11 +76,12 @@ def resolve_precision(choice: str) -> str:
     explicit opt-in: bf16 autocast, faster per step there (bench/RESULTS.md), at the cost of CPU-model-dependent
     numerics."""
     cuda = torch.cuda.is_available()
+    ampere = cuda and torch.cuda.get_device_capability()[0] >= 8
     if choice == "auto":
         if not cuda:
             return "fp32"
-        choice = "tf32" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
-    if choice == "tf32" and (not cuda or torch.cuda.get_device_capability()[0] < 8):
+        choice = "tf32" if ampere else "fp16"
+    if choice == "tf32" and not ampere:
         raise NewsloraError("train.precision=tf32 needs an NVIDIA GPU of the Ampere generation or newer; use "
                             "train.precision=auto or fp32 on this machine")
     if not cuda and (choice == "fp16" or (choice == "bf16" and not cpu_has_bf16())):
@@ -101,23 +102,18 @@ def precision_flags(precision: str) -> dict:
 def tf32_matmuls(enabled: bool):
     """TF32 for CUDA matmuls inside the block, the previous setting restored after it (so an export or a prediction
     later in the same process compares and predicts in full fp32)."""
-    matmul = torch.backends.cuda.matmul
-    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; mixing it with allow_tf32 is an error there
     if not enabled:
         yield
         return
-    before = matmul.fp32_precision if new_api else matmul.allow_tf32
-    if new_api:
-        matmul.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9's setting, else the legacy flag (mixing the two is an error on torch >= 2.9)
+    name, on = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    before = getattr(matmul, name)
+    setattr(matmul, name, on)
     try:
         yield
     finally:
-        if new_api:
-            matmul.fp32_precision = before
-        else:
-            matmul.allow_tf32 = before
+        setattr(matmul, name, before)
 
 
 def device_name() -> str:
