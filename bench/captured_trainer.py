@@ -5,20 +5,9 @@ from pathlib import Path
 
 
 def newslora_trainer(overrides: list[str], run_dir: Path):
-    """Runs ``newslora.train.train`` on the recipe of ``overrides`` up to the point where its Trainer exists (data
-    tokenized, model and adapter built, budget checked) and returns that Trainer instead of training."""
+    """``newslora.train.setup`` on the recipe of ``overrides`` (data tokenized, model and adapter built, budget
+    checked): its Trainer, not trained."""
     from newslora.config import load_recipe
-    from newslora.train import NewsloraTrainer, train
+    from newslora.train import setup
 
-    class Captured(Exception):
-        def __init__(self, trainer):
-            self.trainer = trainer
-
-    def capture(**kwargs):
-        raise Captured(NewsloraTrainer(**kwargs))
-
-    try:
-        train(load_recipe(None, overrides), run_dir=run_dir, trainer_factory=capture)
-    except Captured as c:
-        return c.trainer
-    raise RuntimeError("newslora.train.train returned without building its Trainer")
+    return setup(load_recipe(None, overrides), run_dir).trainer

@@ -189,7 +189,7 @@ def run_plain(a, workdir: Path) -> dict:
 def run_newslora(a, workdir: Path, overrides: list[str]) -> dict:
     import torch
     from newslora.config import load_recipe
-    from newslora.train import NewsloraTrainer, train
+    from newslora.train import TrainHook, train
 
     pad_multiple = None
     extra = []
@@ -201,22 +201,22 @@ def run_newslora(a, workdir: Path, overrides: list[str]) -> dict:
     recipe = load_recipe(None, recipe_overrides(a, "newslora") + extra)
     seen = {}
 
-    def factory(**kwargs):
-        collator = kwargs["data_collator"]
-        if pad_multiple is not None:
-            collator.pad_to_multiple_of = pad_multiple
-        seen["pad_to_multiple_of"] = collator.pad_to_multiple_of
-        counter.inner = collator
-        kwargs["data_collator"] = counter
-        trainer = NewsloraTrainer(**kwargs)
-        seen["optim"] = trainer.args.optim
-        seen["sampling"] = trainer.args.train_sampling_strategy
-        return trainer
+    class CountBatches(TrainHook):  # wraps the run's collator to count and time the batches it pads
+        def configure(self, trainer_cls, kwargs):
+            collator = kwargs["data_collator"]
+            if pad_multiple is not None:
+                collator.pad_to_multiple_of = pad_multiple
+            seen["pad_to_multiple_of"] = collator.pad_to_multiple_of
+            counter.inner = collator
+            kwargs["data_collator"] = counter
+            seen["optim"] = kwargs["args"].optim
+            seen["sampling"] = kwargs["args"].train_sampling_strategy
+            return trainer_cls
 
     counter = Counting(None)
     meter = meter_callback(counter)
     t_start = time.perf_counter()
-    result = train(recipe, run_dir=workdir / "newslora", trainer_factory=factory, extra_callbacks=[meter])
+    result = train(recipe, run_dir=workdir / "newslora", hooks=[CountBatches()], extra_callbacks=[meter])
     wall = time.perf_counter() - t_start
     precision = json.loads((result.run_dir / "run.json").read_text())["precision"]  # what auto resolved to
     return {**loop_stats(meter, counter, recipe.train.grad_accum), "wall_s": wall,

@@ -242,12 +242,12 @@ def test_resume_matches_an_uninterrupted_run(runs, method, tmp_path):
 
 
 def test_loraplus_optimizer_gives_b_a_larger_lr(tiny_recipe):
-    from newslora.model import attach_adapter, load_backbone
-    from newslora.train import loraplus_optimizer
+    from newslora import methods
+    from newslora.model import build_model
 
     recipe = tiny_recipe(method="loraplus", **{"lora.loraplus_lr_ratio": 8})
-    model = attach_adapter(load_backbone(recipe, ["a", "b", "c", "d"]), recipe)
-    opt = loraplus_optimizer(model, recipe)
+    model, _ = build_model(recipe, ["a", "b", "c", "d"])
+    opt = methods.get("loraplus").optimizer(model, recipe)
     names = {id(p): n for n, p in model.named_parameters()}
     lr_of = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
     a = {lr for n, lr in lr_of.items() if "lora_A" in n}

@@ -10,24 +10,12 @@ import torch
 from conftest import TEST_CSV, tiny_overrides
 
 
-class Captured(Exception):
-    """Raised by the trainer factory below: the Trainer newslora would train with, before it trains."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-
 def newslora_trainer(tmp_path, **overrides):
+    """The Trainer newslora would train the tiny recipe with (``setup``: built, not trained)."""
     from newslora.config import load_recipe
-    from newslora.train import NewsloraTrainer, train
+    from newslora.train import setup
 
-    def capture(**kwargs):
-        raise Captured(NewsloraTrainer(**kwargs))
-
-    recipe = load_recipe(None, tiny_overrides(**overrides))
-    with pytest.raises(Captured) as info:
-        train(recipe, run_dir=tmp_path / "run", trainer_factory=capture)
-    return info.value.trainer
+    return setup(load_recipe(None, tiny_overrides(**overrides)), tmp_path / "run").trainer
 
 
 def texts_of_varied_length(n: int) -> list[str]:
@@ -144,7 +132,7 @@ def test_fast_collator_equals_datacollatorwithpadding(multiple):
 
 def test_cpu_bf16_needs_native_support(monkeypatch):
     from newslora.errors import NewsloraError
-    from newslora import train as train_mod
+    from newslora import trainer as train_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_mod.resolve_precision("fp32") == "fp32"
@@ -163,7 +151,7 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
 
 def test_tf32_needs_an_ampere_gpu_and_is_auto_there(monkeypatch):
     from newslora.errors import NewsloraError
-    from newslora import train as train_mod
+    from newslora import trainer as train_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NewsloraError, match="tf32 needs an NVIDIA GPU of the Ampere"):

@@ -138,9 +138,11 @@ def plot(run_dirs: list[Path] = typer.Argument(..., help="run folders")):
     """(Re)draw a run's plots and metrics workbook."""
     from .report import plot_run, write_workbook
 
+    from .run import Run
+
     for d in run_dirs:
-        if not (d / "run.json").is_file():
-            raise NewsloraError(f"{d} is not a run folder (no run.json)")
+        if not Run(d).file(Run.INFO).is_file():
+            raise NewsloraError(f"{d} is not a run folder (no {Run.INFO})")
         files = plot_run(d) + [write_workbook(d)]
         out.print(f"{d}: {', '.join(str(f.relative_to(d)) for f in files)}")
 
@@ -166,18 +168,68 @@ def serve(model: Path = typer.Argument(..., help="run folder or merged model fol
     uvicorn.run(create_app(model), host=host, port=port)
 
 
-def _register_optional():
-    """Stages that live in their own modules add their commands here."""
-    for module in ("distill", "search"):
-        try:
-            mod = __import__(f"newslora.{module}", fromlist=["cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "cli"):
-            command(module)(mod.cli)
+@command()
+def distill(teacher: str = typer.Option(..., "--teacher", "-t",
+                                        help="teacher run folder(s) or merged model folder(s), comma-separated"),
+            overrides: Optional[list[str]] = typer.Argument(None, help="student recipe overrides: key=value ..."),
+            config: Optional[Path] = typer.Option(None, "--config", "-c", help="the student's YAML recipe"),
+            run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder (default runs/<name>)")):
+    """Distil teacher(s) into a student recipe (sets distill.teachers and trains it like `newslora train`)."""
+    from .config import load_recipe
+    from .distill import inspect_teacher
+    from .run import Run
+    from .train import train as run_train
+
+    teachers = [t.strip() for t in teacher.split(",") if t.strip()]
+    if not teachers:
+        raise NewsloraError("--teacher is empty: give a run folder or merged model folder (comma-separate several)")
+    for t in teachers:  # a wrong path is reported before the recipe's data and model are touched
+        inspect_teacher(t)
+    recipe = load_recipe(config, overrides or [])
+    recipe.distill.teachers = teachers
+    recipe.check()
+    res = run_train(recipe, run_dir=run_dir)
+    d = Run(res.run_dir).read_distill()
+    t = d.get("teacher") or {}
+    for split in ("validation", "test"):
+        if split in d["student"]:
+            ta = f"{t[split]:.4f}" if split in t else "n/a"
+            out.print(f"{split}: student accuracy {d['student'][split]:.4f}  teacher {ta}")
+    out.print(f"distilled from {', '.join(teachers)} (T={d['temperature']}, alpha={d['alpha']})")
+    out.print(f"run folder: {res.run_dir}")
 
 
-_register_optional()
+PRUNERS = "median | successive_halving | hyperband | threshold | none"
+
+
+@command()
+def search(overrides: Optional[list[str]] = typer.Argument(None, help="base recipe overrides: key=value ... "
+                                                                       "(e.g. train.max_steps=60)"),
+           config: Optional[Path] = typer.Option(None, "--config", "-c", help="base YAML recipe "
+                                                                               "(e.g. configs/search-minilm.yaml)"),
+           space: Path = typer.Option(..., "--space", "-s", help="YAML search space (e.g. configs/search-space.yaml)"),
+           trials: int = typer.Option(20, "--trials", "-n", help="total trials in the study (a continued study "
+                                                                 "counts its earlier trials)"),
+           workers: int = typer.Option(1, "--workers", "-j", help="local worker processes sharing the study"),
+           storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default "
+                                                                         "sqlite:///<study folder>/study.db)"),
+           study: Optional[str] = typer.Option(None, "--study", help="study name (default: the recipe name); the "
+                                                                     "same name continues the study"),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default "
+                                                                              "studies/<study>)"),
+           pruner: Optional[str] = typer.Option(None, "--pruner", help=f"{PRUNERS} (default: the space file's, "
+                                                                       "else median)"),
+           seed: Optional[int] = typer.Option(None, "--seed", help="sampler seed (default: the space file's, else "
+                                                                   "train.seed)")):
+    """Hyper-parameter search with Optuna (seeded TPE + pruning) under the parameter budget; writes studies/<study>/."""
+    from .config import load_recipe
+    from .search import print_summary
+    from .search import search as run_search
+
+    recipe = load_recipe(config, overrides or [])
+    res = run_search(recipe, space, trials, workers=workers, storage=storage, study_name=study, output=output,
+                     pruner=pruner, seed=seed)
+    print_summary(res, recipe.train.metric)
 
 
 def main():  # pragma: no cover

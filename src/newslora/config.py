@@ -16,9 +16,29 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from . import methods
 from .errors import NewsloraError
+from .methods import positive as _positive
+from .methods.adalora import AdaLoraSection  # noqa: F401 - re-exported: the sections' old import path
+from .methods.lora import LoraSection  # noqa: F401
+from .methods.vera import VeraSection  # noqa: F401
 
-METHODS = ("lora", "adalora", "dora", "rslora", "pissa", "loraplus", "vera")
+METHODS = methods.names()  # every registered method (newslora.methods)
+# short backbone names newslora accepts, with the hub id of the same model (model cards, adapter configs)
+BACKBONE_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_id(backbone: str) -> str | None:
+    """The Hugging Face hub id of a recipe's ``model.backbone``, or None for a local folder (not a hub model)."""
+    name = str(backbone or "").strip()
+    if not name:
+        return None
+    if name.lower() in BACKBONE_ALIASES:
+        return BACKBONE_ALIASES[name.lower()]
+    if name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1:
+        return None
+    return name
 
 
 @dataclass
@@ -58,66 +78,6 @@ class DataConfig:
                 _positive(f"data.{k}", getattr(self, k))
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise NewsloraError(f"data.label_names has duplicates: {self.label_names}")
-
-
-@dataclass
-class LoraSection:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
-    layers: list[int] | None = None  # transform only these encoder layers (default: all)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    loraplus_lr_ratio: float = 16.0  # LoRA+: lr(B) = ratio * lr(A); used by method=loraplus
-
-    def check(self):
-        _positive("lora.r", self.r)
-        _positive("lora.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise NewsloraError(f"lora.dropout={self.dropout} must be in [0, 1)")
-        if not self.target_modules:
-            raise NewsloraError("lora.target_modules is empty: name at least one module, e.g. [query, value]")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise NewsloraError(f"lora.layers={self.layers}: give non-negative layer indices, or null for all layers")
-        _positive("lora.loraplus_lr_ratio", self.loraplus_lr_ratio)
-
-
-@dataclass
-class AdaLoraSection:
-    # The budget counts AdaLoRA at init_r (1,537 * init_r per 768x768 module: A, B and the singular values E);
-    # the rank allocator then prunes to an average of target_r per module over the run.
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int = 0  # optimizer steps of warm-up before pruning (0: 10% of the run's optimizer steps)
-    tfinal: int = 0  # final optimizer steps with the allocation frozen (0: 20% of the run's steps, at least 1)
-    deltaT: int = 10  # optimizer steps between two re-allocations
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-
-    def check(self):
-        _positive("adalora.init_r", self.init_r)
-        _positive("adalora.target_r", self.target_r)
-        if self.target_r >= self.init_r:
-            raise NewsloraError(f"adalora.target_r={self.target_r} must be below adalora.init_r={self.init_r}: "
-                                "AdaLoRA prunes from init_r down to target_r (use method=lora for a fixed rank)")
-        for k in ("tinit", "tfinal"):
-            if getattr(self, k) < 0:
-                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be >= 0 (0: automatic)")
-        _positive("adalora.deltaT", self.deltaT)
-        for k in ("beta1", "beta2"):
-            if not 0 < getattr(self, k) < 1:
-                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be in (0, 1)")
-
-
-@dataclass
-class VeraSection:
-    r: int = 256
-    d_initial: float = 0.1
-    dropout: float = 0.0
-
-    def check(self):
-        _positive("vera.r", self.r)
 
 
 @dataclass
@@ -201,19 +161,8 @@ class DistillConfig:
             raise NewsloraError(f"distill.alpha={self.alpha} must be in [0, 1]")
 
 
-@dataclass
-class Recipe:
-    name: str = "run"
-    method: Literal[METHODS] = "lora"  # type: ignore[valid-type]
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
-    adalora: AdaLoraSection = field(default_factory=AdaLoraSection)
-    vera: VeraSection = field(default_factory=VeraSection)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+class _RecipeMethods:
+    """Behaviour of :class:`Recipe`, whose fields are built below from the sections the methods register."""
 
     def check(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -222,9 +171,7 @@ class Recipe:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check()
-        if self.method == "adalora" and self.train.early_stopping_patience:
-            raise NewsloraError("train.early_stopping_patience does not combine with method=adalora: the rank "
-                                "schedule runs to the last optimizer step (set train.early_stopping_patience=null)")
+        methods.get(self.method).check_recipe(self)
         if self.model.quantization != "none" and self.model.random_init:
             raise NewsloraError(f"model.quantization={self.model.quantization} quantizes pretrained weights; it "
                                 "does not combine with model.random_init=true")
@@ -236,9 +183,21 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _positive(key: str, value):
-    if value is None or value <= 0:
-        raise NewsloraError(f"{key}={value} must be > 0")
+# name, method, model, data, the methods' sections (lora, adalora, vera, ...), head, budget, train, distill
+Recipe = dataclasses.make_dataclass(
+    "Recipe",
+    [("name", str, field(default="run")),
+     ("method", Literal[METHODS], field(default="lora")),  # type: ignore[valid-type]
+     ("model", ModelConfig, field(default_factory=ModelConfig)),
+     ("data", DataConfig, field(default_factory=DataConfig)),
+     *[(name, cls, field(default_factory=cls)) for name, cls in methods.sections()],
+     ("head", HeadConfig, field(default_factory=HeadConfig)),
+     ("budget", BudgetConfig, field(default_factory=BudgetConfig)),
+     ("train", TrainConfig, field(default_factory=TrainConfig)),
+     ("distill", DistillConfig, field(default_factory=DistillConfig))],
+    bases=(_RecipeMethods,))
+Recipe.__module__ = __name__  # pickling (search workers) finds it here
+Recipe.__doc__ = "A whole run: every section of the recipe, validated by ``check()``."
 
 
 # ----------------------------------------------------------------------------- loading

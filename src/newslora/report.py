@@ -33,16 +33,15 @@ from openpyxl import Workbook
 from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 
+from .config import hub_id
+from .run import EPOCH_COLUMNS, STEP_COLUMNS, Run
+
 __all__ = ["plot_run", "write_workbook", "compare_runs", "write_model_card", "finalize_run"]
 
 log = logging.getLogger(__name__)
 
 DPI = 120
 SPLITS = ("validation", "test")
-STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "eval_loss", "eval_accuracy",
-                "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"]
-EPOCH_COLUMNS = ["epoch", "step", "train_loss", "eval_loss", "eval_accuracy",
-                 "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"]
 PER_CLASS_COLUMNS = ["split", "class", "precision", "recall", "f1", "support"]
 COMPARE_COLUMNS = ["name", "method", "modules", "rank", "trainable", "budget", "val_accuracy",
                    "test_accuracy", "val_macro_f1", "test_macro_f1", "train_time_s",
@@ -59,33 +58,6 @@ def _get(d: Any, dotted: str, default: Any = None) -> Any:
             return default
         d = d[key]
     return d
-
-
-def _read_mapping(path: Path, loader: Callable[[Any], Any]) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        with path.open(encoding="utf-8") as fh:
-            data = loader(fh)
-    except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError is a ValueError
-        log.warning("cannot parse %s: %s", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_csv(path: Path, numeric: Sequence[str]) -> pd.DataFrame | None:
-    """Read a metrics CSV; tolerate truncation (interrupted runs) and emptiness."""
-    if not path.is_file():
-        return None
-    try:
-        df = pd.read_csv(path, on_bad_lines="skip")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-        log.warning("cannot read %s: %s", path, exc)
-        return None
-    for col in numeric:
-        if col in df:
-            df[col] = pd.to_numeric(df[col], errors="coerce")
-    return None if df.empty else df
 
 
 @dataclass
@@ -132,18 +104,9 @@ class _Run:
 
 
 def _load(run_dir: str | os.PathLike) -> _Run:
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise NotADirectoryError(f"run folder {path} does not exist")
-    return _Run(
-        path=path,
-        recipe=_read_mapping(path / "recipe.yaml", yaml.safe_load),
-        info=_read_mapping(path / "run.json", json.load),
-        evals=_read_mapping(path / "eval.json", json.load),
-        steps=_read_csv(path / "metrics_steps.csv", STEP_COLUMNS),
-        epochs=_read_csv(path / "metrics_epochs.csv", EPOCH_COLUMNS),
-        ranks=_read_csv(path / "adalora_ranks.csv", ["step", "rank"]),
-    )
+    run = Run.open(run_dir, need="exists")
+    return _Run(path=run.path, recipe=run.read_recipe_dict(), info=run.read_info(), evals=run.read_eval(),
+                steps=run.read_steps(), epochs=run.read_epochs(), ranks=run.read_ranks())
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -373,7 +336,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     A plot whose data is missing is skipped (and a failing plot is logged and skipped).
     """
     run = _load(run_dir)
-    out = run.path / "plots"
+    out = Run(run.path).plots_dir
     out.mkdir(exist_ok=True)
     written = []
     for filename, plot in _PLOTS:
@@ -494,16 +457,10 @@ def write_workbook(run_dir: str | os.PathLike) -> Path:
     _table(wb.create_sheet("per_class"), PER_CLASS_COLUMNS, _per_class_rows(run))
     _confusion_sheet(wb.create_sheet("confusion"), run)
     _autofit(wb)
-    return _atomic_write(run.path / "metrics.xlsx", lambda p: wb.save(p))
+    return _atomic_write(Run(run.path).file(Run.WORKBOOK), lambda p: wb.save(p))
 
 
 # --------------------------------------------------------------------------- comparison
-
-def _require_run(path: Path) -> None:
-    if not ((path / "run.json").is_file() or (path / "eval.json").is_file()):
-        raise ValueError(f"{path} is not a newslora run folder (it has neither run.json "
-                         "nor eval.json)")
-
 
 def _compare_row(run: _Run) -> dict[str, Any]:
     info, recipe = run.info, run.recipe
@@ -560,7 +517,7 @@ section{margin-top:2.5rem;border-top:1px solid #ddd}code{font-size:.85rem;color:
 
 
 def _run_plots(run: _Run) -> list[Path]:
-    plots = run.path / "plots"
+    plots = Run(run.path).plots_dir
     wanted = [*KEY_PLOTS, *(["adalora_ranks.png"] if run.ranks is not None else [])]
     if not all((plots / name).is_file() for name in wanted):
         plot_run(run.path)
@@ -597,7 +554,7 @@ def compare_runs(run_dirs: Iterable[str | os.PathLike],
     """Compare runs in one table; write report.md, report.html and report.xlsx."""
     paths = [Path(d) for d in run_dirs]
     for path in paths:
-        _require_run(path)
+        Run.open(path, need="any")  # every folder checked before anything is written
     runs = [_load(p) for p in paths]
     pairs = sorted(zip(runs, map(_compare_row, runs)),
                    key=lambda rr: (rr[1]["val_accuracy"] is None, -(rr[1]["val_accuracy"] or 0)))
@@ -632,8 +589,8 @@ def _dataset_id(recipe: dict) -> str:
 
 def _card_metadata(run: _Run, dataset: str) -> dict:
     meta: dict[str, Any] = {}
-    if run.backbone:
-        meta["base_model"] = run.backbone
+    if hub_id(run.backbone or ""):  # a local backbone folder is no hub model: no base_model
+        meta["base_model"] = hub_id(run.backbone)
     meta.update({"datasets": [dataset], "library_name": "transformers",
                  "pipeline_tag": "text-classification",
                  "tags": [t for t in ("newslora", "peft", run.method) if t]})
@@ -698,9 +655,8 @@ def _label_text(run: _Run) -> str:
 
 def _card_limitations(run: _Run, dataset: str) -> str:
     labels = _label_names(run)
-    data = run.recipe.get("data") or {}
-    sample = next((data[k] for k in ("max_train_samples", "train_samples", "train_size",
-                                     "limit_train") if isinstance(data.get(k), int)), None)
+    sample = _get(run.info, "rows.train")  # training examples the run really used
+    sample = sample if isinstance(sample, int) else None
     items = [
         "Trained and evaluated on English news headlines/snippets only; other languages and "
         "domains (social media, scientific text, long documents) are out of scope.",
@@ -708,7 +664,7 @@ def _card_limitations(run: _Run, dataset: str) -> str:
         + (f" ({', '.join(labels)})" if labels else "")
         + "; every input is forced into one of them, even when none applies.",
         f"Training data: `{dataset}`"
-        + (f", a sample of {sample:,} training examples." if sample else ".")
+        + (f", {sample:,} training examples." if sample else ".")
         + " AG News reflects the topics and sources of its collection period (mid-2000s) and "
         "may carry their biases.",
         "Not intended for decisions about people or for content moderation.",
@@ -719,15 +675,18 @@ def _card_limitations(run: _Run, dataset: str) -> str:
     return "\n".join(f"- {item}" for item in items)
 
 
-def write_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
-    """Write a Hugging Face model card ``export_dir/README.md`` for an exported run."""
+def write_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike,
+                     model_path: str | None = None) -> Path:
+    """Write a Hugging Face model card ``export_dir/README.md`` for an exported run. ``model_path``: how the card
+    names the model folder (export writes into a temp folder first and passes the final one)."""
     run, export = _load(run_dir), Path(export_dir)
     dataset = _dataset_id(run.recipe)
-    model = export.name or "path/to/model"
+    model = model_path or export.name or "path/to/model"
     recipe_yaml = (yaml.safe_dump(run.recipe, sort_keys=False, allow_unicode=True).strip()
                    if run.recipe else "# recipe.yaml was not found")
-    backbone = f"[`{run.backbone}`](https://huggingface.co/{run.backbone})" if run.backbone \
-        else "a pretrained encoder"
+    hub = hub_id(run.backbone or "")
+    backbone = (f"[`{hub}`](https://huggingface.co/{hub})" if hub else
+                f"`{Path(run.backbone).name}` (a local model folder)" if run.backbone else "a pretrained encoder")
     method = _METHOD_NAMES.get(run.method or "", run.method or "parameter-efficient")
     sections = [
         f"# {run.name}",
@@ -758,6 +717,26 @@ def write_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike) 
     ]
     front = yaml.safe_dump(_card_metadata(run, dataset), sort_keys=False, allow_unicode=True)
     return _write_text(export / "README.md", f"---\n{front}---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def adapter_card(run_dir: str | os.PathLike) -> str:
+    """The README of a run's ``adapter/`` folder (instead of PEFT's empty template): what the adapter is and how to
+    load it. It is written at the end of training, before evaluation, so it carries no results."""
+    run = _load(run_dir)
+    meta: dict[str, Any] = {}
+    if hub_id(run.backbone or ""):
+        meta["base_model"] = hub_id(run.backbone)
+    meta.update({"library_name": "peft", "pipeline_tag": "text-classification",
+                 "tags": [t for t in ("newslora", run.method) if t]})
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    method = _METHOD_NAMES.get(run.method or "", run.method or "parameter-efficient")
+    return (f"---\n{front}---\n\n# {run.name}: {method} adapter\n\n"
+            f"The {method} adapter (with its classification head) of the newslora run in the parent folder, for "
+            f"{_label_text(run)}. The run folder's `recipe.yaml` names the backbone and every setting.\n\n"
+            "Load it through its run folder, which also restores anything the adapter alone lacks (a random-init "
+            "backbone, a LoRA head's frozen base weights):\n\n"
+            '```python\nfrom newslora import load_classifier\n\nclf = load_classifier("path/to/run")\n```\n\n'
+            "`newslora export path/to/run` merges it into a standalone model (`merged/`).\n")
 
 
 # --------------------------------------------------------------------------- training hook

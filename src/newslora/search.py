@@ -45,13 +45,13 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import typer
 import yaml
 
 from .config import Recipe, load_recipe, read_yaml_mapping, recipe_from_dict, unknown_key_message
 from .errors import NewsloraError
+from .run import Run, write_json
 
 OPTION_KEYS = ("pruner", "sampler", "seed", "baseline")
 KINDS = {"loguniform": "float", "log_uniform": "float", "uniform": "float", "float": "float", "int": "int",
@@ -493,6 +493,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
     con = _console()
     out = Path(job.output)
     run_dir = out / "trials" / str(trial.number)
+    run = Run(run_dir)
     trial.set_user_attr("run_dir", f"trials/{trial.number}")
     if run_dir.exists():  # left by an earlier study of the same name whose storage was deleted
         con.print(f"[yellow]trial {trial.number}: removing stale folder {run_dir}[/yellow]")
@@ -503,12 +504,12 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
         if reason:
             trial.set_user_attr("reason", reason)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if recipe is not None and not (run_dir / "recipe.yaml").exists():
-            (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        if recipe is not None and not run.file(Run.RECIPE).exists():
+            run.write_recipe(recipe)
         info = {"number": trial.number, "study": job.study_name, "state": state.name, "value": value,
                 "params": trial.params, "trainable": trial.user_attrs.get("trainable"), "reason": reason,
                 "duration_s": round(time.time() - t0, 3)}
-        _write_json(run_dir / "trial.json", info)
+        run.write_trial(info)
         if state == TrialState.COMPLETE:
             study.tell(trial, value)
         else:
@@ -547,7 +548,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
         return finish(TrialState.FAIL, reason=str(e), recipe=recipe)
     except Exception as e:  # one broken trial must not end the study
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        run.write_error(traceback.format_exc())
         _mark_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         return finish(TrialState.FAIL, reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                       recipe=recipe)
@@ -561,19 +562,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
 
 def _mark_run(run_dir: Path, status: str, **extra) -> None:
     """Record a trial that stopped early in its run folder; its checkpoints are of no further use."""
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return
-    info = json.loads(path.read_text())
-    info.update(status=status, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
-    _write_json(path, info)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    Run(run_dir).mark_stopped(status, datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
 
 
 def _short(params: dict) -> str:
@@ -846,7 +835,7 @@ def write_results(study_name: str, storage_url: str, out: Path, base: Recipe, sp
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
     summary["plots"] = [str(p) for p in plots]
     summary["metric"] = base.train.metric
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     from rich.markup import escape
 
     for n in notes:
@@ -879,7 +868,7 @@ def evaluate_best_on_test(study, best, base: Recipe, out: Path, notes: list[str]
         notes.append("the base recipe has no test data (data.test): the best trial was not tested")
         return None
     run_dir = out / best.user_attrs["run_dir"]
-    if not (run_dir / "adapter").is_dir():  # a shared storage: the trial ran on another machine
+    if not Run(run_dir).is_finished():  # a shared storage: the trial ran on another machine
         notes.append(f"the best trial's run folder {run_dir} is not on this machine: test it where it ran "
                      "(newslora evaluate RUN_DIR --data TEST_FILE)")
         return None
@@ -889,7 +878,7 @@ def evaluate_best_on_test(study, best, base: Recipe, out: Path, notes: list[str]
     record = {"trial": best.number, "run_dir": best.user_attrs["run_dir"], "data": base.data.test or base.data.source,
               "validation": {base.train.metric: best.value}, "test": m,
               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    _write_json(path, record)
+    write_json(path, record)
     study.set_user_attr("test", {"trial": best.number, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     return record
 
@@ -1004,30 +993,3 @@ def _rel(p: Path) -> str:
     with contextlib.suppress(ValueError):
         return str(Path(p).relative_to(Path.cwd()))
     return str(p)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def cli(overrides: Optional[list[str]] = typer.Argument(None, help="base recipe overrides: key=value ... "
-                                                                    "(e.g. train.max_steps=60)"),
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="base YAML recipe "
-                                                                            "(e.g. configs/search-minilm.yaml)"),
-        space: Path = typer.Option(..., "--space", "-s", help="YAML search space (e.g. configs/search-space.yaml)"),
-        trials: int = typer.Option(20, "--trials", "-n", help="total trials in the study (a continued study counts "
-                                                              "its earlier trials)"),
-        workers: int = typer.Option(1, "--workers", "-j", help="local worker processes sharing the study"),
-        storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default "
-                                                                      "sqlite:///<study folder>/study.db)"),
-        study: Optional[str] = typer.Option(None, "--study", help="study name (default: the recipe name); the same "
-                                                                  "name continues the study"),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default studies/<study>)"),
-        pruner: Optional[str] = typer.Option(None, "--pruner", help=f"{' | '.join(PRUNERS)} (default: the space "
-                                                                    "file's, else median)"),
-        seed: Optional[int] = typer.Option(None, "--seed", help="sampler seed (default: the space file's, else "
-                                                                "train.seed)")):
-    """Hyper-parameter search with Optuna (seeded TPE + pruning) under the parameter budget; writes studies/<study>/."""
-    recipe = load_recipe(config, overrides or [])
-    res = search(recipe, space, trials, workers=workers, storage=storage, study_name=study, output=output,
-                 pruner=pruner, seed=seed)
-    print_summary(res, recipe.train.metric)

@@ -1,0 +1,211 @@
+"""AdaLoRA: SVD-shaped LoRA whose rank allocator prunes from ``init_r`` towards ``target_r`` during training.
+
+The budget counts AdaLoRA at init_r (1,537 * init_r per 768x768 module: A, B and the singular values E). The rank
+allocation runs in a Trainer callback (below), once per optimizer step, and the final allocation is saved with
+the adapter. This module is longer than the others because the allocator's state must survive ``--resume``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..errors import NewsloraError
+from .base import Method, positive, register, register_section
+
+
+@register_section("adalora", order=1)
+@dataclass
+class AdaLoraSection:
+    # the rank allocator prunes to an average of target_r per module over the run
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0  # optimizer steps of warm-up before pruning (0: 10% of the run's optimizer steps)
+    tfinal: int = 0  # final optimizer steps with the allocation frozen (0: 20% of the run's steps, at least 1)
+    deltaT: int = 10  # optimizer steps between two re-allocations
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+    def check(self):
+        positive("adalora.init_r", self.init_r)
+        positive("adalora.target_r", self.target_r)
+        if self.target_r >= self.init_r:
+            raise NewsloraError(f"adalora.target_r={self.target_r} must be below adalora.init_r={self.init_r}: "
+                                "AdaLoRA prunes from init_r down to target_r (use method=lora for a fixed rank)")
+        for k in ("tinit", "tfinal"):
+            if getattr(self, k) < 0:
+                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be >= 0 (0: automatic)")
+        positive("adalora.deltaT", self.deltaT)
+        for k in ("beta1", "beta2"):
+            if not 0 < getattr(self, k) < 1:
+                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be in (0, 1)")
+
+
+def adalora_schedule(recipe, total_steps: int) -> tuple[int, int]:
+    """(tinit, tfinal) for a run of ``total_steps`` optimizer steps, checked against PEFT's phases.
+
+    The callback passes 0-based step indices 0..total_steps-1, so the final allocation (at index
+    ``total_steps - tfinal``) needs ``tfinal >= 1``; pruning happens at indices in ``(tinit, total_steps - tfinal)``.
+    """
+    a = recipe.adalora
+    tinit = a.tinit or int(0.1 * total_steps)
+    tfinal = a.tfinal or max(1, int(0.2 * total_steps))
+    if tinit + tfinal >= total_steps:
+        raise NewsloraError(
+            f"adalora: tinit={tinit} + tfinal={tfinal} leave no pruning phase in a run of {total_steps} optimizer "
+            f"steps (train.optimizer steps = ceil(epochs * batches / grad_accum) or train.max_steps); lower "
+            f"adalora.tinit/adalora.tfinal or train longer")
+    return tinit, tfinal
+
+
+class AdaLora(Method):
+    name, display, order = "adalora", "AdaLoRA", 1
+    section, rank_attr = "adalora", "init_r"
+    constant_params = ("ranknum",)  # PEFT re-creates it with requires_grad on the meta device
+    # the model is the one at the end of the rank schedule: an earlier "best" checkpoint holds another allocation
+    # (and more than target_r ranks)
+    keeps_best_checkpoint = False
+    head_rank_pattern = False
+
+    def min_rank(self, recipe):
+        return recipe.adalora.target_r + 1, f"adalora.init_r must exceed adalora.target_r={recipe.adalora.target_r}"
+
+    def check_recipe(self, recipe):
+        if recipe.train.early_stopping_patience:
+            raise NewsloraError("train.early_stopping_patience does not combine with method=adalora: the rank "
+                                "schedule runs to the last optimizer step (set train.early_stopping_patience=null)")
+
+    def check_schedule(self, recipe, total_steps):
+        adalora_schedule(recipe, total_steps)
+
+    def peft_config(self, recipe, common, total_steps, for_count):
+        from peft import AdaLoraConfig
+
+        a, lo = recipe.adalora, recipe.lora
+        if total_steps is None and not for_count:
+            raise NewsloraError("method=adalora needs the run's optimizer-step count (total_steps) to build")
+        steps = total_steps or 1000  # counting only: the schedule does not change the parameter count
+        tinit, tfinal = adalora_schedule(recipe, steps) if total_steps else (0, 1)
+        return AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.deltaT,
+                             beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight, total_step=steps,
+                             lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias, **common)
+
+    def callbacks(self, run, total_steps):
+        return [allocator_callback_class()(run, total_steps)]
+
+    def after_train(self, model, run, global_step, callbacks):
+        cls = allocator_callback_class()
+        ada = next(c for c in callbacks if isinstance(c, cls))
+        return ada.finish(model, global_step)
+
+
+register(AdaLora())
+
+
+@functools.cache
+def allocator_callback_class():
+    """The callback class, built on first use so that reading a recipe does not import transformers."""
+    import torch
+    from transformers import TrainerCallback
+
+    class AdaLoraCallback(TrainerCallback):
+        """AdaLoRA's rank allocation: ``update_and_allocate`` exactly once per optimizer step (``on_optimizer_step``:
+        after ``optimizer.step()``, before ``zero_grad``, so gradient accumulation is respected), with the 0-based
+        index of that step -- the Trainer increments ``global_step`` after this event -- as in PEFT's reference loop.
+
+        The allocation (PEFT's ``rank_pattern``) lives here and is put on the adapter config only around the call
+        and at the end (:meth:`finish`): with a pattern on its config PEFT saves *shrunk* tensors, which the
+        Trainer's checkpoints could not load back into the full-size model on ``--resume``. Checkpoints hold
+        full-size tensors (pruned singular values are zeros) plus ``adalora_state.pt`` (allocation, importance
+        scores, call count). Rank over time goes to the run's rank log (step, module, rank; step = optimizer steps
+        done): at the start, after every re-allocation that changes a rank, and at the end.
+        """
+
+        STATE = "adalora_state.pt"
+
+        def __init__(self, run, total_steps: int):
+            self.run = run
+            self.total_steps = total_steps
+            self.calls = 0  # update_and_allocate calls
+            self.steps: list[int] = []  # the step index given to each call
+            self.pattern: dict | None = None  # {"<module>.lora_E.default": [kept?] * init_r}; None: nothing pruned
+            self.last: dict[str, int] = {}
+
+        @staticmethod
+        def _config(model):
+            return model.peft_config[model.active_adapter]
+
+        def ranks(self, model) -> dict[str, int]:
+            """Current rank of every AdaLoRA module under the current allocation (init_r before the first one)."""
+            out = {}
+            for name, p in model.get_base_model().named_parameters():
+                if ".lora_E." in name:
+                    kept = self.pattern.get(name) if self.pattern else None
+                    out[name.split(".lora_E.")[0]] = int(sum(kept)) if kept is not None else int(p.shape[0])
+            return out
+
+        def _truncate(self, keep_until: int) -> dict[str, int]:
+            """Resumed: drop the rows the interrupted part logged after the checkpoint; return the last ranks."""
+            rows = self.run.rank_rows(until=keep_until)
+            self.run.write_rank_rows(rows)
+            return {r["module"]: int(r["rank"]) for r in rows}
+
+        def _write(self, step: int, ranks: dict[str, int]) -> None:
+            self.run.append_ranks(step, ranks)
+            self.last = dict(ranks)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.max_steps != self.total_steps:
+                raise NewsloraError(f"AdaLoRA was built for total_step={self.total_steps} optimizer steps but the "
+                                    f"Trainer will take {state.max_steps}; please report this")
+            if state.global_step > 0:  # --resume: restore the allocation and the importance scores
+                ckpt = self.run.checkpoint(state.global_step) / self.STATE
+                if ckpt.is_file():
+                    st = torch.load(ckpt, weights_only=False)
+                    self.pattern, self.calls, self.steps = st["pattern"], st["calls"], st["steps"]
+                    alloc = model.base_model.rankallocator
+                    alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = st["ipt"], st["exp_avg_ipt"], st["exp_avg_unc"]
+                self.last = self._truncate(state.global_step)
+                if self.ranks(model) != self.last:
+                    self._write(state.global_step, self.ranks(model))
+            else:
+                self.run.rank_rows_reset()
+                self._write(0, self.ranks(model))
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            cfg = self._config(model)
+            cfg.rank_pattern = self.pattern
+            model.base_model.update_and_allocate(state.global_step)
+            pattern, cfg.rank_pattern = cfg.rank_pattern, None
+            self.calls += 1
+            self.steps.append(state.global_step)
+            if pattern is not None and pattern is not self.pattern:
+                self.pattern = pattern
+                ranks = self.ranks(model)
+                if ranks != self.last:
+                    self._write(state.global_step + 1, ranks)
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            ckpt = self.run.checkpoint(state.global_step)
+            if ckpt.is_dir():
+                alloc = model.base_model.rankallocator
+                torch.save({"pattern": self.pattern, "calls": self.calls, "steps": self.steps, "ipt": alloc.ipt,
+                            "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc}, ckpt / self.STATE)
+
+        def finish(self, model, step: int) -> dict:
+            """Put the final allocation on the adapter config (the saved adapter is then shrunk to it), log the
+            final ranks and write the rank-pattern file; returns a summary for run.json."""
+            cfg = self._config(model)
+            cfg.rank_pattern = self.pattern
+            ranks = self.ranks(model)
+            self._write(step, ranks)
+            a = {"init_r": cfg.init_r, "target_r": cfg.target_r, "total_step": cfg.total_step, "tinit": cfg.tinit,
+                 "tfinal": cfg.tfinal, "deltaT": cfg.deltaT}
+            summary = {**a, "ranks": ranks, "total_rank": sum(ranks.values()),
+                       "target_total_rank": cfg.target_r * len(ranks),
+                       "rank_pattern": {k: [bool(x) for x in v] for k, v in (self.pattern or {}).items()}}
+            self.run.write_rank_pattern(summary)
+            return {**a, "optimizer_step_calls": self.calls, "total_rank": summary["total_rank"],
+                    "ranks_changed": any(n != cfg.init_r for n in ranks.values())}
+
+    return AdaLoraCallback

@@ -1,0 +1,131 @@
+"""The method registry and the :class:`Method` base class with every hook's default (plain LoRA behaviour)."""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+from ..errors import NewsloraError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Recipe
+    from ..run import Run
+
+_METHODS: dict[str, "Method"] = {}
+_SECTIONS: dict[str, tuple[int, type]] = {}
+
+
+def positive(key: str, value) -> None:
+    if value is None or value <= 0:
+        raise NewsloraError(f"{key}={value} must be > 0")
+
+
+class Method:
+    """One fine-tuning method. Subclasses override what differs; the defaults are plain LoRA's."""
+
+    name: str = ""
+    display: str = ""  # how model cards name it
+    order: int = 100  # position in the list of choices (``method=``)
+    section: str = "lora"  # the recipe section holding the rank (and the method's own settings)
+    rank_attr: str = "r"
+    rank_factor: int = 1  # rank limit = this x the narrowest targeted layer's width (budget.auto_fit)
+    param_prefixes: tuple[str, ...] = ("lora_",)  # names of the adapter's parameters inside a wrapped module
+    constant_params: tuple[str, ...] = ()  # parameters PEFT marks trainable that are constants (not counted)
+    keeps_best_checkpoint: bool = True  # load the best validation checkpoint at the end of training
+    head_rank_pattern: bool = True  # head.type=lora: the head's dense layer gets rank head.r through rank_pattern
+
+    # ------------------------------------------------------------------ rank
+
+    @property
+    def rank_key(self) -> str:
+        return f"{self.section}.{self.rank_attr}"
+
+    def get_rank(self, recipe: "Recipe") -> int:
+        return getattr(getattr(recipe, self.section), self.rank_attr)
+
+    def set_rank(self, recipe: "Recipe", r: int) -> None:
+        setattr(getattr(recipe, self.section), self.rank_attr, int(r))
+
+    def min_rank(self, recipe: "Recipe") -> tuple[int, str]:
+        """The smallest rank ``budget.auto_fit`` may choose, and why (empty: no reason beyond rank >= 1)."""
+        return 1, ""
+
+    # ------------------------------------------------------------------ recipe and model
+
+    def check_recipe(self, recipe: "Recipe") -> None:
+        """Rules that combine the method with other sections (one NewsloraError line)."""
+
+    def check_schedule(self, recipe: "Recipe", total_steps: int) -> None:
+        """Checks that need the run's optimizer-step count (before the run folder exists)."""
+
+    def peft_config(self, recipe: "Recipe", common: dict, total_steps: int | None, for_count: bool):
+        """The PEFT config. ``common``: target_modules, modules_to_save, task_type (and the head's rank_pattern).
+        ``for_count``: built on the meta device for counting, so no data-dependent initialisation."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training hooks
+
+    def optimizer(self, model, recipe: "Recipe"):
+        """An optimizer for the Trainer, or None for the Trainer's own (``train.optimizer``)."""
+        return None
+
+    def callbacks(self, run: "Run", total_steps: int) -> list:
+        return []
+
+    def before_train(self, model, run: "Run", resuming: bool) -> None:
+        """Called once the adapter is attached, before the first step."""
+
+    def after_train(self, model, run: "Run", global_step: int, callbacks: list) -> dict | None:
+        """Called when training ends; a returned mapping is recorded in run.json under the method's name."""
+        return None
+
+    def save_adapter(self, model, run: "Run") -> None:
+        """PEFT ``save_pretrained`` into the run's adapter folder."""
+        with warnings.catch_warnings():  # a module pruned to rank 0 (AdaLoRA) has empty tensors: PEFT warns
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+            model.save_pretrained(run.adapter_dir)
+
+
+def register(method: Method) -> Method:
+    if not method.name:
+        raise ValueError(f"{type(method).__name__} has no name")
+    _METHODS[method.name] = method
+    return method
+
+
+def register_section(name: str, order: int):
+    """Class decorator: a recipe section (a dataclass with ``check()``) that a method brings, e.g. ``adalora``;
+    ``order`` places it among the recipe's sections."""
+
+    def add(cls: type) -> type:
+        _SECTIONS[name] = (order, cls)
+        return cls
+
+    return add
+
+
+def get(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise NewsloraError(f"method={name!r} is not valid; choose one of: {', '.join(names())}") from None
+
+
+def all_methods() -> list[Method]:
+    return sorted(_METHODS.values(), key=lambda m: (m.order, m.name))
+
+
+def names() -> tuple[str, ...]:
+    return tuple(m.name for m in all_methods())
+
+
+def sections() -> list[tuple[str, type]]:
+    """(name, dataclass) of every method's recipe section, in recipe order."""
+    return [(n, cls) for n, (_, cls) in sorted(_SECTIONS.items(), key=lambda kv: kv[1][0])]
+
+
+def param_prefixes() -> tuple[str, ...]:
+    return tuple(sorted({p for m in _METHODS.values() for p in m.param_prefixes}))
+
+
+def constant_param_names() -> tuple[str, ...]:
+    return tuple(sorted({p for m in _METHODS.values() for p in m.constant_params}))

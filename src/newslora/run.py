@@ -1,0 +1,401 @@
+"""The run folder: its layout, its schema and every read and write of it.
+
+A run folder is what ``newslora train`` leaves behind and what every later stage (predict, export, report,
+distill, search, resume) reads. This module is the only one that knows its file names::
+
+    recipe.yaml            resolved recipe (re-runnable)
+    run.json               schema version, trainable-parameter breakdown, device, versions, times, status
+    metrics_steps.csv      every log event;  metrics_epochs.csv: one row per epoch;  metrics.xlsx
+    eval.json              {"validation": {...}, "test": {...}}
+    plots/                 PNG plots
+    adapter/               PEFT adapter (+ head) and tokenizer, with an adapter card
+    checkpoints/           Trainer checkpoints (resume)
+    backbone/              random-init backbone weights (model.random_init only)
+    head_init.safetensors  the frozen base weights of a LoRA head (head.type=lora)
+    pissa_init/            PiSSA's starting adapter (converted to a plain LoRA when saved)
+    adalora_ranks.csv, adalora_rank_pattern.json   AdaLoRA's rank allocation over time
+    distill.json           teacher vs student accuracy (distillation)
+    trial.json, error.txt  a search trial's outcome
+    merged/                after ``newslora export``: standalone model + tokenizer + card + newslora.json
+
+Every path written inside a run folder is relative to it, so a run folder can be moved, copied or zipped
+and still load, export, report and resume. Heavy imports (pandas, yaml's recipe model) stay inside methods.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import NewsloraError
+
+SCHEMA_VERSION = 2  # run.json "schema"; 1: the layout before this module (absolute paths, no version)
+
+STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "eval_loss", "eval_accuracy", "eval_macro_precision",
+                "eval_macro_recall", "eval_macro_f1"]
+EPOCH_COLUMNS = ["epoch", "step", "train_loss", "eval_loss", "eval_accuracy", "eval_macro_precision",
+                 "eval_macro_recall", "eval_macro_f1"]
+RANK_COLUMNS = ["step", "module", "rank"]
+MODEL_META = "newslora.json"  # inside a merged model folder
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """JSON through a temp file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path) -> dict:
+    """A JSON mapping, or {} when the file is missing, damaged or not a mapping (interrupted runs)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class Run:
+    """One run folder. ``Run.create(path)`` for a new run, ``Run.open(path)`` for an existing one."""
+
+    RECIPE = "recipe.yaml"
+    INFO = "run.json"
+    EVAL = "eval.json"
+    STEPS = "metrics_steps.csv"
+    EPOCHS = "metrics_epochs.csv"
+    WORKBOOK = "metrics.xlsx"
+    PLOTS = "plots"
+    ADAPTER = "adapter"
+    CHECKPOINTS = "checkpoints"
+    BACKBONE = "backbone"
+    HEAD_INIT = "head_init.safetensors"
+    PISSA_INIT = "pissa_init"
+    RANKS = "adalora_ranks.csv"
+    RANK_PATTERN = "adalora_rank_pattern.json"
+    DISTILL = "distill.json"
+    TRIAL = "trial.json"
+    ERROR = "error.txt"
+    MERGED = "merged"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(cls, path: str | os.PathLike | None, name: str = "run", root: str | os.PathLike = "runs") -> "Run":
+        """A new, empty run folder: ``path`` (must be empty or absent) or ``root/<name>`` (``-2``, ``-3`` ... if
+        taken). The folder itself is made by :meth:`mkdir`, once everything that can fail cheaply has passed."""
+        if path is not None:
+            p = Path(path)
+            if p.exists() and any(p.iterdir()):
+                raise NewsloraError(f"run folder {p} exists and is not empty; choose another --run-dir, or "
+                                    f"continue it with --resume {p}")
+            return cls(p)
+        p, i = Path(root) / name, 2
+        while p.exists():
+            p, i = Path(root) / f"{name}-{i}", i + 1
+        return cls(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, need: str = "recipe") -> "Run":
+        """An existing run folder. ``need``: ``"exists"`` (just the folder: tolerant readers), ``"any"`` (run.json or eval.json: reporting), ``"recipe"`` (resume),
+        ``"adapter"`` (a finished run: predict, export, distill)."""
+        run = cls(path)
+        p = run.path
+        if not p.is_dir():
+            raise NewsloraError(f"run folder {p} does not exist")
+        if need == "exists":
+            return run
+        if need == "any":
+            if not (run.file(cls.INFO).is_file() or run.file(cls.EVAL).is_file()):
+                raise NewsloraError(f"{p} is not a newslora run folder (it has neither {cls.INFO} nor {cls.EVAL})")
+            return run
+        if not run.file(cls.RECIPE).is_file():
+            raise NewsloraError(f"{p} is not a newslora run folder (no {cls.RECIPE})")
+        if need == "adapter" and not run.is_finished():
+            raise NewsloraError(f"{p} has no {cls.ADAPTER}/: the run did not finish; continue it with "
+                                f"newslora train --resume {p}")
+        return run
+
+    @staticmethod
+    def is_run(path: str | os.PathLike) -> bool:
+        return (Path(path) / Run.RECIPE).is_file()
+
+    def is_finished(self) -> bool:
+        return self.adapter_dir.is_dir() and self.file(self.INFO).is_file()
+
+    def mkdir(self) -> "Run":
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ------------------------------------------------------------------ paths
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / self.ADAPTER
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / self.PLOTS
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / self.MERGED
+
+    @property
+    def backbone_dir(self) -> Path:
+        return self.path / self.BACKBONE
+
+    @property
+    def head_init(self) -> Path:
+        return self.path / self.HEAD_INIT
+
+    @property
+    def pissa_init(self) -> Path:
+        return self.path / self.PISSA_INIT
+
+    def relative(self, path: str | os.PathLike | None) -> str | None:
+        """``path`` relative to the run folder (as stored in the folder's files), or None."""
+        if path is None:
+            return None
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.path.resolve()).as_posix()
+        except ValueError:
+            return p.as_posix() if not p.is_absolute() else os.path.relpath(p, self.path)
+
+    # ------------------------------------------------------------------ recipe
+
+    def write_recipe(self, recipe) -> None:
+        tmp = self.file(self.RECIPE + ".tmp")
+        tmp.write_text(recipe.to_yaml())
+        tmp.replace(self.file(self.RECIPE))
+
+    def read_recipe(self):
+        """The run's recipe as a validated :class:`~newslora.config.Recipe`."""
+        from .config import load_recipe
+
+        return load_recipe(self.file(self.RECIPE))
+
+    def read_recipe_dict(self) -> dict:
+        """The recipe as a plain mapping, tolerant of damage (reporting): {} when missing or unreadable."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(self.file(self.RECIPE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # ------------------------------------------------------------------ run.json, eval.json and the other JSON files
+
+    def read_info(self) -> dict:
+        return read_json(self.file(self.INFO))
+
+    def write_info(self, info: dict) -> None:
+        write_json(self.file(self.INFO), {"schema": SCHEMA_VERSION, **info})
+
+    def update_info(self, **changes) -> dict:
+        info = self.read_info()
+        info.update(changes)
+        self.write_info(info)
+        return info
+
+    def label_names(self) -> list[str]:
+        names = self.read_info().get("label_names")
+        if not names:
+            raise NewsloraError(f"{self.file(self.INFO)} has no label_names: the run folder is damaged")
+        return list(names)
+
+    def read_eval(self) -> dict:
+        return read_json(self.file(self.EVAL))
+
+    def write_eval(self, results: dict) -> None:
+        write_json(self.file(self.EVAL), results)
+
+    def read_distill(self) -> dict:
+        return read_json(self.file(self.DISTILL))
+
+    def write_distill(self, record: dict) -> None:
+        write_json(self.file(self.DISTILL), record)
+
+    def write_rank_pattern(self, summary: dict) -> None:
+        write_json(self.file(self.RANK_PATTERN), summary)
+
+    def write_trial(self, record: dict) -> None:
+        write_json(self.file(self.TRIAL), record)
+
+    def write_error(self, text: str) -> None:
+        self.file(self.ERROR).write_text(text)
+
+    def mark_stopped(self, status: str, finished: str, **extra) -> None:
+        """A run that stopped early (a pruned or failed search trial): status recorded, checkpoints dropped."""
+        if not self.file(self.INFO).is_file():
+            return
+        self.update_info(status=status, finished=finished, **extra)
+        shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ metric CSVs
+
+    def write_metric_csvs(self, log_history: list[dict]) -> None:
+        """metrics_steps.csv (one row per log event) and metrics_epochs.csv (one row per epoch) from a Trainer log."""
+        rows = [h for h in log_history if "loss" in h or "eval_loss" in h]
+        with open(self.file(self.STEPS), "w", newline="") as f:
+            w = csv.DictWriter(f, STEP_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        epochs: dict[int, dict] = {}
+        for h in rows:
+            e = max(1, math.ceil(round(h.get("epoch", 0), 6)))
+            row = epochs.setdefault(e, {"epoch": e, "_losses": []})
+            row["step"] = h.get("step")
+            if "loss" in h:
+                row["_losses"].append(h["loss"])
+            for k in EPOCH_COLUMNS[3:]:
+                if k in h:
+                    row[k] = h[k]
+        with open(self.file(self.EPOCHS), "w", newline="") as f:
+            w = csv.DictWriter(f, EPOCH_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for e in sorted(epochs):
+                row = epochs[e]
+                row["train_loss"] = sum(row["_losses"]) / len(row["_losses"]) if row["_losses"] else ""
+                w.writerow(row)
+
+    def read_table(self, name: str, numeric=()):
+        """A metrics CSV as a DataFrame, tolerant of truncation (interrupted runs); None when missing or empty."""
+        import logging
+
+        import pandas as pd
+
+        path = self.file(name)
+        if not path.is_file():
+            return None
+        try:
+            df = pd.read_csv(path, on_bad_lines="skip")
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+            logging.getLogger(__name__).warning("cannot read %s: %s", path, exc)
+            return None
+        for col in numeric:
+            if col in df:
+                df[col] = pd.to_numeric(df[col], errors="coerce")
+        return None if df.empty else df
+
+    def read_steps(self):
+        return self.read_table(self.STEPS, STEP_COLUMNS)
+
+    def read_epochs(self):
+        return self.read_table(self.EPOCHS, EPOCH_COLUMNS)
+
+    def read_ranks(self):
+        return self.read_table(self.RANKS, ["step", "rank"])
+
+    def rank_rows(self, until: int | None = None) -> list[dict]:
+        """adalora_ranks.csv rows (step <= ``until``), as read by a resumed AdaLoRA run."""
+        path = self.file(self.RANKS)
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return [r for r in csv.DictReader(f) if until is None or int(r["step"]) <= until]
+
+    def write_rank_rows(self, rows: list[dict]) -> None:
+        with open(self.file(self.RANKS), "w", newline="") as f:
+            w = csv.DictWriter(f, RANK_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def rank_rows_reset(self) -> None:
+        self.file(self.RANKS).unlink(missing_ok=True)
+
+    def append_ranks(self, step: int, ranks: dict[str, int]) -> None:
+        path = self.file(self.RANKS)
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(RANK_COLUMNS)
+            w.writerows((step, m, n) for m, n in ranks.items())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints_dir / f"checkpoint-{step}"
+
+    def rebase_checkpoints(self) -> None:
+        """Point each checkpoint's ``best_model_checkpoint`` at this folder. The Trainer stores it as a path that
+        may name the folder's old location (moved, copied) or be relative (:meth:`relativize_checkpoints`); on
+        resume it must name the checkpoint here, or the best model could not be found at the end."""
+        self._rewrite_best(lambda name: str(self.checkpoints_dir / name))
+
+    def relativize_checkpoints(self) -> None:
+        """Store ``best_model_checkpoint`` relative to the run folder (``checkpoints/checkpoint-N``)."""
+        self._rewrite_best(lambda name: f"{self.CHECKPOINTS}/{name}")
+
+    def _rewrite_best(self, where) -> None:
+        for ckpt in self.checkpoints():
+            state_file = ckpt / "trainer_state.json"
+            state = read_json(state_file)
+            best = state.get("best_model_checkpoint")
+            if best:
+                state["best_model_checkpoint"] = where(Path(best).name)
+                write_json(state_file, state)
+
+    # ------------------------------------------------------------------ adapter
+
+    def finish_adapter(self, adapter_card: str | None = None) -> None:
+        """Make the saved adapter folder portable: ``adapter_config.json`` names the backbone by hub id (or
+        nothing for a local folder) instead of an absolute path, and PEFT's empty README template is replaced
+        by ``adapter_card`` (or removed)."""
+        cfg_path = self.adapter_dir / "adapter_config.json"
+        cfg = read_json(cfg_path)
+        if cfg:
+            from .config import hub_id
+
+            recipe = self.read_recipe_dict()
+            cfg["base_model_name_or_path"] = hub_id(str((recipe.get("model") or {}).get("backbone") or ""))
+            write_json(cfg_path, cfg)
+        readme = self.adapter_dir / "README.md"
+        if adapter_card:
+            readme.write_text(adapter_card, encoding="utf-8")
+        else:
+            readme.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- merged model folders
+
+
+def write_model_meta(model_dir: Path, run: Run, max_length: int, diff: float) -> None:
+    """``newslora.json`` of a merged model: max_length, the run it came from (a path relative to the model folder,
+    which is the same for the temp folder export writes and its final name next to it), the merge check."""
+    model_dir = Path(model_dir)
+    write_json(model_dir / MODEL_META, {"max_length": max_length,
+                                        "run": os.path.relpath(run.path.resolve(), model_dir.resolve()),
+                                        "merge_max_logit_diff": diff})
+
+
+def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+    return read_json(Path(model_dir) / MODEL_META)
