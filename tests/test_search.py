@@ -91,6 +91,7 @@ def _trials(out: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
 
 
+@pytest.mark.slow  # runs a whole study
 def test_interrupted_study_continues_with_the_same_numbering(study):
     first = study["first"]
     assert [t.number for t in first] == [0, 1]
@@ -105,6 +106,7 @@ def test_interrupted_study_continues_with_the_same_numbering(study):
     assert study["result"].states["COMPLETE"] == 3  # the interrupted trial does not count towards --trials 3
 
 
+@pytest.mark.slow  # runs a whole study
 def test_study_folder_has_table_best_recipe_and_plots(study):
     out, res = study["out"], study["result"]
     df = pd.read_csv(out / "trials.csv")
@@ -130,6 +132,7 @@ def test_study_folder_has_table_best_recipe_and_plots(study):
     assert summary["best_trial"] == res.best_trial and summary["baseline_trial"] == 0
 
 
+@pytest.mark.slow  # runs a whole study
 def test_test_set_is_read_once_after_all_trials(study):
     out, reads = study["out"], study["reads"]
     test_reads = [t for p, t in reads if p == str(TEST_CSV.resolve())]
@@ -145,6 +148,7 @@ def test_test_set_is_read_once_after_all_trials(study):
     assert record["trial"] == study["result"].best_trial and record["test"]["n"] == 64
 
 
+@pytest.mark.slow  # runs a whole study
 def test_best_recipe_reproduces_the_best_trial(study, tmp_path):
     import newslora.train
 
@@ -181,6 +185,7 @@ def test_over_budget_trials_are_rejected_without_training(tmp_path, monkeypatch)
     assert not (out / "best.yaml").exists()
 
 
+@pytest.mark.slow  # runs a whole study
 def test_two_workers_share_one_sqlite_study(tmp_path, capfd):
     from newslora.search import search
 

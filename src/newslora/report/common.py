@@ -1,0 +1,129 @@
+"""What every report reads: a run folder loaded through :class:`newslora.run.Run` (tolerant of missing and partial
+files), atomic writes and shared formatting."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from openpyxl.styles import Font
+
+from ..run import Run
+
+
+DPI = 120
+SPLITS = ("validation", "test")
+PER_CLASS_COLUMNS = ["split", "class", "precision", "recall", "f1", "support"]
+KEY_PLOTS = ("loss.png", "accuracy.png", "confusion_test.png", "per_class_f1.png")
+_BOLD = Font(bold=True)
+
+
+def _get(d: Any, dotted: str, default: Any = None) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+@dataclass
+class _Run:
+    path: Path
+    recipe: dict
+    info: dict  # run.json
+    evals: dict  # eval.json
+    steps: pd.DataFrame | None
+    epochs: pd.DataFrame | None
+    ranks: pd.DataFrame | None
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name") or self.recipe.get("name") or self.path.name
+
+    @property
+    def title(self) -> str:
+        status = self.info.get("status")
+        return self.name if status in (None, "completed") else f"{self.name} [{status}]"
+
+    @property
+    def method(self) -> str | None:
+        return self.info.get("method") or self.recipe.get("method")
+
+    @property
+    def backbone(self) -> str | None:
+        return self.info.get("backbone") or _get(self.recipe, "model.backbone")
+
+    def split(self, name: str) -> dict | None:
+        m = self.evals.get(name)
+        return m if isinstance(m, dict) and m else None
+
+    def labels(self, m: dict) -> list[str]:
+        return list(m.get("labels") or self.info.get("label_names") or m.get("per_class") or [])
+
+    def confusion_split(self) -> tuple[str, dict] | None:
+        """Test split if it has a confusion matrix, else validation."""
+        for name in ("test", "validation"):
+            m = self.split(name)
+            if m and m.get("confusion_matrix"):
+                return name, m
+        return None
+
+
+def _load(run_dir: str | os.PathLike) -> _Run:
+    run = Run.open(run_dir, need="exists")
+    return _Run(path=run.path, recipe=run.read_recipe_dict(), info=run.read_info(), evals=run.read_eval(),
+                steps=run.read_steps(), epochs=run.read_epochs(), ranks=run.read_ranks())
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write via a temp file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def _per_class_rows(run: _Run) -> list[list[Any]]:
+    rows = []
+    for split in SPLITS:
+        m = run.split(split) or {}
+        for cls, v in (m.get("per_class") or {}).items():
+            rows.append([split, cls, v.get("precision"), v.get("recall"), v.get("f1"),
+                         v.get("support")])
+    return rows
+
+
+def _label_names(run: _Run) -> list[str]:
+    return run.info.get("label_names") or next(
+        (run.labels(m) for s in SPLITS if (m := run.split(s))), [])
+
+
+def _label_text(run: _Run) -> str:
+    labels = _label_names(run)
+    return f"{len(labels)} classes: {', '.join(labels)}" if labels else "AG News topics"

@@ -1,0 +1,240 @@
+"""PNG plots of one run: loss, accuracy, P/R/F1, confusion matrix, per-class F1, label distribution, AdaLoRA ranks."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
+
+from ..run import Run
+from .common import DPI, SPLITS, _Run, _load
+
+log = logging.getLogger(__name__)
+
+
+def _figure(width: float = 7.5, height: float = 4.5) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _curves(run: _Run) -> pd.DataFrame | None:
+    """Per-step metrics; falls back to the per-epoch file (train_loss -> loss)."""
+    if run.steps is not None:
+        return run.steps
+    if run.epochs is not None:
+        return run.epochs.rename(columns={"train_loss": "loss"})
+    return None
+
+
+def _curve_plot(run: _Run, path: Path, series: Sequence[tuple[str, str]], title: str,
+                ylabel: str) -> Path | None:
+    df = _curves(run)
+    if df is None:
+        return None
+    x = "step" if "step" in df else "epoch"
+    fig, ax = _figure()
+    xs: set[float] = set()
+    for col, label in series:
+        if col not in df or x not in df:
+            continue
+        pts = df[[x, col]].dropna().sort_values(x)
+        if pts.empty:
+            continue
+        if len(pts) == 1:  # single evaluation: put the number in the legend
+            label = f"{label} = {pts[col].iloc[0]:.4f}"
+        ax.plot(pts[x], pts[col], label=label, marker="o" if len(pts) <= 30 else None,
+                markersize=5 if len(pts) == 1 else 4, linewidth=1.5)
+        xs.update(pts[x])
+    if not xs:
+        return None
+    if len(xs) == 1:  # one x value: no fractional ticks around it
+        ax.set_xticks(sorted(xs))
+    ax.set(title=f"{title} — {run.title}", xlabel=x, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_loss(run: _Run, path: Path) -> Path | None:
+    return _curve_plot(run, path, [("loss", "train loss"), ("eval_loss", "validation loss")],
+                       "Loss", "loss")
+
+
+def _plot_accuracy(run: _Run, path: Path) -> Path | None:
+    return _curve_plot(run, path, [("eval_accuracy", "validation accuracy")],
+                       "Validation accuracy", "accuracy")
+
+
+def _plot_prf(run: _Run, path: Path) -> Path | None:
+    return _curve_plot(run, path, [("eval_macro_precision", "macro precision"),
+                                   ("eval_macro_recall", "macro recall"),
+                                   ("eval_macro_f1", "macro F1")],
+                       "Validation macro precision / recall / F1", "score")
+
+
+def _plot_confusion(run: _Run, path: Path) -> Path | None:
+    found = run.confusion_split()
+    if found is None:
+        return None
+    split, m = found
+    cm = np.asarray(m["confusion_matrix"], dtype=float)
+    labels = run.labels(m) or [str(i) for i in range(len(cm))]
+    rows = cm.sum(axis=1, keepdims=True)
+    pct = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0) * 100
+    n = len(labels)
+    side = max(4.5, 1.3 * n + 1.5)
+    fig, ax = _figure(side + 1.2, side)
+    norm = PowerNorm(gamma=0.4, vmin=0, vmax=100)  # make the few-% error cells visible
+    im = ax.imshow(pct, cmap="Blues", norm=norm)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(cm[i, j]):,}\n{pct[i, j]:.1f}%", ha="center", va="center",
+                    fontsize=9, color="white" if norm(pct[i, j]) > 0.6 else "black")
+    long = max(map(len, labels)) > 9
+    ax.set_xticks(range(n), labels, rotation=30 if long else 0, ha="right" if long else "center",
+                  rotation_mode="anchor")
+    ax.set_yticks(range(n), labels)
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix — {split} (n={int(cm.sum()):,})\n{run.title}")
+    fig.colorbar(im, ax=ax, label="% of true class (row-normalised)", shrink=0.8,
+                 ticks=[0, 2, 5, 10, 25, 50, 75, 100])
+    return _save(fig, path)
+
+
+def _grouped_bars(path: Path, classes: Sequence[str], groups: dict[str, Sequence[float]],
+                  title: str, ylabel: str, fmt: str, ylim: float | None = None) -> Path:
+    fig, ax = _figure(max(6.5, 1.6 * len(classes) + 2), 4.8)
+    x = np.arange(len(classes))
+    width = 0.8 / max(len(groups), 1)
+    for k, (label, values) in enumerate(groups.items()):
+        bars = ax.bar(x + (k - (len(groups) - 1) / 2) * width, values, width, label=label)
+        ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2)
+    ax.set_xticks(x, classes)
+    top = ylim if ylim is not None else max(max(v) for v in groups.values()) or 1
+    ax.set_ylim(0, top * 1.12)
+    ax.set(title=title, ylabel=ylabel, xlabel="class")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(groups), frameon=False)
+    return _save(fig, path)
+
+
+def _plot_per_class_f1(run: _Run, path: Path) -> Path | None:
+    per_split = {s: m["per_class"] for s in SPLITS if (m := run.split(s)) and m.get("per_class")}
+    if not per_split:
+        return None
+    classes: list[str] = []
+    for s, pc in per_split.items():
+        classes += [c for c in (run.labels(run.split(s)) or pc) if c not in classes]
+    groups = {s: [float(pc.get(c, {}).get("f1", np.nan)) for c in classes]
+              for s, pc in per_split.items()}
+    return _grouped_bars(path, classes, groups, f"Per-class F1 — {run.title}", "F1", "%.3f", 1.0)
+
+
+def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
+    found = run.confusion_split()
+    if found is None:
+        return None
+    split, m = found
+    cm = np.asarray(m["confusion_matrix"], dtype=int)
+    labels = run.labels(m) or [str(i) for i in range(len(cm))]
+    groups = {"true": cm.sum(axis=1).tolist(), "predicted": cm.sum(axis=0).tolist()}
+    return _grouped_bars(path, labels, groups,
+                         f"True vs predicted label counts — {split}\n{run.title}", "examples",
+                         "{:,.0f}")
+
+
+def _module_label(module: str) -> str:
+    """'roberta.encoder.layer.3.attention.self.query' -> 'L3 query'."""
+    m = re.search(r"layers?\.(\d+)\.(.+)$", module)
+    if not m:
+        return ".".join(module.split(".")[-2:])
+    rest = m.group(2)
+    for old, new in (("attention.self.", ""), ("attention.output.dense", "attn.output"),
+                     ("intermediate.dense", "ffn.in"), ("output.dense", "ffn.out")):
+        rest = rest.replace(old, new)
+    return f"L{m.group(1)} {rest}"
+
+
+def _layer(module: str) -> int:
+    m = re.search(r"layers?\.(\d+)\.", module)
+    return int(m.group(1)) if m else -1
+
+
+def _plot_adalora_ranks(run: _Run, path: Path) -> Path | None:
+    df = run.ranks
+    if df is None or not {"step", "module", "rank"} <= set(df.columns):
+        return None
+    df = df.dropna(subset=["step", "module", "rank"])
+    if df.empty:
+        return None
+    table = df.pivot_table(index="module", columns="step", values="rank", aggfunc="last")
+    first_seen = {m: i for i, m in reversed(list(enumerate(df["module"])))}
+    table = table.loc[sorted(table.index, key=lambda m: (_layer(m), first_seen[m]))]
+    labels = [_module_label(m) for m in table.index]
+    title = f"AdaLoRA rank per module — {run.title}"
+    if len(table) <= 8:  # few modules: lines are clearer
+        fig, ax = _figure()
+        for label, (_, row) in zip(labels, table.iterrows()):
+            pts = row.dropna()
+            ax.step(pts.index, pts.values, where="post", marker="o", markersize=3, label=label)
+        ax.set(title=title, xlabel="step", ylabel="rank")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        return _save(fig, path)
+    steps = list(table.columns)
+    fig, ax = _figure(max(7.5, 0.25 * len(steps) + 4), 0.16 * len(table) + 1.8)
+    im = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap="viridis",
+                   interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    layers = [_layer(m) for m in table.index]
+    for i in range(1, len(layers)):
+        if layers[i] != layers[i - 1]:  # separate transformer layers
+            ax.axhline(i - 0.5, color="white", linewidth=1.2)
+    every = max(1, math.ceil(len(steps) / 12))
+    ax.set_xticks(range(0, len(steps), every), [f"{s:,.0f}" for s in steps[::every]])
+    ax.set(title=title, xlabel="step", ylabel="module")
+    fig.colorbar(im, ax=ax, label="rank", shrink=0.6)
+    return _save(fig, path)
+
+
+_PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
+    ("loss.png", _plot_loss),
+    ("accuracy.png", _plot_accuracy),
+    ("prf.png", _plot_prf),
+    ("confusion_test.png", _plot_confusion),
+    ("per_class_f1.png", _plot_per_class_f1),
+    ("label_distribution.png", _plot_label_distribution),
+    ("adalora_ranks.png", _plot_adalora_ranks),
+]
+
+
+def plot_run(run_dir: str | os.PathLike) -> list[Path]:
+    """Write the run's PNG plots into ``run_dir/plots/``; return the files written.
+
+    A plot whose data is missing is skipped (and a failing plot is logged and skipped).
+    """
+    run = _load(run_dir)
+    out = Run(run.path).plots_dir
+    out.mkdir(exist_ok=True)
+    written = []
+    for filename, plot in _PLOTS:
+        try:
+            result = plot(run, out / filename)
+        except Exception as exc:  # noqa: BLE001 - one bad plot must not stop the others
+            log.warning("skipping %s for %s: %s", filename, run.path, exc)
+            continue
+        if result is not None:
+            written.append(result)
+    return written

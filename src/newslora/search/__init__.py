@@ -1,0 +1,36 @@
+"""Hyper-parameter search: Optuna (seeded TPE + a pruner) over any recipe key, under the parameter budget.
+
+One study = one folder (``studies/<study>`` by default)::
+
+    study.db            SQLite storage (default; any Optuna storage URL works with --storage)
+    base.yaml           the base recipe every trial starts from;  space.yaml: the search space
+    trials/<number>/    each trial's run folder (recipe.yaml, eval.json, ...) and trial.json
+    trials.csv/.xlsx    one row per trial: number, state, value, params, trainable, duration, run dir
+    best.yaml           the best trial's recipe, ready to run (``newslora train --config best.yaml``)
+    test.json           the best trial evaluated once on the base recipe's test data
+    *.png               optimisation history, parameter importances, parallel coordinates
+    summary.json
+
+Rules: trials see the validation split only (the test set is neither read nor evaluated during the search);
+an over-budget trial is rejected on the meta device before any training (state PRUNED, ``trainable`` recorded);
+``--trials N`` is the total of the study, so running the same command again continues an interrupted study.
+
+Space file::
+
+    pruner: median            # median | successive_halving | hyperband | threshold | none, or {type: ..., kwargs}
+    sampler: {n_startup_trials: 3}   # TPESampler keyword arguments
+    seed: 0                   # sampler seed (default: the base recipe's train.seed)
+    baseline: true            # first trial = the base recipe's own values (when the space can express them)
+    params:
+      train.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-2}
+      lora.r: {type: int, low: 2, high: 16}
+      lora.target_modules: {type: categorical, choices: [[query, value], [query, key, value]]}
+"""
+from .results import SearchResult, best_recipe, print_summary, trials_frame, write_results
+from .runner import Job, make_pruning_callback, run_worker, trial_recipe
+from .space import Param, Space, field_type, load_space, make_pruner, make_sampler
+from .study import search
+
+__all__ = ["Job", "Param", "SearchResult", "Space", "best_recipe", "field_type", "load_space", "make_pruner",
+           "make_sampler", "make_pruning_callback", "print_summary", "run_worker", "search", "trial_recipe",
+           "trials_frame", "write_results"]

@@ -1,0 +1,290 @@
+"""Trial execution: one trial = one budget check on the meta device, then one training run (``newslora.train``)
+with a pruning callback, recorded in the trial's run folder; workers claim trials until the study is full."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..config import Recipe, recipe_from_dict
+from ..errors import NewsloraError
+from ..run import Run
+from .space import Space, _set, load_space, make_pruner, make_sampler
+
+
+MAX_FAILS_IN_A_ROW = 3
+
+
+def trial_recipe(base_dict: dict, params: dict, name: str) -> Recipe:
+    """The recipe of one trial: base + sampled values, with the test set switched off."""
+    d = copy.deepcopy(base_dict)
+    for key, value in params.items():
+        _set(d, key, value)
+    d["name"] = name
+    d["data"]["test"] = None
+    d["data"]["source"] = _train_only_source(d["data"]["source"])
+    return recipe_from_dict(d)
+
+
+def _train_only_source(source: str) -> str:
+    """A data folder holds train and test files: point trials at the train file so the test file is never read."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        from ..data import find_split_file
+
+        return str(find_split_file(path, "train"))
+    return source
+
+
+def make_pruning_callback(trial, metric: str):
+    """A TrainerCallback reporting ``eval_<metric>`` to the trial at each evaluation; raises TrialPruned.
+
+    Custom: Optuna's own ``TransformersPruningCallback`` lives in the separate optuna-integration package (not a
+    dependency); this is the same few lines, plus the history the ``loss`` metric's value is taken from."""
+    import optuna
+    from transformers import TrainerCallback
+
+    class PruningCallback(TrainerCallback):
+        def __init__(self):
+            self.key = f"eval_{metric}"
+            self.history: list[tuple[int, float]] = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if not metrics or self.key not in metrics:
+                return
+            value = float(metrics[self.key])
+            self.history.append((state.global_step, value))
+            trial.report(value, state.global_step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {state.global_step} ({self.key}={value:.4f})")
+
+    return PruningCallback()
+
+
+@dataclass
+class Job:
+    """Everything a worker process needs (plain data: it crosses a spawn boundary)."""
+
+    study_name: str
+    storage: str
+    output: str
+    base: dict
+    space: dict
+    n_trials: int
+    label_names: list
+    seed: int | None
+    pruner: Any
+    worker: int = 0
+    threads: int | None = None
+
+
+def open_storage(url: str):
+    import optuna
+
+    if url.startswith("sqlite"):  # several processes on one file: wait for the lock instead of failing
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 300}})
+    return url
+
+
+def counted(trial) -> bool:
+    """Trials that count towards --trials: all but those cut short by Ctrl-C or a crash (a failed trial that
+    reported its failure has a ``reason``; an interrupted one is marked ``interrupted``)."""
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.WAITING:
+        return False
+    if trial.state == TrialState.FAIL:
+        return "reason" in trial.user_attrs and not trial.user_attrs.get("interrupted")
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serialises 'count the trials, then ask for one' between local worker processes."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _claim(study, job: Job):
+    # Custom rather than Optuna's MaxTrialsCallback: that callback stops a worker only after its trial finished, so
+    # K parallel workers would overshoot --trials by up to K-1; counting and asking under one lock keeps it exact.
+    with _file_lock(Path(job.output) / ".claim.lock"):
+        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= job.n_trials:
+            return None
+        trial = study.ask()
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("worker", job.worker)
+    return trial
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def run_worker(job: Job) -> int:
+    """Claim and run trials until the study holds ``job.n_trials`` counted trials; returns how many ran here."""
+    import optuna
+
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial's outcome is printed below
+    space = load_space(job.space, recipe_from_dict(copy.deepcopy(job.base)))
+    storage = open_storage(job.storage)
+    study = optuna.load_study(study_name=job.study_name, storage=storage, pruner=make_pruner(job.pruner))
+    # a seed per worker and per continuation: parallel workers and a resumed study do not replay the same draws
+    seed = None if job.seed is None else job.seed + 7919 * job.worker + len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(space, seed)
+    ran = fails = 0
+    while (trial := _claim(study, job)) is not None:
+        state = _run_trial(study, trial, job, space)
+        ran += 1
+        fails = fails + 1 if state == "FAIL" else 0
+        if fails >= MAX_FAILS_IN_A_ROW:
+            raise NewsloraError(f"{fails} trials in a row failed (see {job.output}/trials/*/error.txt); stopping "
+                                "the search")
+    return ran
+
+
+def _run_trial(study, trial, job: Job, space: Space) -> str:
+    import optuna
+    from optuna.trial import TrialState
+
+    from rich.markup import escape
+
+    from .. import train as train_mod
+    from ..model import count_trainable
+
+    con = _console()
+    out = Path(job.output)
+    run_dir = out / "trials" / str(trial.number)
+    run = Run(run_dir)
+    trial.set_user_attr("run_dir", f"trials/{trial.number}")
+    if run_dir.exists():  # left by an earlier study of the same name whose storage was deleted
+        con.print(f"[yellow]trial {trial.number}: removing stale folder {run_dir}[/yellow]")
+        shutil.rmtree(run_dir)
+    t0 = time.time()
+
+    def finish(state, value=None, reason=None, recipe=None):
+        if reason:
+            trial.set_user_attr("reason", reason)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if recipe is not None and not run.file(Run.RECIPE).exists():
+            run.write_recipe(recipe)
+        info = {"number": trial.number, "study": job.study_name, "state": state.name, "value": value,
+                "params": trial.params, "trainable": trial.user_attrs.get("trainable"), "reason": reason,
+                "duration_s": round(time.time() - t0, 3)}
+        run.write_trial(info)
+        if state == TrialState.COMPLETE:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=state)
+        tag, word = {"COMPLETE": ("green", "complete"), "PRUNED": ("yellow", "pruned"), "FAIL": ("red", "failed")}[
+            state.name]
+        shown = f" validation {job.base['train']['metric']}={value:.4f}" if value is not None else ""
+        con.print(f"[{tag}]trial {trial.number} {word}[/{tag}]{shown}"
+                  f"{escape(' - ' + reason) if reason else ''}  params: {escape(_short(trial.params))}",
+                  highlight=False)
+        return state.name
+
+    try:
+        params = space.suggest(trial)
+        recipe = trial_recipe(job.base, params, f"{job.study_name}-t{trial.number}")
+        b = count_trainable(recipe, job.label_names)
+    except NewsloraError as e:
+        return finish(TrialState.FAIL, reason=f"invalid recipe: {e}")
+    trial.set_user_attr("trainable", b.total)
+    if not b.fits:
+        return finish(TrialState.PRUNED, recipe=recipe,
+                      reason=f"over budget: {b.total:,} trainable > budget.max_params={b.budget:,} (not trained)")
+    metric = recipe.train.metric
+    callback = make_pruning_callback(trial, metric)
+    try:
+        res = train_mod.train(recipe, run_dir=run_dir, extra_callbacks=[callback], evaluate_test=False)
+    except optuna.TrialPruned as e:
+        _mark_run(run_dir, "pruned", pruned=str(e))
+        return finish(TrialState.PRUNED, reason=str(e))
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)
+        finish(TrialState.FAIL, reason="interrupted")
+        raise
+    except NewsloraError as e:
+        _mark_run(run_dir, "failed", error=str(e))
+        return finish(TrialState.FAIL, reason=str(e), recipe=recipe)
+    except Exception as e:  # one broken trial must not end the study
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run.write_error(traceback.format_exc())
+        _mark_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        return finish(TrialState.FAIL, reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                      recipe=recipe)
+    if metric == "loss":
+        values = [v for _, v in callback.history]
+        value = min(values) if values else float("nan")
+    else:
+        value = float(res.eval["validation"][metric])
+    return finish(TrialState.COMPLETE, value=value)
+
+
+def _mark_run(run_dir: Path, status: str, **extra) -> None:
+    """Record a trial that stopped early in its run folder; its checkpoints are of no further use."""
+    Run(run_dir).mark_stopped(status, datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
+
+
+def _short(params: dict) -> str:
+    return ", ".join(f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in params.items())
+
+
+def _worker_main(job: Job) -> None:  # entry point of a spawned worker process
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        run_worker(job)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except NewsloraError as e:
+        _console().print(f"[bold red]worker {job.worker}: error:[/bold red] {e}", highlight=False)
+        sys.exit(2)
+
+
+def _run_processes(jobs: list[Job]) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(job,), name=f"newslora-search-{job.worker}") for job in jobs]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them record their trials
+        for p in procs:
+            p.join(timeout=60)
+        raise
+    bad = [(p.name, p.exitcode) for p in procs if p.exitcode]
+    if any(code == 130 for _, code in bad):
+        raise KeyboardInterrupt
+    if bad:
+        raise NewsloraError(f"search worker(s) failed: {', '.join(f'{n} (exit {c})' for n, c in bad)}")

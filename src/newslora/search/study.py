@@ -1,0 +1,157 @@
+"""The study's lifecycle: create or continue it (same base recipe and direction), enqueue the baseline, fail
+trials a crashed process left running, start the workers, and write the results (also when interrupted)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+
+import yaml
+
+from ..config import Recipe
+from ..errors import NewsloraError
+from .results import SearchResult, write_results
+from .runner import Job, _console, _run_processes, counted, open_storage, run_worker, trial_recipe
+from .space import Space, _pruner_spec, load_space
+
+
+def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, workers: int = 1,
+           storage: str | None = None, study_name: str | None = None, output: str | Path | None = None,
+           pruner: str | None = None, seed: int | None = None) -> SearchResult:
+    """Run (or continue) a study until it holds ``n_trials`` trials, then write the study folder."""
+    import optuna
+
+    if n_trials < 1:
+        raise NewsloraError(f"--trials {n_trials}: give a total of at least 1 trial")
+    if workers < 1:
+        raise NewsloraError(f"--workers {workers}: give at least 1")
+    space = space if isinstance(space, Space) else load_space(space, recipe)
+    if pruner is not None:
+        _pruner_spec(pruner, "--pruner")
+        space.pruner = pruner
+    study_name = study_name or recipe.name
+    if not study_name or "/" in study_name:
+        raise NewsloraError(f"--study {study_name!r}: use a plain name such as 'minilm-lr'")
+    out = (Path(output) if output is not None else Path("studies") / study_name).resolve()
+    storage_url = storage or f"sqlite:///{out / 'study.db'}"
+    seed = seed if seed is not None else (space.seed if space.seed is not None else recipe.train.seed)
+    base = recipe.to_dict()
+    direction = "minimize" if recipe.train.metric == "loss" else "maximize"
+
+    # everything cheap that can fail, before any trial: trial recipe, data (train/validation only), labels
+    from ..data import load_splits
+
+    probe = trial_recipe(base, {}, f"{study_name}-t0")
+    label_names = load_splits(probe.data).label_names
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction=direction,
+                                    load_if_exists=True)
+    except Exception as e:  # a bad URL, an unreachable server
+        raise NewsloraError(f"cannot open study storage {storage_url}: {str(e).splitlines()[0]}") from None
+    _check_same_study(study, base, space, direction, storage_url)
+    con = _console()
+    existing = study.get_trials(deepcopy=False)
+    if not existing:
+        study.set_user_attr("base_recipe", yaml.safe_dump(_comparable(base), sort_keys=True))
+        study.set_user_attr("space", json.dumps(space.raw, default=str))
+        study.set_user_attr("metric", recipe.train.metric)
+    else:
+        con.print(f"continuing study {study_name!r}: {len(existing)} trials so far")
+    _fail_stale_trials(study)
+    existing = study.get_trials(deepcopy=False)
+    # the baseline (the base recipe's own values) runs once; again only if it was interrupted
+    if space.baseline and not any(t.user_attrs.get("baseline") and (counted(t) or t.state.name == "WAITING")
+                                  for t in existing):
+        enc = space.encode(base)
+        if enc is not None:
+            study.enqueue_trial(enc, user_attrs={"baseline": True})
+        elif not existing:
+            con.print("[yellow]note: the space cannot express the base recipe's values; no baseline trial[/yellow]")
+    (out / "base.yaml").write_text(recipe.to_yaml())
+    (out / "space.yaml").write_text(yaml.safe_dump(space.raw, sort_keys=False))
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers) if workers > 1 else None
+    jobs = [Job(study_name, storage_url, str(out), base, space.raw, n_trials, label_names, seed, space.pruner, w,
+                threads) for w in range(workers)]
+    try:
+        if workers == 1:
+            run_worker(jobs[0])
+        else:
+            _run_processes(jobs)
+    except BaseException:  # Ctrl-C or an error: the table and best recipe still show what finished
+        with contextlib.suppress(Exception):
+            write_results(study_name, storage_url, out, recipe, space, final=False)
+        raise
+    return write_results(study_name, storage_url, out, recipe, space)
+
+
+def _comparable(base: dict) -> dict:
+    d = copy.deepcopy(base)
+    d.pop("name", None)
+    d["train"].pop("threads", None)
+    return d
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and prefix.count(".") < 1:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_study(study, base: dict, space: Space, direction: str, url: str) -> None:
+    if not study.get_trials(deepcopy=False) and "base_recipe" not in study.user_attrs:
+        return
+    if study.direction.name.lower() != direction:
+        raise NewsloraError(f"study {study.study_name!r} in {url} was created to {study.direction.name.lower()}; "
+                            f"this recipe's train.metric needs {direction}: use another --study")
+    old = study.user_attrs.get("base_recipe")
+    if old is not None:
+        before, now = _flat(yaml.safe_load(old)), _flat(_comparable(base))
+        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if diff:
+            raise NewsloraError(f"study {study.study_name!r} was started from a different base recipe (differs in "
+                                f"{', '.join(diff[:6])}); continue it with the same --config and overrides, or start "
+                                f"a new one with --study NAME")
+    old_space = study.user_attrs.get("space")
+    if old_space is not None and json.loads(old_space) != json.loads(json.dumps(space.raw, default=str)):
+        _console().print("[yellow]note: the search space changed since this study started; earlier trials keep "
+                         "their old parameters[/yellow]")
+
+
+def _fail_stale_trials(study) -> None:
+    """Trials left RUNNING by a crashed or killed process on this machine are failed (and not counted).
+
+    Custom: Optuna's heartbeat (``RDBStorage(heartbeat_interval=...)`` + ``fail_stale_trials``) is driven by the
+    thread ``study.optimize`` starts; trials here are ask/tell (so workers can share the exact --trials count), and
+    a trial's host and pid, recorded when it is claimed, tell whether its process still runs."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") == host and pid is not None and not _alive(pid):
+            _console().print(f"[yellow]trial {t.number}: its process ended without reporting; marked failed[/yellow]")
+            study.tell(t.number, state=TrialState.FAIL)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
