@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 from conftest import ROBERTA, TINY, tiny_overrides
 
 from newslora.config import load_recipe
+from newslora.errors import NewsloraError
 from newslora.export import CHECK_TEXTS, export
 from newslora.predict import load_classifier
 from newslora.train import train
@@ -254,3 +255,36 @@ def test_loraplus_optimizer_gives_b_a_larger_lr(tiny_recipe):
     b = {lr for n, lr in lr_of.items() if "lora_B" in n}
     assert a == {recipe.train.lr} and b == {8 * recipe.train.lr}
     assert set(lr_of) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_a_new_method_is_one_class_registered_nowhere_else(monkeypatch, tmp_path):
+    """What a method module does (newslora/methods/<name>.py): subclass Method and register it. Nothing else
+    changes, yet the method validates, counts exactly, trains, reloads and appears in the error of a wrong name."""
+    from newslora import methods
+    from newslora.methods import base
+    from newslora.methods.lora import Lora
+    from newslora.model import build_model, count_trainable
+
+    class OrthogonalLora(Lora):  # LoRA whose A and B start orthogonal (PEFT's init_lora_weights="orthogonal")
+        name, display, order = "orthogonal-lora", "orthogonal LoRA", 50
+
+        def init_weights(self, for_count):
+            return True if for_count else "orthogonal"
+
+    monkeypatch.setitem(base._METHODS, "orthogonal-lora", OrthogonalLora())
+    with pytest.raises(NewsloraError, match="choose one of: .*orthogonal-lora"):
+        load_recipe(None, tiny_overrides(method="orthogonal-lorax"))
+    recipe = load_recipe(None, tiny_overrides(method="orthogonal-lora", **{"lora.r": 4}))
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    model, built = build_model(recipe, names)
+    assert count_trainable(recipe, names).total == built.total
+    b = model.base_model.model.roberta.encoder.layer[0].attention.self.query.lora_B["default"].weight
+    assert b.abs().sum() > 0  # orthogonal start, not LoRA's zero B
+    grab = Grab()
+    run_dir = train(recipe, run_dir=tmp_path / "run", extra_callbacks=[grab]).run_dir
+    clf = load_classifier(run_dir)
+    assert torch.allclose(logits(clf.model, clf.tokenizer), logits(grab.model, clf.tokenizer), atol=1e-5)
+    assert methods.get("orthogonal-lora").display == "orthogonal LoRA"

@@ -23,7 +23,7 @@ from .methods.adalora import AdaLoraSection  # noqa: F401 - re-exported: the sec
 from .methods.lora import LoraSection  # noqa: F401
 from .methods.vera import VeraSection  # noqa: F401
 
-METHODS = methods.names()  # every registered method (newslora.methods)
+METHODS = methods.names()  # the methods newslora ships (newslora.methods; the registry is the authority)
 # short backbone names newslora accepts, with the hub id of the same model (model cards, adapter configs)
 BACKBONE_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
                     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -167,11 +167,12 @@ class _RecipeMethods:
     def check(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise NewsloraError(f"name={self.name!r}: use a plain folder name such as 'lora-r8'")
+        method = methods.get(self.method)  # one line naming the valid choices
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.check()
-        methods.get(self.method).check_recipe(self)
+        method.check_recipe(self)
         if self.model.quantization != "none" and self.model.random_init:
             raise NewsloraError(f"model.quantization={self.model.quantization} quantizes pretrained weights; it "
                                 "does not combine with model.random_init=true")
@@ -187,7 +188,7 @@ class _RecipeMethods:
 Recipe = dataclasses.make_dataclass(
     "Recipe",
     [("name", str, field(default="run")),
-     ("method", Literal[METHODS], field(default="lora")),  # type: ignore[valid-type]
+     ("method", str, field(default="lora")),  # a registered method (checked against the registry in check())
      ("model", ModelConfig, field(default_factory=ModelConfig)),
      ("data", DataConfig, field(default_factory=DataConfig)),
      *[(name, cls, field(default_factory=cls)) for name, cls in methods.sections()],
@@ -240,12 +241,17 @@ def apply_override(data: dict, item: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    set_key(data, key.strip(), value, f"override {item!r}")
+
+
+def set_key(data: dict, key: str, value, where: str = "recipe") -> None:
+    """Set the dotted recipe key ``a.b.c`` in a recipe mapping, in place (overrides, search trials)."""
     node = data
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise NewsloraError(f"override {item!r}: {p} is not a section")
+            raise NewsloraError(f"{where}: {p} is not a section")
     node[parts[-1]] = value
 
 

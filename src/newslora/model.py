@@ -2,7 +2,9 @@
 
 The same :func:`build_model` serves training and counting: :func:`count_trainable` builds the model on
 PyTorch's meta device (no weights loaded, no memory used), so the count printed before training is
-the count of the model that trains.
+the count of the model that trains. The module is longer than most (about 470 lines) for that reason: loading the
+backbone, attaching the adapter and counting it exactly (auto_fit included) are one piece of knowledge; what is
+specific to a method lives in :mod:`newslora.methods`.
 """
 from __future__ import annotations
 

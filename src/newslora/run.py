@@ -78,6 +78,7 @@ class Run:
     HEAD_INIT = "head_init.safetensors"
     PISSA_INIT = "pissa_init"
     RANKS = "adalora_ranks.csv"
+    RANKS_PLOT = "adalora_ranks.png"  # in plots/
     RANK_PATTERN = "adalora_rank_pattern.json"
     DISTILL = "distill.json"
     TRIAL = "trial.json"

@@ -2,13 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
-
 from ..errors import NewsloraError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import Recipe
-    from ..run import Run
 
 _METHODS: dict[str, "Method"] = {}
 _SECTIONS: dict[str, tuple[int, type]] = {}
@@ -20,7 +14,9 @@ def positive(key: str, value) -> None:
 
 
 class Method:
-    """One fine-tuning method. Subclasses override what differs; the defaults are plain LoRA's."""
+    """One fine-tuning method. Subclasses override what differs; the defaults are plain LoRA's. Hooks get the
+    recipe (:class:`newslora.config.Recipe`) and the run folder (:class:`newslora.run.Run`); neither module is
+    imported here, since the recipe model is built from the sections the methods register."""
 
     name: str = ""
     display: str = ""  # how model cards name it
@@ -39,46 +35,46 @@ class Method:
     def rank_key(self) -> str:
         return f"{self.section}.{self.rank_attr}"
 
-    def get_rank(self, recipe: "Recipe") -> int:
+    def get_rank(self, recipe) -> int:
         return getattr(getattr(recipe, self.section), self.rank_attr)
 
-    def set_rank(self, recipe: "Recipe", r: int) -> None:
+    def set_rank(self, recipe, r: int) -> None:
         setattr(getattr(recipe, self.section), self.rank_attr, int(r))
 
-    def min_rank(self, recipe: "Recipe") -> tuple[int, str]:
+    def min_rank(self, recipe) -> tuple[int, str]:
         """The smallest rank ``budget.auto_fit`` may choose, and why (empty: no reason beyond rank >= 1)."""
         return 1, ""
 
     # ------------------------------------------------------------------ recipe and model
 
-    def check_recipe(self, recipe: "Recipe") -> None:
+    def check_recipe(self, recipe) -> None:
         """Rules that combine the method with other sections (one NewsloraError line)."""
 
-    def check_schedule(self, recipe: "Recipe", total_steps: int) -> None:
+    def check_schedule(self, recipe, total_steps: int) -> None:
         """Checks that need the run's optimizer-step count (before the run folder exists)."""
 
-    def peft_config(self, recipe: "Recipe", common: dict, total_steps: int | None, for_count: bool):
+    def peft_config(self, recipe, common: dict, total_steps: int | None, for_count: bool):
         """The PEFT config. ``common``: target_modules, modules_to_save, task_type (and the head's rank_pattern).
         ``for_count``: built on the meta device for counting, so no data-dependent initialisation."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ training hooks
 
-    def optimizer(self, model, recipe: "Recipe"):
+    def optimizer(self, model, recipe):
         """An optimizer for the Trainer, or None for the Trainer's own (``train.optimizer``)."""
         return None
 
-    def callbacks(self, run: "Run", total_steps: int) -> list:
+    def callbacks(self, run, total_steps: int) -> list:
         return []
 
-    def before_train(self, model, run: "Run", resuming: bool) -> None:
+    def before_train(self, model, run, resuming: bool) -> None:
         """Called once the adapter is attached, before the first step."""
 
-    def after_train(self, model, run: "Run", global_step: int, callbacks: list) -> dict | None:
+    def after_train(self, model, run, global_step: int, callbacks: list) -> dict | None:
         """Called when training ends; a returned mapping is recorded in run.json under the method's name."""
         return None
 
-    def save_adapter(self, model, run: "Run") -> None:
+    def save_adapter(self, model, run) -> None:
         """PEFT ``save_pretrained`` into the run's adapter folder."""
         with warnings.catch_warnings():  # a module pruned to rank 0 (AdaLoRA) has empty tensors: PEFT warns
             warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")

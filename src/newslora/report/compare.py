@@ -64,7 +64,7 @@ def _markdown(rows: list[dict]) -> str:
 
 def _run_plots(run: _Run) -> list[Path]:
     plots = Run(run.path).plots_dir
-    wanted = [*KEY_PLOTS, *(["adalora_ranks.png"] if run.ranks is not None else [])]
+    wanted = [*KEY_PLOTS, *([Run.RANKS_PLOT] if run.ranks is not None else [])]
     if not all((plots / name).is_file() for name in wanted):
         plot_run(run.path)
     return [plots / name for name in wanted if (plots / name).is_file()]

@@ -216,7 +216,7 @@ _PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
     ("confusion_test.png", _plot_confusion),
     ("per_class_f1.png", _plot_per_class_f1),
     ("label_distribution.png", _plot_label_distribution),
-    ("adalora_ranks.png", _plot_adalora_ranks),
+    (Run.RANKS_PLOT, _plot_adalora_ranks),
 ]
 
 

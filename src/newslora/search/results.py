@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..config import Recipe, recipe_from_dict
+from ..config import Recipe, recipe_from_dict, set_key
 from ..run import Run, write_json
 from .runner import _console, open_storage
-from .space import Space, _set
+from .space import Space
 
 
 @dataclass
@@ -123,7 +123,7 @@ def best_recipe(base: Recipe, space: Space, stored_params: dict, name: str) -> R
     """The base recipe with the trial's values: data.test as in the base, so it is ready to train and test."""
     d = base.to_dict()
     for key, value in space.decode(stored_params).items():
-        _set(d, key, value)
+        set_key(d, key, value)
     d["name"] = name
     return recipe_from_dict(d)
 

@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..config import Recipe, recipe_from_dict
+from ..config import Recipe, recipe_from_dict, set_key
 from ..errors import NewsloraError
 from ..run import Run
-from .space import Space, _set, load_space, make_pruner, make_sampler
+from .space import Space, load_space, make_pruner, make_sampler
 
 
 MAX_FAILS_IN_A_ROW = 3
@@ -29,7 +29,7 @@ def trial_recipe(base_dict: dict, params: dict, name: str) -> Recipe:
     """The recipe of one trial: base + sampled values, with the test set switched off."""
     d = copy.deepcopy(base_dict)
     for key, value in params.items():
-        _set(d, key, value)
+        set_key(d, key, value)
     d["name"] = name
     d["data"]["test"] = None
     d["data"]["source"] = _train_only_source(d["data"]["source"])

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Recipe, read_yaml_mapping, recipe_from_dict, unknown_key_message
+from ..config import Recipe, read_yaml_mapping, recipe_from_dict, set_key, unknown_key_message
 from ..errors import NewsloraError
 
 
@@ -241,7 +241,7 @@ def _base_type(tp):
 def _check_value(base_dict: dict, key: str, value, what: str):
     """The value as the recipe stores it; NewsloraError when the base recipe with this value is invalid."""
     d = copy.deepcopy(base_dict)
-    _set(d, key, value)
+    set_key(d, key, value)
     try:
         r = recipe_from_dict(d)
     except NewsloraError as e:
@@ -253,13 +253,6 @@ def _get(d: dict, key: str):
     for part in key.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
-
-
-def _set(d: dict, key: str, value) -> None:
-    parts = key.split(".")
-    for part in parts[:-1]:
-        d = d.setdefault(part, {})
-    d[parts[-1]] = value
 
 
 def _pruner_spec(spec, where: str = "search space") -> tuple[str, dict]:
