@@ -93,6 +93,8 @@ def test_create_and_open_refuse_what_they_cannot_use(tmp_path):
     (busy / Run.RECIPE).write_text("name: x\n")
     with pytest.raises(NewsloraError, match="did not finish"):
         Run.open(busy, need="adapter")
+    r = cli("report", tmp_path / "nope", "--output", tmp_path / "rep")  # one line, exit 2, no traceback
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
     assert Run.create(None, "demo", root=tmp_path).path == tmp_path / "demo"
     (tmp_path / "demo").mkdir()
     assert Run.create(None, "demo", root=tmp_path).path == tmp_path / "demo-2"
