@@ -49,6 +49,7 @@ def test_every_shipped_config_validates():
     ("lora.dropout=1.5", ["lora.dropout", "[0, 1)"]),
     ("train.precision=fp8", ["train.precision", "bf16"]),
     ("train.lr=-1", ["train.lr"]),
+    ("train.label_smoothing=1", ["train.label_smoothing", "[0, 1)"]),
     ("data.validation_size=0", ["data.validation_size"]),
     ("adalora.target_r=20", ["adalora.target_r", "init_r"]),
     ("model.random_init=maybe", ["model.random_init", "true or false"]),

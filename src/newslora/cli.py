@@ -86,6 +86,26 @@ def budget(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = 
 
 
 @command()
+def baseline(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = ConfigOpt,
+             output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON")):
+    """TF-IDF + logistic regression on a recipe's own training rows: the figure a recipe has to beat."""
+    from .baseline import tfidf_baseline
+    from .config import load_recipe
+    from .data import load_splits
+
+    recipe = load_recipe(config, overrides or [])
+    res = tfidf_baseline(load_splits(recipe.data), seed=recipe.train.seed)
+    parts = [f"{s} accuracy {res[s]['accuracy']:.4f} ({res[s]['n']} rows)" for s in ("validation", "test") if s in res]
+    out.print(f"tfidf+logreg on {res['train_rows']} training rows: {', '.join(parts)}; "
+              f"fitted in {res['train_seconds']:.1f} s", highlight=False)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(output)
+
+
+@command()
 def evaluate(model: Path = typer.Argument(..., help="run folder or merged model folder"),
              data: Path = typer.Option(..., "--data", help="labelled file (CSV/TSV/JSONL/parquet, or classic AG News CSV)"),
              text_column: str = "text", label_column: str = "label",

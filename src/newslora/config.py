@@ -59,6 +59,7 @@ class ModelConfig:
 class DataConfig:
     source: str = "ag_news"  # hub dataset id, or a local file / folder with train (and test) files
     test: str | None = None  # a separate labelled test file; default: the source's test split
+    validation: str | None = None  # a separate labelled validation file; default: carved from train (validation_size)
     text_column: str = "text"
     label_column: str = "label"
     label_names: list[str] | None = None
@@ -111,6 +112,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     grad_accum: int = 1
     weight_decay: float = 0.01
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (the Trainer's label_smoothing_factor)
     warmup: float = 0.06  # fraction of the optimizer steps (<1) or a step count (>=1)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -142,6 +144,8 @@ class TrainConfig:
                 _positive(f"train.{k}", getattr(self, k))
         if self.weight_decay < 0:
             raise NewsloraError(f"train.weight_decay={self.weight_decay} must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise NewsloraError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.dataloader_workers < 0:
             raise NewsloraError(f"train.dataloader_workers={self.dataloader_workers} must be >= 0 (0: load batches in "
                                 "the main process)")

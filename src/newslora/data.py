@@ -206,7 +206,12 @@ def load_splits(cfg: DataConfig) -> Splits:
         test, _ = encode_labels(test, names, f"{cfg.test or cfg.source} (test)")
         if cfg.max_test_samples:
             test = _stratified_head(test, cfg.max_test_samples, cfg.seed)
-    train, validation = _split(train, cfg)
+    if cfg.validation:
+        validation = check_texts(read_table(cfg.validation, cfg.text_column, cfg.label_column),
+                                 f"{cfg.validation} (validation)")
+        validation, _ = encode_labels(validation, names, f"{cfg.validation} (validation)")
+    else:
+        train, validation = _split(train, cfg)
     if cfg.max_train_samples:
         train = _stratified_head(train, cfg.max_train_samples, cfg.seed)
     return Splits(train.reset_index(drop=True), validation.reset_index(drop=True),

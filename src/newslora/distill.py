@@ -351,7 +351,7 @@ class Distiller(TrainHook):
         same = ["text_column", "label_column", "label_names", "validation_size", "max_test_samples", "seed"]
         if any(getattr(theirs, k) != getattr(mine, k) for k in same):
             return None
-        if any(_norm(getattr(theirs, k)) != _norm(getattr(mine, k)) for k in ("source", "test")):
+        if any(_norm(getattr(theirs, k)) != _norm(getattr(mine, k)) for k in ("source", "test", "validation")):
             return None
         if any(s not in ev or ev[s].get("n") != len(df) for s, df in splits.items()):
             return None

@@ -1,0 +1,438 @@
+"""Accuracy under the budget: newslora recipes beside the baselines, on one fixed protocol.
+
+    HF_HUB_OFFLINE=1 python bench/accuracy.py                         # the default table (see RECIPES)
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,all-r24 --seeds 2
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --list                  # the recipes it knows
+
+Protocol (the same rows for every recipe, baselines included):
+- train: ``../shared/data/ag_news/train_sample.csv`` minus every row whose text also appears in the test set
+  (normalised: case and whitespace), minus a seeded, stratified 2,000-row validation split, minus training rows
+  whose text appears in that validation split. ``--rows N`` keeps a stratified N-row subset for quick runs.
+- validation: the 2,000 rows; every choice (checkpoint, hyper-parameter, lever) is made on it.
+- test: the official 7,600 rows, evaluated only for recipes marked ``final`` (the baselines and the shipped
+  recipes). Lever recipes report validation only.
+The split is written once to ``WORKDIR/data/{train,validation,test}.csv`` (with a manifest); every recipe reads
+those files, so the baselines and newslora see the same rows.
+
+Recipes:
+- ``tfidf``: ``newslora.baseline`` (TF-IDF words + characters, logistic regression), one fixed configuration.
+- ``plain``: what a user writes by hand: HF ``Trainer`` + PEFT LoRA r=8 on query/value, lr 1e-3, batch 32,
+  max_length 128, 1 epoch, ``DataCollatorWithPadding``, the Trainer's defaults otherwise.
+- everything else: ``newslora train --config ... overrides`` in a subprocess, read back from its run folder
+  (run.json, eval.json), then ``newslora predict`` on the validation file for paired comparisons.
+
+A finished recipe/seed is never retrained (its result file is reused); an interrupted newslora run continues
+with ``--resume``. The table goes to stdout and between the markers of ``bench/ACCURACY.md``.
+
+Paired comparison: for every newslora recipe and seed, the validation predictions are compared row by row
+with those of ``--reference`` (same seed): the difference in accuracy and its standard error (the spread of
+the per-row differences). A lever counts when the difference is >= 0.5 pt and >= 2 standard errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NEWSLORA_SHARED", REPO.parent / "shared"))
+TRAIN_CSV = SHARED / "data" / "ag_news" / "train_sample.csv"
+TEST_CSV = SHARED / "data" / "ag_news" / "test.csv"
+MARK_BEGIN, MARK_END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# ----------------------------------------------------------------------------- recipes
+
+# MiniLM, LoRA on all six linear kinds at the largest rank that fits (r=24: 996,868), 1 epoch: the reference
+# every lever is compared against (one change at a time).
+ALL = ["model.backbone=minilm", "model.max_length=128", "lora.target_modules=[query,key,value,attention.output.dense,"
+       "intermediate.dense,output.dense]", "lora.r=24", "lora.alpha=48", "lora.dropout=0.1", "train.lr=5e-4",
+       "train.epochs=1", "train.batch_size=32", "train.eval_batch_size=256", "train.eval_steps=null",
+       "train.early_stopping_patience=null", "train.logging_steps=50"]
+
+RECIPES: dict[str, dict] = {
+    "tfidf": {"kind": "tfidf", "final": True, "what": "TF-IDF words 1-2 + chars 2-5, logistic regression"},
+    "plain": {"kind": "plain", "final": True, "what": "HF Trainer + PEFT: LoRA r=8 query/value, lr 1e-3, 1 epoch"},
+    "qv-r8": {"config": "configs/demo.yaml", "what": "newslora, the plain recipe's settings (r=8 query/value, "
+              "lr 1e-3, 1 epoch, max_length 128)",
+              "overrides": ["model.max_length=128", "train.eval_steps=null", "train.early_stopping_patience=null",
+                            "train.eval_batch_size=256", "train.logging_steps=50"]},
+    "all-r24": {"config": "configs/demo.yaml", "overrides": ALL, "what": "all six linear kinds, r=24, alpha 48, "
+                "lr 5e-4, 1 epoch"},
+    "all-lr1e-3": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.lr=1e-3"], "what": "lr 1e-3"},
+    "all-lr2e-3": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.lr=2e-3"], "what": "lr 2e-3"},
+    "all-loraplus": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=loraplus"],
+                     "what": "LoRA+ (lr of B = 16 x lr of A)"},
+    "all-rslora": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=rslora"],
+                   "what": "rsLoRA (scale alpha/sqrt(r))"},
+    "all-dora": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=dora", "budget.auto_fit=true"],
+                 "what": "DoRA (magnitude vectors; rank auto-fitted)"},
+    "all-pissa": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=pissa"], "what": "PiSSA init"},
+    "all-bias": {"config": "configs/demo.yaml", "overrides": [*ALL, "lora.bias=all", "budget.auto_fit=true"],
+                 "what": "biases trained (rank auto-fitted)"},
+    "all-ls0.1": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.label_smoothing=0.1"],
+                  "what": "label smoothing 0.1"},
+    "all-warmup0.1": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.warmup=0.1"], "what": "10% warmup"},
+    "all-cosine": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.scheduler=cosine"],
+                   "what": "cosine decay"},
+    "all-ml64": {"config": "configs/demo.yaml", "overrides": [*ALL, "model.max_length=64"], "what": "max_length 64"},
+    "all-ep2": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=2"], "what": "2 epochs"},
+    "all-ep3": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=3"], "what": "3 epochs"},
+    "qv-autofit": {"config": "configs/demo.yaml", "overrides": [*ALL, "lora.target_modules=[query,value]",
+                                                                "budget.auto_fit=true"],
+                   "what": "query/value only, rank auto-fitted"},
+    "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
+             "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
+                           "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
+                           "num_attention_heads: 2}", "model.max_length=32", "train.max_steps=4",
+                           "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
+                           "train.batch_size=8", "train.eval_batch_size=64"]},
+}
+DEFAULT = ["tfidf", "plain", "all-r24", "all-lr1e-3", "all-loraplus", "all-rslora", "all-ep2", "all-ls0.1",
+           "all-dora", "all-ml64", "qv-r8"]
+
+
+# ----------------------------------------------------------------------------- the split
+
+
+def normalise(texts):
+    return texts.astype(str).str.lower().str.replace(r"\s+", " ", regex=True).str.strip()
+
+
+def prepare_data(workdir: Path, source: Path, test: Path, rows: int | None, val_rows: int, test_rows: int | None,
+                 seed: int = 42) -> dict:
+    """Write the protocol's three files once; later calls with the same options reuse them."""
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    from newslora.data import encode_labels, read_table
+
+    out = workdir / "data"
+    key = {"source": str(source.resolve()), "test": str(test.resolve()), "rows": rows, "val_rows": val_rows,
+           "test_rows": test_rows, "seed": seed}
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text())["key"] == key:
+        return json.loads(manifest.read_text())
+    pool, _ = encode_labels(read_table(source), None, str(source))
+    test_df, _ = encode_labels(read_table(test), None, str(test))
+    pool, test_df = pool[["text", "label"]], test_df[["text", "label"]]
+    if test_rows and test_rows < len(test_df):
+        test_df, _ = train_test_split(test_df, train_size=test_rows, random_state=seed, stratify=test_df["label"])
+    in_test = normalise(pool["text"]).isin(set(normalise(test_df["text"])))
+    pool = pool[~in_test]
+    train, val = train_test_split(pool, test_size=val_rows, random_state=seed, stratify=pool["label"])
+    in_val = normalise(train["text"]).isin(set(normalise(val["text"])))
+    train = train[~in_val]
+    if rows and rows < len(train):
+        train, _ = train_test_split(train, train_size=rows, random_state=seed, stratify=train["label"])
+    check_disjoint(train, val, test_df)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, df in (("train", train), ("validation", val), ("test", test_df)):
+        df.to_csv(tmp / f"{name}.csv", index=False)
+    info = {"key": key, "rows": {"train": len(train), "validation": len(val), "test": len(test_df)},
+            "dropped": {"train_in_test": int(in_test.sum()), "train_in_validation": int(in_val.sum())}}
+    (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return info
+
+
+def check_disjoint(train, val, test) -> None:
+    """No text may be in two splits; a leak is a bug in the protocol, so it stops the bench."""
+    sets = {n: set(normalise(df["text"])) for n, df in (("train", train), ("validation", val), ("test", test))}
+    for a, b in (("train", "test"), ("validation", "test"), ("train", "validation")):
+        common = sets[a] & sets[b]
+        if common:
+            raise SystemExit(f"error: {len(common)} text(s) in both {a} and {b}, e.g. {sorted(common)[0][:80]!r}")
+
+
+# ----------------------------------------------------------------------------- running one recipe
+
+
+def newslora_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("newslora")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "newslora.cli"]
+
+
+def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, log) -> dict:
+    run_dir = workdir / "runs" / f"{name}-s{seed}"
+    result = workdir / "results" / f"{name}-s{seed}.json"
+    final = spec.get("final", False)
+    overrides = [*spec.get("overrides", []), f"name={name}", f"data.source={data / 'train.csv'}",
+                 f"data.validation={data / 'validation.csv'}",
+                 f"data.test={data / 'test.csv'}" if final else "data.test=null",
+                 "data.max_train_samples=null", "data.max_test_samples=null", f"train.seed={seed}"]
+    status = read_json(run_dir / "run.json").get("status")
+    if status == "completed" and (run_dir / "eval.json").is_file():
+        pass  # trained before the result file was written
+    elif run_dir.is_dir() and any((run_dir / "checkpoints").glob("checkpoint-*")):
+        call([*newslora_cli(), "train", "--resume", str(run_dir)], log)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        call([*newslora_cli(), "train", "--config", str(REPO / spec["config"]), *overrides, "--run-dir", str(run_dir)],
+             log)
+    info, ev = read_json(run_dir / "run.json"), read_json(run_dir / "eval.json")
+    preds = workdir / "preds" / f"{name}-s{seed}.csv"
+    call([*newslora_cli(), "predict", str(run_dir), "--input", str(data / "validation.csv"), "--output", str(preds)],
+         log)
+    return {"recipe": name, "seed": seed, "backbone": info.get("backbone"), "trainable": info["trainable"]["total"],
+            "train_rows": info["rows"]["train"], "epochs": read_epochs(run_dir), "steps": info.get("optimizer_steps"),
+            "train_seconds": info.get("train_runtime_s"), "samples_per_second": info.get("train_samples_per_second"),
+            "validation": brief(ev.get("validation")), "test": brief(ev.get("test")),
+            "val_pred": load_preds(preds), "run_dir": str(run_dir)}
+
+
+def read_epochs(run_dir: Path):
+    import yaml
+
+    t = yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("train", {})
+    return t.get("epochs") if t.get("max_steps", -1) <= 0 else f"{t['max_steps']} steps"
+
+
+def run_tfidf(seed: int, data: Path, log) -> dict:
+    from newslora.baseline import tfidf_baseline
+    from newslora.data import AG_NEWS_LABELS, Splits
+
+    import pandas as pd
+
+    frames = {s: pd.read_csv(data / f"{s}.csv") for s in ("train", "validation", "test")}
+    splits = Splits(frames["train"], frames["validation"], frames["test"], list(AG_NEWS_LABELS), str(data))
+    res = tfidf_baseline(splits, seed=seed, keep_predictions=True)
+    pred = res["predictions"]["validation"]
+    return {"recipe": "tfidf", "seed": seed, "backbone": "-", "trainable": None, "train_rows": res["train_rows"],
+            "epochs": "-", "train_seconds": res["train_seconds"], "samples_per_second": res["train_samples_per_second"],
+            "validation": brief(res["validation"]), "test": brief(res["test"]), "val_pred": pred}
+
+
+def run_plain(seed: int, data: Path, workdir: Path, log) -> dict:
+    out = workdir / "results" / f"plain-s{seed}.raw.json"
+    call([sys.executable, __file__, "--plain-worker", json.dumps({"data": str(data), "seed": seed,
+                                                                   "out": str(out), "workdir": str(workdir)})], log)
+    return json.loads(out.read_text())
+
+
+def plain_worker(spec: dict) -> None:
+    """The hand-written recipe, as a user would write it from the HF and PEFT docs."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments, set_seed)
+
+    from newslora.evaluate import classification_metrics
+    from newslora.model import resolve_backbone
+
+    data, seed = Path(spec["data"]), spec["seed"]
+    labels = ["World", "Sports", "Business", "Sci/Tech"]
+    name = resolve_backbone("minilm")
+    tok = AutoTokenizer.from_pretrained(name)
+    ds = {s: Dataset.from_pandas(pd.read_csv(data / f"{s}.csv")).map(
+        lambda b: tok(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
+        for s in ("train", "validation", "test")}
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=len(labels))
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
+                                             target_modules=["query", "value"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    args = TrainingArguments(output_dir=str(Path(spec["workdir"]) / "runs" / f"plain-s{seed}"), learning_rate=1e-3,
+                             per_device_train_batch_size=32, per_device_eval_batch_size=256, num_train_epochs=1,
+                             eval_strategy="no", save_strategy="no", logging_steps=50, report_to="none", seed=seed)
+    trainer = Trainer(model=model, args=args, train_dataset=ds["train"], data_collator=DataCollatorWithPadding(tok),
+                      processing_class=tok)
+    m = trainer.train().metrics
+    res = {"recipe": "plain", "seed": seed, "backbone": "minilm", "trainable": trainable,
+           "train_rows": len(ds["train"]), "epochs": 1, "train_seconds": round(m["train_runtime"], 2),
+           "samples_per_second": m["train_samples_per_second"]}
+    for s in ("validation", "test"):
+        pred = np.asarray(trainer.predict(ds[s]).predictions).argmax(-1)
+        res[s] = brief(classification_metrics(np.asarray(ds[s]["label"]), pred, labels))
+        if s == "validation":
+            res["val_pred"] = pred.tolist()
+    out = Path(spec["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".tmp").write_text(json.dumps(res))
+    out.with_name(out.name + ".tmp").replace(out)
+    print(f"plain: threads {torch.get_num_threads()}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def call(argv: list[str], log) -> None:
+    log.write(f"\n$ {' '.join(argv)}\n")
+    log.flush()
+    rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc != 0:
+        raise RuntimeError(f"exit {rc}: {' '.join(argv[:3])} ... (see the log)")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def brief(m: dict | None) -> dict | None:
+    return None if not m else {k: m[k] for k in ("accuracy", "macro_f1", "n")}
+
+
+def load_preds(path: Path) -> list[int]:
+    import pandas as pd
+
+    return pd.read_csv(path)["Label"].astype(int).tolist()
+
+
+def paired(a: list[int], b: list[int], truth: list[int]) -> tuple[float, float]:
+    """Accuracy of a minus accuracy of b on the same rows, in points, and its standard error."""
+    import numpy as np
+
+    t = np.asarray(truth)
+    d = (np.asarray(a) == t).astype(float) - (np.asarray(b) == t).astype(float)
+    return 100 * d.mean(), 100 * d.std(ddof=1) / np.sqrt(len(d))
+
+
+def stat(values: list[float]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean = statistics.mean(vals)
+    return f"{100 * mean:.2f}" + (f" ± {100 * statistics.stdev(vals):.2f}" if len(vals) > 1 else "")
+
+
+def table(results: list[dict], reference: str, truth: list[int]) -> str:
+    by = {}
+    for r in results:
+        by.setdefault(r["recipe"], []).append(r)
+    ref = {r["seed"]: r for r in by.get(reference, [])}
+    lines = ["| recipe | what | backbone | trainable | rows | epochs | seeds | test acc % | test macro-F1 % | "
+             f"val acc % | Δval vs {reference} (pt ± se) | train s | samples/s |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in by.items():
+        diffs = [paired(r["val_pred"], ref[r["seed"]]["val_pred"], truth) for r in rs
+                 if r.get("val_pred") and r["seed"] in ref and ref[r["seed"]].get("val_pred") and name != reference]
+        delta = "; ".join(f"{d:+.2f} ± {se:.2f}" for d, se in diffs) or "-"
+        secs = [r["train_seconds"] for r in rs if r.get("train_seconds")]
+        sps = [r["samples_per_second"] for r in rs if r.get("samples_per_second")]
+        trainable = f"{rs[0]['trainable']:,}" if rs[0].get("trainable") else "-"
+        cells = [name, RECIPES.get(name, {}).get("what", ""), rs[0]["backbone"], trainable,
+                 f"{rs[0]['train_rows']:,}", str(rs[0]["epochs"]), str(len(rs)),
+                 stat([r["test"]["accuracy"] if r.get("test") else None for r in rs]),
+                 stat([r["test"]["macro_f1"] if r.get("test") else None for r in rs]),
+                 stat([r["validation"]["accuracy"] for r in rs]), delta,
+                 f"{statistics.mean(secs):.0f}" if secs else "-", f"{statistics.mean(sps):.1f}" if sps else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, body: str) -> None:
+    text = path.read_text() if path.is_file() else f"# Accuracy\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    if MARK_BEGIN not in text:
+        text += f"\n{MARK_BEGIN}\n{MARK_END}\n"
+    text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: f"{MARK_BEGIN}\n{body}\n{MARK_END}",
+                  text, flags=re.S)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipes", default=",".join(DEFAULT), help="comma-separated names (see --list)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds 42, 43, ... per recipe")
+    p.add_argument("--rows", type=int, default=None, help="training rows (stratified subset; default all)")
+    p.add_argument("--val-rows", type=int, default=2000)
+    p.add_argument("--test-rows", type=int, default=None, help="test rows (default: all 7,600)")
+    p.add_argument("--source", type=Path, default=TRAIN_CSV)
+    p.add_argument("--test", type=Path, default=TEST_CSV)
+    p.add_argument("--workdir", type=Path, default=REPO / "runs" / "accuracy")
+    p.add_argument("--reference", default="all-r24", help="recipe the paired validation differences are taken against")
+    p.add_argument("--output", type=Path, default=REPO / "bench" / "ACCURACY.md", help="'-' for stdout only")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--plain-worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.plain_worker:
+        plain_worker(json.loads(a.plain_worker))
+        return 0
+    if a.list:
+        for n, s in RECIPES.items():
+            print(f"{n:15s} {'final ' if s.get('final') else ''}{s['what']}")
+        return 0
+    names = [n.strip() for n in a.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        print(f"error: unknown recipe(s) {unknown}; --list shows the {len(RECIPES)} known ones", file=sys.stderr)
+        return 2
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    manifest = prepare_data(a.workdir, a.source, a.test, a.rows, a.val_rows, a.test_rows)
+    data = a.workdir / "data"
+    import pandas as pd
+
+    truth = pd.read_csv(data / "validation.csv")["label"].astype(int).tolist()
+    print(f"protocol: {manifest['rows']} rows; dropped {manifest['dropped']}; workdir {a.workdir}", flush=True)
+    results, failed = [], []
+    with open(a.workdir / "bench.log", "a") as log:
+        for seed in range(42, 42 + a.seeds):
+            for name in names:
+                spec, res_path = RECIPES[name], a.workdir / "results" / f"{name}-s{seed}.json"
+                if res_path.is_file():
+                    results.append(json.loads(res_path.read_text()))
+                    continue
+                t0 = time.time()
+                print(f"[{datetime.now():%H:%M:%S}] {name} seed {seed} ...", flush=True)
+                try:
+                    if spec.get("kind") == "tfidf":
+                        res = run_tfidf(seed, data, log)
+                    elif spec.get("kind") == "plain":
+                        res = run_plain(seed, data, a.workdir, log)
+                    else:
+                        res = run_newslora(name, spec, seed, data, a.workdir, log)
+                except RuntimeError as e:  # one failed recipe must not cost the others' figures
+                    failed.append(f"{name} seed {seed}: {e}")
+                    print(f"  FAILED: {e}", flush=True)
+                    continue
+                res["wall_seconds"] = round(time.time() - t0, 1)
+                res_path.parent.mkdir(parents=True, exist_ok=True)
+                res_path.with_name(res_path.name + ".tmp").write_text(json.dumps(res))
+                res_path.with_name(res_path.name + ".tmp").replace(res_path)
+                results.append(res)
+                print(f"  validation {res['validation']['accuracy']:.4f}"
+                      + (f", test {res['test']['accuracy']:.4f}" if res.get("test") else "")
+                      + f" ({res['wall_seconds']:.0f} s)", flush=True)
+    body = (f"Command: `python bench/accuracy.py --recipes {','.join(names)} --seeds {a.seeds}"
+            + (f" --rows {a.rows}" if a.rows else "") + f"` · commit {commit()} · "
+            f"{datetime.now(timezone.utc):%Y-%m-%d} · rows {manifest['rows']} (dropped {manifest['dropped']})\n\n"
+            + table(results, a.reference, truth))
+    print(body)
+    if str(a.output) != "-":
+        write_markdown(a.output, body)
+    for f in failed:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

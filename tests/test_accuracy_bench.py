@@ -1,0 +1,83 @@
+"""The accuracy benchmark's protocol (bench/accuracy.py) on a tiny model and a few rows."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "ag_news"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("accuracy_bench", REPO / "bench" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A 400-row training pool and a 40-row test set, with two test texts planted in the pool (one re-cased and
+    re-spaced) and one validation-sized block of exact duplicates inside the pool."""
+    pool = pd.read_csv(SHARED / "train_sample.csv").groupby("label").head(100).reset_index(drop=True)
+    test = pd.read_csv(SHARED / "train_sample.csv").groupby("label").tail(10).reset_index(drop=True)
+    planted = pd.DataFrame({"text": [test.text[0], "  " + test.text[1].upper().replace(" ", "   ") + " "],
+                            "label": [test.label[0], test.label[1]]})
+    pool = pd.concat([pool, planted, pool.iloc[:30]], ignore_index=True)
+    (tmp_path / "src").mkdir()
+    pool.to_csv(tmp_path / "src" / "pool.csv", index=False)
+    test.to_csv(tmp_path / "src" / "test.csv", index=False)
+    return tmp_path / "src" / "pool.csv", tmp_path / "src" / "test.csv", planted
+
+
+def test_split_drops_rows_that_are_in_the_test_set(bench, files, tmp_path):
+    pool, test, planted = files
+    info = bench.prepare_data(tmp_path / "work", pool, test, rows=None, val_rows=40, test_rows=None)
+    train = pd.read_csv(tmp_path / "work" / "data" / "train.csv")
+    val = pd.read_csv(tmp_path / "work" / "data" / "validation.csv")
+    norm = set(bench.normalise(pd.read_csv(test).text))
+    assert info["dropped"]["train_in_test"] == 2
+    assert not set(bench.normalise(train.text)) & norm and not set(bench.normalise(val.text)) & norm
+    assert not set(bench.normalise(train.text)) & set(bench.normalise(val.text))
+    assert len(val) == 40 and info["rows"]["train"] == len(train)
+
+
+def test_a_leak_stops_the_bench(bench, files):
+    pool = pd.read_csv(files[0])
+    train, val, test = pool.iloc[:50], pool.iloc[100:120], pool.iloc[[7]].assign(text=lambda d: d.text.str.upper())
+    with pytest.raises(SystemExit, match="1 text.* in both train and test"):
+        bench.check_disjoint(train, val, test)
+    bench.check_disjoint(train, val, pool.iloc[[60]])  # disjoint: passes
+
+
+def test_baselines_and_newslora_see_the_same_rows_and_finished_recipes_are_reused(bench, files, tmp_path):
+    pool, test, _ = files
+    work = tmp_path / "work"
+    args = ["--recipes", "tfidf,tiny", "--rows", "48", "--val-rows", "40", "--source", str(pool), "--test", str(test),
+            "--workdir", str(work), "--reference", "tiny", "--output", str(tmp_path / "ACCURACY.md")]
+    assert bench.main(args) == 0
+    tfidf = json.loads((work / "results" / "tfidf-s42.json").read_text())
+    tiny = json.loads((work / "results" / "tiny-s42.json").read_text())
+    run = json.loads((work / "runs" / "tiny-s42" / "run.json").read_text())
+    assert tfidf["train_rows"] == tiny["train_rows"] == run["rows"]["train"] == 48
+    assert run["rows"]["validation"] == 40 and run["rows"]["test"] == 0  # a lever recipe never sees the test set
+    assert tfidf["test"]["n"] == 40 and tiny["test"] is None
+    assert len(tiny["val_pred"]) == len(tfidf["val_pred"]) == 40
+    md = (tmp_path / "ACCURACY.md").read_text()
+    assert "| tfidf |" in md and "| tiny |" in md
+
+    stamp = (work / "runs" / "tiny-s42" / "run.json").stat().st_mtime_ns
+    log_size = (work / "bench.log").stat().st_size
+    assert bench.main(args) == 0  # everything is reused: no training, no prediction
+    assert (work / "runs" / "tiny-s42" / "run.json").stat().st_mtime_ns == stamp
+    assert (work / "bench.log").stat().st_size == log_size
+
+
+def test_an_unknown_recipe_is_refused(bench, tmp_path, capsys):
+    assert bench.main(["--recipes", "nope", "--workdir", str(tmp_path / "w"), "--output", "-"]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
