@@ -284,3 +284,16 @@ def test_tiny_family_trains_reloads_and_exports(kind, folder, tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(**enc).logits.softmax(-1), torch.as_tensor(probs, dtype=torch.float32),
                               atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, count", [
+    (["--config", "configs/targeted.yaml", "lora.target_modules=[q,k,o,ffn_out]"], 973_828),  # auto_fit: r=9
+    (["head.type=lora", "head.r=8", "lora.target_modules=[q,v]"], 15_364 + 24 * 8 * 1_536),
+])
+def test_roberta_base_seed_settings_with_neutral_names(extra, count):
+    from conftest import REPO
+
+    args = [str(REPO / a) if a.startswith("configs/") else a for a in extra]
+    r = cli("budget", *args, f"model.backbone={ROBERTA}", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["trainable"] == count
