@@ -75,15 +75,17 @@ class Server:
     def rss(self) -> float:
         return rss_mib(self.proc.pid)
 
-    def stop(self) -> int:
-        self.proc.terminate()  # SIGTERM: graceful shutdown
+    def stop(self) -> str:
+        """SIGTERM, then how it ended (uvicorn re-raises the signal after its graceful shutdown: exit -15)."""
+        self.proc.terminate()
         try:
             rc = self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = -9
         self.log.close()
-        return rc
+        graceful = "Application shutdown complete" in Path(self.log.name).read_text()
+        return f"exit {rc}, {'graceful shutdown completed' if graceful else 'NO graceful shutdown'}"
 
 
 async def load(url: str, bodies: list[dict], concurrency: int, timeout: float = 120) -> dict:
@@ -171,8 +173,7 @@ def main() -> None:
                       f"{r['requests_per_s']:.1f} req/s, RSS after warm-up {rss_warm:.0f} MiB -> end "
                       f"{r['rss_end_mib']:.0f} MiB ({r['rss_growth_mib']:+.0f} MiB)", flush=True)
         finally:
-            rc = server.stop()
-            print(f"server {mode} stopped by SIGTERM, exit code {rc}", flush=True)
+            print(f"server {mode} stopped by SIGTERM: {server.stop()}", flush=True)
 
     if a.overload:
         server = Server(a.model, "--batching", "--max-queue", "4", log=logdir / "newslora-serve-overload.log")
@@ -189,7 +190,7 @@ def main() -> None:
                   f"{r['transport_errors']}, 503 with Retry-After {r['retry_after_503']}, {r['seconds']:.1f} s; "
                   f"healthy after: {healthy}, {after['ok']}/50 ok after", flush=True)
         finally:
-            server.stop()
+            print(f"overload server stopped by SIGTERM: {server.stop()}", flush=True)
 
     by = {(r["mode"], r["concurrency"]): r for r in results["rows"]}
     for c in levels:

@@ -36,6 +36,8 @@ class OnnxModel:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.inter_op_num_threads = 1
+        # no busy-waiting between ops: on a few shared cores the spin steals CPU from tokenization and the server
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -99,6 +99,7 @@ class BatchWorker:
         self.thread = threading.Thread(target=self._run, name="newslora-inference", daemon=True)
         self._stopping = False
         self._lock = threading.Lock()
+        self._last_merged = 1  # requests in the previous forward pass
 
     def start(self) -> None:
         """Start the thread (once; the app's lifespan does, or the first request when run without lifespan)."""
@@ -132,7 +133,10 @@ class BatchWorker:
         jobs, n = [first], len(first.texts)
         if not self.opts.batching:
             return jobs, None, False
-        deadline = time.monotonic() + self.opts.batch_wait_ms / 1000
+        # wait for more only under concurrency (the last pass merged requests, or more are queued): a lone
+        # client is not delayed by the window
+        concurrent = self._last_merged > 1 or not self.queue.empty()
+        deadline = time.monotonic() + (self.opts.batch_wait_ms / 1000 if concurrent else 0)
         while n < self.opts.max_batch:
             left = deadline - time.monotonic()
             try:
@@ -155,6 +159,7 @@ class BatchWorker:
             if job is None:
                 break
             jobs, carry, stop = self._collect(job)
+            self._last_merged = len(jobs)
             texts = [t for j in jobs for t in j.texts]
             t0 = time.perf_counter()
             try:
