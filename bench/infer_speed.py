@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128, help="max length of the short run (no --model)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--test", default=str(TEST_CSV))
+    p.add_argument("--pipeline-rows", type=int, default=None, help="time the pipeline on the first N rows only "
+                   "(its samples/s; agreement columns then compare those rows); default: all rows")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX fp32/int8 rows")
     a = p.parse_args()
     sizes = [None if x == "default" else int(x) for x in str(a.batch_size).split(",")]
@@ -147,26 +149,28 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            probs[name] = runners[name](texts)
+            probs[name] = runners[name](texts[:a.pipeline_rows] if name == "pipeline" else texts)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
-            print(f"  repeat {rep + 1}: {name:<22} {len(texts) / times[name][-1]:8.1f} samples/s", flush=True)
+            print(f"  repeat {rep + 1}: {name:<22} {len(probs[name]) / times[name][-1]:8.1f} samples/s", flush=True)
 
     base, ref = probs["pipeline"], probs["newslora"]
+    m = len(base)  # rows the pipeline classified (all, unless --pipeline-rows)
     print(f"\n{'':<22} {'samples/s':>9} {'seconds':>8} {'accuracy':>9} {'same argmax':>12} {'max |dp|':>9} "
           f"{'same as torch':>14} {'acc - torch':>11}")
     speed = {}
     for name in names:
         s = statistics.median(times[name])
-        speed[name] = len(texts) / s
+        n = len(probs[name])
+        speed[name] = n / s
         pred = probs[name].argmax(-1)
-        same = int((pred == base.argmax(-1)).sum())
-        same_torch = int((pred == ref.argmax(-1)).sum())
-        print(f"{name:<22} {speed[name]:9.1f} {s:8.2f} {100 * (pred == y).mean():8.2f}% {same:>6}/{len(texts):<5} "
-              f"{np.abs(probs[name] - base).max():9.2e} {same_torch:>8}/{len(texts):<5} "
-              f"{100 * ((pred == y).mean() - (ref.argmax(-1) == y).mean()):+10.2f}pt")
-    identical = bool((probs["newslora"].argmax(-1) == base.argmax(-1)).all())
+        same = int((pred[:m] == base.argmax(-1)).sum())
+        same_torch = int((pred == ref.argmax(-1)[:n]).sum())
+        print(f"{name:<22} {speed[name]:9.1f} {s:8.2f} {100 * (pred == y[:n]).mean():8.2f}% {same:>6}/{m:<5} "
+              f"{np.abs(probs[name][:m] - base).max():9.2e} {same_torch:>8}/{n:<5} "
+              f"{100 * ((pred == y[:n]).mean() - (ref.argmax(-1)[:n] == y[:n]).mean()):+10.2f}pt")
+    identical = bool((probs["newslora"].argmax(-1)[:m] == base.argmax(-1)).all())
     print(f"predictions identical (newslora vs pipeline): {identical}")
     for name in names[1:]:
         print(f"speed ratio {name}/pipeline (samples/s): {speed[name] / speed['pipeline']:.2f}x")
