@@ -1,4 +1,5 @@
-"""Inference speed: HF ``pipeline("text-classification")`` vs newslora ``load_classifier(...).predict_proba``.
+"""Inference speed: HF ``pipeline("text-classification")`` vs newslora ``load_classifier(...).predict_proba``
+(PyTorch, ONNX fp32 and ONNX int8).
 
 One command (repo root, venv active):
 
@@ -10,8 +11,11 @@ model: the pipeline as a user would call it (its default batch size of 1, ``trun
 ``max_length`` so both see the same tokens, ``top_k=None`` to get every class probability), newslora through
 its own API (tokenize all texts at once, sort by length, large batches, ``inference_mode``). Given a run
 folder, newslora is also timed on the run folder itself (the adapter model as ``load_classifier`` loads it).
-Timings include tokenization and exclude model loading; calls alternate over ``--repeats`` and the medians are
-reported. Prints samples/s and accuracy of each, whether the predictions are identical, and the ratio last.
+The merged model is exported to ONNX (``newslora.export_onnx.export_onnx``: fp32, and int8 weights) unless
+``--no-onnx``; those folders run through the same ``predict_proba`` with onnxruntime (same tokenizer, same
+max_length, same length-sorted batches). Timings include tokenization and exclude model loading; calls alternate
+over ``--repeats`` and the medians are reported. Prints samples/s, accuracy, agreement with the pipeline and with
+the PyTorch path for each, and the ratios to the pipeline last.
 """
 from __future__ import annotations
 
@@ -63,6 +67,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128, help="max length of the short run (no --model)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--test", default=str(TEST_CSV))
+    p.add_argument("--pipeline-rows", type=int, default=None, help="time the pipeline on the first N rows only "
+                   "(its samples/s; agreement columns then compare those rows); default: all rows")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX fp32/int8 rows")
     a = p.parse_args()
     sizes = [None if x == "default" else int(x) for x in str(a.batch_size).split(",")]
 
@@ -72,6 +79,7 @@ def main() -> None:
 
     from newslora.data import encode_labels, read_table
     from newslora.export import export
+    from newslora.export_onnx import export_onnx, is_onnx_folder
     from newslora.predict import load_classifier
 
     if a.threads:
@@ -116,6 +124,17 @@ def main() -> None:
     runners = {"pipeline": run_pipeline, "newslora": lambda xs: clf.predict_proba(xs, batch_size=sizes[0])}
     for bs in sizes[1:]:
         runners[f"newslora batch {bs}"] = lambda xs, bs=bs: clf.predict_proba(xs, batch_size=bs)
+    if a.onnx:
+        base_dir = run_dir if run_dir is not None else merged.parent  # reuse RUN/onnx, RUN/onnx-int8 if exported
+        for precision, name in (("fp32", "onnx"), ("int8", "onnx-int8")):
+            folder = base_dir / name
+            if not is_onnx_folder(folder):
+                t = time.perf_counter()
+                folder = export_onnx(merged, tmp / name, int8=precision == "int8")
+                print(f"exported {folder} in {time.perf_counter() - t:.0f} s", flush=True)
+            onnx_clf = load_classifier(folder)
+            assert onnx_clf.max_length == clf.max_length, (onnx_clf.max_length, clf.max_length)
+            runners[f"onnx {precision}"] = lambda xs, c=onnx_clf: c.predict_proba(xs, batch_size=sizes[0])
     if run_dir is not None:
         clf_run = load_classifier(run_dir)
         runners["newslora (run folder)"] = lambda xs: clf_run.predict_proba(xs, batch_size=sizes[0])
@@ -130,23 +149,28 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            probs[name] = runners[name](texts)
+            probs[name] = runners[name](texts[:a.pipeline_rows] if name == "pipeline" else texts)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
-            print(f"  repeat {rep + 1}: {name:<22} {len(texts) / times[name][-1]:8.1f} samples/s", flush=True)
+            print(f"  repeat {rep + 1}: {name:<22} {len(probs[name]) / times[name][-1]:8.1f} samples/s", flush=True)
 
-    base = probs["pipeline"]
-    print(f"\n{'':<22} {'samples/s':>9} {'seconds':>8} {'accuracy':>9} {'same argmax':>12} {'max |dp|':>9}")
+    base, ref = probs["pipeline"], probs["newslora"]
+    m = len(base)  # rows the pipeline classified (all, unless --pipeline-rows)
+    print(f"\n{'':<22} {'samples/s':>9} {'seconds':>8} {'accuracy':>9} {'same argmax':>12} {'max |dp|':>9} "
+          f"{'same as torch':>14} {'acc - torch':>11}")
     speed = {}
     for name in names:
         s = statistics.median(times[name])
-        speed[name] = len(texts) / s
+        n = len(probs[name])
+        speed[name] = n / s
         pred = probs[name].argmax(-1)
-        same = int((pred == base.argmax(-1)).sum())
-        print(f"{name:<22} {speed[name]:9.1f} {s:8.2f} {100 * (pred == y).mean():8.2f}% {same:>6}/{len(texts):<5} "
-              f"{np.abs(probs[name] - base).max():9.2e}")
-    identical = bool((probs["newslora"].argmax(-1) == base.argmax(-1)).all())
+        same = int((pred[:m] == base.argmax(-1)).sum())
+        same_torch = int((pred == ref.argmax(-1)[:n]).sum())
+        print(f"{name:<22} {speed[name]:9.1f} {s:8.2f} {100 * (pred == y[:n]).mean():8.2f}% {same:>6}/{m:<5} "
+              f"{np.abs(probs[name][:m] - base).max():9.2e} {same_torch:>8}/{n:<5} "
+              f"{100 * ((pred == y[:n]).mean() - (ref.argmax(-1)[:n] == y[:n]).mean()):+10.2f}pt")
+    identical = bool((probs["newslora"].argmax(-1)[:m] == base.argmax(-1)).all())
     print(f"predictions identical (newslora vs pipeline): {identical}")
     for name in names[1:]:
         print(f"speed ratio {name}/pipeline (samples/s): {speed[name] / speed['pipeline']:.2f}x")

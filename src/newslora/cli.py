@@ -23,6 +23,8 @@ out = Console()
 
 Overrides = typer.Argument(None, help="recipe overrides: key=value ... (e.g. lora.r=8 train.lr=3e-4)")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)")
+RuntimeOpt = typer.Option(None, "--runtime", help="torch or onnx (default: chosen by what the folder holds; "
+                          "model.onnx -> onnxruntime)")
 
 
 def friendly(fn):
@@ -109,11 +111,12 @@ def baseline(overrides: Optional[list[str]] = Overrides, config: Optional[Path] 
 def evaluate(model: Path = typer.Argument(..., help="run folder or merged model folder"),
              data: Path = typer.Option(..., "--data", help="labelled file (CSV/TSV/JSONL/parquet, or classic AG News CSV)"),
              text_column: str = "text", label_column: str = "label",
-             output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here")):
-    """Evaluate a saved run or merged model on a labelled file."""
+             output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here"),
+             runtime: Optional[str] = RuntimeOpt):
+    """Evaluate a saved run, merged model or ONNX folder on a labelled file."""
     from .evaluate import evaluate as run_eval
 
-    m = run_eval(model, data, text_column, label_column, output=output)
+    m = run_eval(model, data, text_column, label_column, output=output, runtime=runtime)
     out.print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
     for name, c in m["per_class"].items():
         out.print(f"  {name:<12} P {c['precision']:.3f}  R {c['recall']:.3f}  F1 {c['f1']:.3f}  n={c['support']}")
@@ -121,8 +124,24 @@ def evaluate(model: Path = typer.Argument(..., help="run folder or merged model 
 
 @command()
 def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
-           output: Optional[Path] = typer.Option(None, "--output", help="default RUN_DIR/merged")):
-    """Merge the adapter into the backbone: a standalone model + tokenizer (safetensors) and a model card."""
+           output: Optional[Path] = typer.Option(None, "--output", help="default RUN_DIR/merged (RUN_DIR/onnx, "
+                                                 "RUN_DIR/onnx-int8 with --onnx)"),
+           onnx: bool = typer.Option(False, "--onnx", help="also export the merged model to ONNX (model.onnx + "
+                                     "tokenizer), checked against PyTorch"),
+           int8: bool = typer.Option(False, "--int8", help="with --onnx: int8 weights (onnxruntime dynamic "
+                                     "quantization), for fast CPU inference")):
+    """Merge the adapter into the backbone: a standalone model + tokenizer (safetensors) and a model card;
+    with --onnx, an ONNX folder that load_classifier/predict/serve run with onnxruntime."""
+    if int8 and not onnx:
+        raise NewsloraError("--int8 quantizes the ONNX export: add --onnx")
+    if onnx:
+        from .export_onnx import export_onnx
+
+        path = export_onnx(run_dir, output, int8=int8)
+        check = json.loads((path / "newslora.json").read_text())["check"]
+        out.print(f"ONNX model: {path} (same argmax as PyTorch on {check['same_argmax']}/{check['n']} check texts, "
+                  f"max logit diff {check['max_logit_diff']:.1e})")
+        return
     from .export import export as run_export
 
     out.print(f"merged model: {run_export(run_dir, output)}")
@@ -135,21 +154,25 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             text_column: str = "text",
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling (runs code from the file)"),
             extra_columns: bool = typer.Option(False, "--extra-columns", help="add label names and probabilities"),
-            batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU")):
+            batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU"),
+            runtime: Optional[str] = RuntimeOpt):
     """Write a Kaggle submission (ID,Label) for every text in a file."""
     from .predict import predict as run_predict
 
-    path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size)
+    path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, runtime)
     out.print(f"wrote {path}")
 
 
 @command()
 def classify(model: Path = typer.Argument(..., help="run folder or merged model folder"),
-             texts: list[str] = typer.Argument(..., help="one or more headlines")):
+             texts: list[str] = typer.Argument(..., help="one or more headlines"),
+             runtime: Optional[str] = RuntimeOpt):
     """Classify headlines given on the command line."""
-    from .predict import load_classifier
+    from .predict import check_text, load_classifier
 
-    for text, r in zip(texts, load_classifier(model).classify(texts)):
+    for i, t in enumerate(texts):  # before the model loads
+        check_text(t, f"headline {i + 1}")
+    for text, r in zip(texts, load_classifier(model, runtime=runtime).classify(texts)):
         out.print(f"{r['label']:<10} {r['score']:.3f}  {text}")
 
 
@@ -178,14 +201,27 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="run folders to compa
 
 
 @command()
-def serve(model: Path = typer.Argument(..., help="run folder or merged model folder"),
-          host: str = "127.0.0.1", port: int = 8000):
-    """Serve a model over HTTP: POST /classify {"texts": [...]}; GET /health."""
-    import uvicorn
+def serve(model: Path = typer.Argument(..., help="run folder, merged model folder or ONNX folder"),
+          host: str = typer.Option("127.0.0.1", help="address to bind; a non-loopback one needs $NEWSLORA_API_TOKEN"),
+          port: int = 8000,
+          runtime: Optional[str] = RuntimeOpt,
+          max_batch: int = typer.Option(64, help="texts per forward pass when concurrent requests are merged"),
+          batch_wait_ms: float = typer.Option(5.0, help="how long to wait after a request for others to merge"),
+          batching: bool = typer.Option(True, "--batching/--no-batching", help="merge concurrent requests into "
+                                        "one forward pass (off: one forward per request)"),
+          max_queue: int = typer.Option(256, help="requests waiting for inference; more get 503 + Retry-After"),
+          max_texts: int = typer.Option(256, help="texts per request (more: 413)"),
+          max_text_bytes: int = typer.Option(4096, help="UTF-8 bytes per text (more: 413)"),
+          max_body_bytes: int = typer.Option(2 * 1024 * 1024, help="request body bytes (more: 413)")):
+    """Serve a model over HTTP: POST /classify {"texts": [...]}, GET /labels, /health, /metrics (Prometheus),
+    /docs (OpenAPI). Set $NEWSLORA_API_TOKEN to require 'Authorization: Bearer <token>'."""
+    from .serve import ServeOptions
+    from .serve import serve as run_serve
 
-    from .serve import create_app
-
-    uvicorn.run(create_app(model), host=host, port=port)
+    opts = ServeOptions(max_batch=max_batch, batch_wait_ms=batch_wait_ms, batching=batching, max_queue=max_queue,
+                        max_texts=max_texts, max_text_bytes=max_text_bytes, max_body_bytes=max_body_bytes)
+    opts.check()
+    run_serve(model, host=host, port=port, runtime=runtime, options=opts)
 
 
 @command()

@@ -35,12 +35,12 @@ def summary(m: dict) -> dict:
 
 
 def evaluate(model_path: str | Path, data: str | Path, text_column: str = "text", label_column: str = "label",
-             batch_size: int | None = None, output: str | Path | None = None) -> dict:
+             batch_size: int | None = None, output: str | Path | None = None, runtime: str | None = None) -> dict:
     """Evaluate a run folder or merged model on a labelled file; optionally write the metrics as JSON."""
     from .data import check_texts, encode_labels, read_table
     from .predict import load_classifier
 
-    clf = load_classifier(model_path)
+    clf = load_classifier(model_path, runtime=runtime)
     df = check_texts(read_table(data, text_column, label_column), str(data))
     df, names = encode_labels(df, clf.label_names, str(data))
     if len(names) != len(clf.label_names):

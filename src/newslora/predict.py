@@ -17,13 +17,15 @@ PICKLE_SUFFIXES = {".pkl", ".pickle"}
 @torch.inference_mode()
 def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int | None = None) -> np.ndarray:
     """float32 logits (len(texts), num_labels) in input order. Texts are tokenized once and batched by length
-    (less padding); ``batch_size``: default 128 on a GPU, 32 on a CPU (faster there: bench/RESULTS.md)."""
-    out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    (less padding); ``batch_size``: default 128 on a GPU, 32 on a CPU (faster there: bench/RESULTS.md).
+    ``model``: a transformers model, or an :class:`~newslora.export_onnx.OnnxModel` (onnxruntime, CPU)."""
+    onnx = not isinstance(model, torch.nn.Module)
+    out = np.empty((len(texts), model.num_labels if onnx else model.config.num_labels), dtype=np.float32)
     if not len(texts):
         return out
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
-    device = next(model.parameters()).device
+    device = torch.device("cpu") if onnx else next(model.parameters()).device
     batch_size = batch_size or (32 if device.type == "cpu" else 128)
     fast = pads_right(tokenizer)
     for i in range(0, len(order), batch_size):
@@ -33,7 +35,10 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
         else:
             batch = tokenizer.pad({"input_ids": [enc["input_ids"][j] for j in idx],
                                    "attention_mask": [enc["attention_mask"][j] for j in idx]}, return_tensors="pt")
-        out[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+        if onnx:
+            out[idx] = model.logits({k: v.numpy() for k, v in batch.items()})
+        else:
+            out[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
     return out
 
 
@@ -41,7 +46,8 @@ class Classifier:
     """A trained news classifier. ``classify("headline")`` -> {"label", "score", "scores"}; a list gives a list."""
 
     def __init__(self, model, tokenizer, label_names: list[str], max_length: int = 128):
-        self.model = model.eval()
+        self.model = model.eval() if isinstance(model, torch.nn.Module) else model
+        self.runtime = "torch" if isinstance(model, torch.nn.Module) else "onnx"
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.max_length = max_length
@@ -54,25 +60,49 @@ class Classifier:
     def classify(self, text: str | list[str]):
         single = isinstance(text, str)
         texts = [text] if single else list(text)
+        for i, t in enumerate(texts):
+            check_text(t, "text" if single else f"texts[{i}]")
         probs = self.predict_proba(texts)
         res = [{"label": self.label_names[int(p.argmax())], "score": float(p.max()),
                 "scores": {n: float(s) for n, s in zip(self.label_names, p)}} for p in probs]
         return res[0] if single else res
 
 
+def check_text(text, where: str = "text") -> None:
+    """Refuse what has no class: an empty or blank text, or one that is not valid Unicode (a lone surrogate)."""
+    if not isinstance(text, str):
+        raise NewsloraError(f"{where} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise NewsloraError(f"{where} is empty; pass a non-empty headline")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise NewsloraError(f"{where} is not valid Unicode ({e.reason} at character {e.start}); "
+                            "send UTF-8 text") from None
+
+
 def _label_names(config) -> list[str]:
     return [config.id2label[i] for i in range(config.num_labels)]
 
 
-def load_model(path: str | Path):
-    """(model, tokenizer, label_names, max_length) from a run folder or a merged/standalone model folder."""
+def load_model(path: str | Path, runtime: str | None = None):
+    """(model, tokenizer, label_names, max_length) from a run folder, a merged/standalone model folder or an ONNX
+    folder. ``runtime``: None picks by what the folder holds (``model.onnx`` -> onnxruntime); "onnx" also accepts
+    a run folder with an exported ``onnx/`` (or ``onnx-int8/``); "torch" refuses an ONNX-only folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .export_onnx import is_onnx_folder
     from .run import Run, read_model_meta
 
     path = Path(path)
     if not path.exists():
         raise NewsloraError(f"model not found: {path} (pass a run folder or its merged/ folder)")
+    if runtime not in (None, "torch", "onnx"):
+        raise NewsloraError(f"unknown runtime {runtime!r}: use torch or onnx")
+    if runtime == "onnx" or (runtime is None and is_onnx_folder(path)):
+        return _load_onnx_path(path)
+    if is_onnx_folder(path) and not any(path.glob("*.safetensors")) and not Run.is_run(path):
+        raise NewsloraError(f"{path} holds only an ONNX model: drop --runtime torch, or pass the merged folder")
     if Run.is_run(path):
         return load_run(Run.open(path, need="adapter"))
     if (path / "config.json").is_file():
@@ -81,6 +111,16 @@ def load_model(path: str | Path):
         return model, AutoTokenizer.from_pretrained(path), _label_names(model.config), meta.get("max_length", 128)
     raise NewsloraError(f"{path} is neither a newslora run folder (recipe.yaml + adapter/) nor a model folder "
                         "(config.json)")
+
+
+def _load_onnx_path(path: Path):
+    from .export_onnx import is_onnx_folder, load_onnx
+
+    for folder in (path, path / "onnx", path / "onnx-int8"):
+        if is_onnx_folder(folder):
+            return load_onnx(folder)
+    raise NewsloraError(f"{path} holds no ONNX model (model.onnx): export one with newslora export RUN --onnx, "
+                        "or use --runtime torch")
 
 
 def load_run(run, full_precision: bool = False):
@@ -109,9 +149,12 @@ def load_run(run, full_precision: bool = False):
 _load_run = load_run  # the name export and older callers used
 
 
-def load_classifier(path: str | Path, device: str | None = None) -> Classifier:
-    """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``."""
-    model, tok, names, max_length = load_model(path)
+def load_classifier(path: str | Path, device: str | None = None, runtime: str | None = None) -> Classifier:
+    """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``.
+    ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`)."""
+    model, tok, names, max_length = load_model(path, runtime)
+    if not isinstance(model, torch.nn.Module):
+        return Classifier(model, tok, names, max_length)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
@@ -170,7 +213,8 @@ def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str]
 
 
 def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str = "text",
-            trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None) -> Path:
+            trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None,
+            runtime: str | None = None) -> Path:
     texts = read_texts(input, text_column, trust_pickle)  # input problems surface before the model loads
-    clf = load_classifier(model)
+    clf = load_classifier(model, runtime=runtime)
     return write_submission(output, clf.predict_proba(texts, batch_size), clf.label_names, extra_columns)

@@ -1,38 +1,352 @@
-"""Serve stage: a small FastAPI app over a loaded classifier (``newslora serve MODEL``)."""
+"""Serve stage: a FastAPI app over a loaded classifier with micro-batching (``newslora serve MODEL``).
+
+One inference thread takes requests from a bounded queue and merges those waiting (up to ``max_batch`` texts,
+waiting at most ``batch_wait_ms`` after the first for more) into one ``predict_proba`` call, then answers each
+request's future on the event loop; the event loop itself only parses, validates and queues. A full queue is
+answered 503 with Retry-After. Input is bounded: body bytes (413), texts per request (413), UTF-8 bytes per text
+(413), empty or invalid-Unicode text (422); with ``max_length`` truncation that bounds the tokens per request to
+``max_texts * max_length``. ``/metrics`` exposes Prometheus metrics; a bearer token (``NEWSLORA_API_TOKEN``)
+guards ``/classify``, ``/labels`` and ``/metrics`` when set, and is required to bind a non-loopback host.
+"""
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import os
+import queue
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-MAX_TEXTS = 1024
+from .errors import NewsloraError
+
+TOKEN_ENV = "NEWSLORA_API_TOKEN"
+MAX_TEXTS = 256
+
+
+@dataclass
+class ServeOptions:
+    """Batching and limits of the server (each is a ``newslora serve`` option)."""
+
+    max_batch: int = 64  # texts per forward pass when requests are merged
+    batch_wait_ms: float = 5.0  # how long the worker waits after the first request for more to merge
+    batching: bool = True  # False: one forward pass per request (no merging)
+    max_queue: int = 256  # requests waiting for the worker; more are answered 503
+    max_texts: int = MAX_TEXTS  # texts per request
+    max_text_bytes: int = 4096  # UTF-8 bytes per text
+    max_body_bytes: int = 2 * 1024 * 1024  # request body bytes
+    retry_after_s: int = 1
+    token: str | None = None  # bearer token; None: no auth
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_queue", "max_texts", "max_text_bytes", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise NewsloraError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise NewsloraError(f"batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
 
 
 class ClassifyRequest(BaseModel):
-    texts: list[str] = Field(..., min_length=1, max_length=MAX_TEXTS, description="texts to classify")
+    texts: list[str] = Field(..., min_length=1, description="texts to classify (non-empty UTF-8 strings)")
 
 
-def create_app(model_path: str | Path, classifier=None) -> FastAPI:
-    """The app: ``GET /health``, ``GET /labels``, ``POST /classify {"texts": [...]}``."""
-    from .predict import load_classifier
+class Result(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
 
-    clf = classifier or load_classifier(model_path)
-    app = FastAPI(title="newslora", description=f"news topic classifier from {model_path}")
+
+class ClassifyResponse(BaseModel):
+    results: list[Result]
+
+
+class QueueFull(Exception):
+    pass
+
+
+class _Job:
+    __slots__ = ("texts", "future", "loop")
+
+    def __init__(self, texts, future, loop):
+        self.texts, self.future, self.loop = texts, future, loop
+
+
+def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if future.done():  # the client went away and the request was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class BatchWorker:
+    """The one inference thread: bounded queue in, merged ``classify`` calls, results back to the event loop."""
+
+    def __init__(self, classifier, options: ServeOptions, metrics: dict | None = None):
+        self.clf, self.opts, self.metrics = classifier, options, metrics or {}
+        self.queue: queue.Queue = queue.Queue(maxsize=options.max_queue)
+        self.thread = threading.Thread(target=self._run, name="newslora-inference", daemon=True)
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._last_merged = 1  # requests in the previous forward pass
+
+    def start(self) -> None:
+        """Start the thread (once; the app's lifespan does, or the first request when run without lifespan)."""
+        with self._lock:
+            if not self.thread.is_alive() and not self._stopping:
+                self.thread.start()
+
+    def submit(self, texts: list[str]) -> asyncio.Future:
+        """Queue ``texts``; the future gets their results. Raises :class:`QueueFull` when the queue is full."""
+        if self._stopping:
+            raise QueueFull
+        if not self.thread.is_alive():
+            self.start()
+        loop = asyncio.get_running_loop()
+        job = _Job(texts, loop.create_future(), loop)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job.future
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish every queued job, then end the thread."""
+        self._stopping = True
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join(timeout)
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None, bool]:
+        """Jobs to merge with ``first`` (wait window, max batch), the job that did not fit, and whether to stop."""
+        jobs, n = [first], len(first.texts)
+        if not self.opts.batching:
+            return jobs, None, False
+        # wait for more only under concurrency (the last pass merged requests, or more are queued): a lone
+        # client is not delayed by the window
+        concurrent = self._last_merged > 1 or not self.queue.empty()
+        deadline = time.monotonic() + (self.opts.batch_wait_ms / 1000 if concurrent else 0)
+        while n < self.opts.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                nxt = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                return jobs, None, True
+            if n + len(nxt.texts) > self.opts.max_batch:
+                return jobs, nxt, False
+            jobs.append(nxt)
+            n += len(nxt.texts)
+        return jobs, None, False
+
+    def _run(self) -> None:
+        carry, stop = None, False
+        while not stop or carry is not None:
+            job = carry if carry is not None else self.queue.get()
+            carry = None
+            if job is None:
+                break
+            jobs, carry, stop = self._collect(job)
+            self._last_merged = len(jobs)
+            texts = [t for j in jobs for t in j.texts]
+            t0 = time.perf_counter()
+            try:
+                results = self.clf.classify(texts)
+                error = None
+            except Exception as e:  # answered as a 500 to these requests; the worker keeps serving
+                results, error = None, e
+            if "batch_texts" in self.metrics:
+                self.metrics["batch_texts"].observe(len(texts))
+                self.metrics["batch_requests"].observe(len(jobs))
+                self.metrics["inference_seconds"].observe(time.perf_counter() - t0)
+            i = 0
+            for j in jobs:
+                part = None if results is None else results[i:i + len(j.texts)]
+                i += len(j.texts)
+                j.loop.call_soon_threadsafe(_resolve, j.future, part, error)
+            del jobs, texts, results, job
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes (by Content-Length, or counted as it streams)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, _body_message(self.limit))
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def _body_message(limit: int) -> str:
+    return f"request body is over {limit} bytes: send fewer or shorter texts (server option --max-body-bytes)"
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": _body_message(limit)}, status_code=413)
+
+
+def _metrics(registry):
+    from prometheus_client import Counter, Histogram
+
+    sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    return {
+        "batch_texts": Histogram("newslora_batch_texts", "texts per forward pass", buckets=sizes, registry=registry),
+        "batch_requests": Histogram("newslora_batch_requests", "requests merged into one forward pass",
+                                    buckets=sizes, registry=registry),
+        "inference_seconds": Histogram("newslora_inference_seconds", "seconds per forward pass (tokenization "
+                                       "included)", registry=registry),
+        "rejected": Counter("newslora_rejected_requests", "requests refused, by reason", ["reason"],
+                            registry=registry),
+    }
+
+
+def create_app(model_path: str | Path, classifier=None, options: ServeOptions | None = None,
+               runtime: str | None = None) -> FastAPI:
+    """The app: ``POST /classify {"texts": [...]}``, ``GET /labels``, ``GET /health``, ``GET /metrics``,
+    OpenAPI docs at ``/docs``. The inference worker starts and stops with the app's lifespan."""
+    from prometheus_client import CollectorRegistry, Gauge
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    from .predict import check_text, load_classifier
+
+    opts = options or ServeOptions()
+    opts.check()
+    clf = classifier or load_classifier(model_path, runtime=runtime)
+    registry = CollectorRegistry()  # per app: several apps in one process (tests) do not collide
+    metrics = _metrics(registry)
+    worker = BatchWorker(clf, opts, metrics)
+    Gauge("newslora_queue_depth", "requests waiting for the inference worker", registry=registry) \
+        .set_function(worker.queue.qsize)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:  # uvicorn has answered the in-flight requests by now; finish anything still queued
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="newslora", version="1", lifespan=lifespan,
+                  description=f"News topic classifier from {model_path} ({clf.runtime} runtime). Micro-batched: "
+                              f"up to {opts.max_batch} texts per forward pass; at most {opts.max_texts} texts of "
+                              f"{opts.max_text_bytes} UTF-8 bytes per request.")
+    app.state.worker, app.state.options = worker, opts
+    app.add_middleware(BodyLimit, limit=opts.max_body_bytes)
+    bearer = HTTPBearer(auto_error=False, description=f"the token in ${TOKEN_ENV} on the server")
+
+    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if opts.token is None:
+            return
+        if creds is None or not secrets.compare_digest(creds.credentials.encode(), opts.token.encode()):
+            metrics["rejected"].labels("unauthorized").inc()
+            raise HTTPException(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # the offending input is not echoed back: it may be huge or not encodable (a lone surrogate)
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(app)
+
+    @app.get("/metrics", include_in_schema=True, dependencies=[Depends(authorized)])
+    def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": str(model_path)}
+        return {"status": "ok", "model": str(model_path), "runtime": clf.runtime,
+                "queue": worker.queue.qsize(), "max_queue": opts.max_queue}
 
-    @app.get("/labels")
+    @app.get("/labels", dependencies=[Depends(authorized)])
     def labels():
         return {"labels": clf.label_names}
 
-    @app.post("/classify")
-    def classify(req: ClassifyRequest):
-        empty = [i for i, t in enumerate(req.texts) if not t.strip()]
-        if empty:
-            raise HTTPException(422, f"texts[{empty[0]}] is empty")
-        return {"results": clf.classify(req.texts)}
+    @app.post("/classify", response_model=ClassifyResponse, dependencies=[Depends(authorized)],
+              responses={413: {"description": "too many texts, a text or the body too large"},
+                         422: {"description": "empty or invalid text"},
+                         503: {"description": "queue full: retry after Retry-After seconds"}})
+    async def classify(req: ClassifyRequest):
+        if len(req.texts) > opts.max_texts:
+            metrics["rejected"].labels("too_many_texts").inc()
+            raise HTTPException(413, f"{len(req.texts)} texts in one request; the limit is {opts.max_texts} "
+                                     "(split the request, or raise --max-texts)")
+        for i, t in enumerate(req.texts):
+            try:
+                check_text(t, f"texts[{i}]")
+            except NewsloraError as e:
+                metrics["rejected"].labels("invalid_text").inc()
+                raise HTTPException(422, str(e)) from None
+            if len(t) * 4 > opts.max_text_bytes and len(t.encode("utf-8")) > opts.max_text_bytes:
+                metrics["rejected"].labels("text_too_long").inc()
+                raise HTTPException(413, f"texts[{i}] is over {opts.max_text_bytes} UTF-8 bytes; the model reads "
+                                         f"only its first {clf.max_length} tokens: shorten it (or raise "
+                                         "--max-text-bytes)")
+        try:
+            future = worker.submit(req.texts)
+        except QueueFull:
+            metrics["rejected"].labels("queue_full").inc()
+            raise HTTPException(503, f"server busy: {opts.max_queue} requests already queued; retry later",
+                                headers={"Retry-After": str(opts.retry_after_s)}) from None
+        try:
+            return {"results": await future}
+        except Exception as e:
+            raise HTTPException(500, f"inference failed: {type(e).__name__}: {e}") from None
 
     return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str | None = None,
+          options: ServeOptions | None = None, graceful_timeout: float = 30.0) -> None:
+    """Run the app under uvicorn. A non-loopback ``host`` needs a token in ``$NEWSLORA_API_TOKEN``; on SIGINT or
+    SIGTERM uvicorn stops accepting, finishes in-flight requests (up to ``graceful_timeout`` s), then the worker
+    drains its queue."""
+    import uvicorn
+
+    opts = options or ServeOptions()
+    opts.token = opts.token or os.environ.get(TOKEN_ENV) or None
+    if opts.token is None and not is_loopback(host):
+        raise NewsloraError(f"serving on {host} (not loopback) needs a bearer token: set {TOKEN_ENV} "
+                            "(clients send 'Authorization: Bearer <token>'), or keep --host 127.0.0.1")
+    app = create_app(model_path, options=opts, runtime=runtime)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, access_log=False,
+                log_level="info")

@@ -1,0 +1,186 @@
+"""ONNX export and runtime: a merged model as ``model.onnx`` (fp32, or int8 weights) next to its tokenizer.
+
+Export uses ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), the exporter that supports
+transformers 5.x (optimum-onnx pins transformers<4.58), and onnxruntime's dynamic quantization for int8. The
+exported graph is checked against the PyTorch model on a fixed sample (same argmax, max logit difference within a
+tolerance) before the folder is kept; the check is written to ``newslora.json`` and the folder's README card.
+
+An ONNX folder holds ``model.onnx``, ``config.json`` (labels), the tokenizer and ``newslora.json`` (max_length,
+precision, check); ``load_classifier`` runs it with onnxruntime when it finds ``model.onnx``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NewsloraError
+
+ONNX_FILE = "model.onnx"
+# int8 weights move logits by a few hundredths on trained models; the argmax must still agree on the sample
+ATOL = {"fp32": 1e-3, "int8": 0.5}
+
+
+def is_onnx_folder(path: str | Path) -> bool:
+    return (Path(path) / ONNX_FILE).is_file()
+
+
+class OnnxModel:
+    """An onnxruntime session over ``model.onnx``: ``logits({"input_ids": ..., "attention_mask": ...})``."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.inter_op_num_threads = 1
+        # no busy-waiting between ops: on a few shared cores the spin steals CPU from tokenization and the server
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.num_labels = int(self.session.get_outputs()[0].shape[-1])
+
+    def logits(self, batch: dict) -> np.ndarray:
+        feed = {k: np.asarray(batch[k], dtype=np.int64) for k in self.input_names}
+        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+
+
+def load_onnx(path: str | Path, threads: int | None = None):
+    """(OnnxModel, tokenizer, label_names, max_length) from an ONNX folder."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    if not is_onnx_folder(path):
+        raise NewsloraError(f"{path} has no {ONNX_FILE}: export one with newslora export RUN --onnx")
+    config = AutoConfig.from_pretrained(path)
+    meta = json.loads((path / "newslora.json").read_text()) if (path / "newslora.json").is_file() else {}
+    model = OnnxModel(path / ONNX_FILE, threads)
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    if model.num_labels != len(names):
+        raise NewsloraError(f"{path}: {ONNX_FILE} has {model.num_labels} outputs but config.json has {len(names)} "
+                            "labels; export the folder again")
+    return model, AutoTokenizer.from_pretrained(path), names, meta.get("max_length", 128)
+
+
+def _torch_export(model, path: Path, opset: int) -> None:
+    import torch
+
+    class Logits(torch.nn.Module):  # the graph's one output: logits (no ModelOutput dataclass in the graph)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=4096)
+    example = (torch.tensor([[0, 31414, 232, 2], [0, 31414, 2, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    example = tuple(x.clamp(max=model.config.vocab_size - 1) for x in example)
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(Logits(model).eval(), example, dynamo=True, opset_version=opset,
+                                    input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                                    dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                    "attention_mask": {0: batch, 1: seq}},
+                                    optimize=True, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # per-channel int8 weights of MatMul/Gemm; activations quantized on the fly
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
+
+
+def check_against_torch(model, tokenizer, onnx_path: Path, max_length: int, texts: list[str]) -> dict:
+    """Logits of the PyTorch model and the ONNX graph on ``texts``: argmax agreement and max abs difference."""
+    from .predict import batched_logits
+
+    ref = batched_logits(model, tokenizer, texts, max_length)
+    got = batched_logits(OnnxModel(onnx_path), tokenizer, texts, max_length)
+    agree = int((ref.argmax(-1) == got.argmax(-1)).sum())
+    return {"n": len(texts), "same_argmax": agree, "max_logit_diff": float(np.abs(ref - got).max())}
+
+
+def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool = False,
+                atol: float | None = None, opset: int = 18, check_texts: list[str] | None = None) -> Path:
+    """Export ``source`` (a run folder, merged first with :func:`newslora.export.export`, or a merged model folder)
+    to ONNX in ``output`` (default ``RUN/onnx`` or ``RUN/onnx-int8``). Kept only if the graph's argmax equals the
+    PyTorch model's on the check sample and the logits agree within ``atol`` (fp32 1e-3, int8 0.5)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .export import CHECK_TEXTS, export
+
+    source = Path(source)
+    if (source / "recipe.yaml").is_file() and (source / "adapter").is_dir():
+        run_dir, merged = source, source / "merged"
+        if not (merged / "config.json").is_file():
+            merged = export(source)
+    elif (source / "config.json").is_file() and (source / "model.safetensors").is_file():
+        run_dir, merged = None, source
+    else:
+        raise NewsloraError(f"{source} is neither a finished run folder (recipe.yaml + adapter/) nor a merged model "
+                            "folder (config.json + model.safetensors)")
+    precision = "int8" if int8 else "fp32"
+    atol = ATOL[precision] if atol is None else atol
+    base = run_dir if run_dir is not None else merged.parent
+    target = Path(output) if output else base / ("onnx-int8" if int8 else "onnx")
+    meta = json.loads((merged / "newslora.json").read_text()) if (merged / "newslora.json").is_file() else {}
+    max_length = meta.get("max_length", 128)
+    model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    tok = AutoTokenizer.from_pretrained(merged)
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
+        _torch_export(model, fp32, opset)
+        if int8:
+            _quantize_int8(fp32, tmp / ONNX_FILE)
+            fp32.unlink()
+        texts = list(check_texts or CHECK_TEXTS)
+        check = {**check_against_torch(model, tok, tmp / ONNX_FILE, max_length, texts), "atol": atol}
+        if check["same_argmax"] != check["n"] or check["max_logit_diff"] > atol:
+            raise NewsloraError(f"the {precision} ONNX graph differs from the PyTorch model (same argmax on "
+                                f"{check['same_argmax']}/{check['n']} check texts, max logit diff "
+                                f"{check['max_logit_diff']:.2e}, tolerance {atol}); not exported")
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        import onnxruntime
+        import torch
+
+        info = {"max_length": max_length, "runtime": "onnx", "precision": precision, "source": str(merged.resolve()),
+                "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}",
+                "onnxruntime": onnxruntime.__version__, "check": check}
+        if run_dir is not None:
+            info["run"] = str(run_dir.resolve())
+        (tmp / "newslora.json").write_text(json.dumps(info, indent=2))
+        _write_card(tmp, run_dir, merged, info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _write_card(folder: Path, run_dir: Path | None, merged: Path, info: dict) -> None:
+    """The merged model's card (or the run's) with a section on the ONNX export and its check."""
+    card = ""
+    if (merged / "README.md").is_file():
+        card = (merged / "README.md").read_text()
+    c = info["check"]
+    card += (f"\n\n## ONNX export ({info['precision']})\n\n"
+             f"`{ONNX_FILE}`: {info['exporter']}"
+             + (", weights quantized to int8 by onnxruntime's `quantize_dynamic` (per channel, MatMul/Gemm)"
+                if info["precision"] == "int8" else "") + ". "
+             f"Checked against the PyTorch model on {c['n']} texts: same argmax on {c['same_argmax']}/{c['n']}, "
+             f"max logit difference {c['max_logit_diff']:.2e} (tolerance {c['atol']}).\n\n"
+             f"```bash\nnewslora classify {folder.name.removesuffix('.tmp')} \"Stocks rally as oil prices fall.\"   "
+             "# onnxruntime, chosen by model.onnx; --runtime torch needs the merged folder\n```\n")
+    (folder / "README.md").write_text(card.lstrip())

@@ -1,0 +1,215 @@
+"""``newslora serve``: a real uvicorn server on 127.0.0.1 (free port, in a thread), real httpx clients."""
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from newslora.errors import NewsloraError
+from newslora.predict import load_classifier
+from newslora.serve import ServeOptions, create_app, serve
+
+TEXTS = ["Stocks fall as oil climbs", "United win the derby", "NASA probe reaches Titan", "Rates held steady",
+         "Chipmaker unveils faster laptop processor", "Ceasefire talks resume in Geneva", "Oil", "Cup final tonight"]
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_model_dir):
+    return load_classifier(tiny_model_dir)
+
+
+@contextmanager
+def running(app, graceful_timeout: float = 10):
+    """Serve ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; stop it (graceful shutdown) on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_timeout))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "server did not stop"
+
+
+class Gated:
+    """The real classifier, held at a gate before each batch: lets a test keep the inference worker busy."""
+
+    def __init__(self, clf):
+        self.clf, self.gate, self.entered = clf, threading.Event(), threading.Event()
+        self.label_names, self.runtime, self.max_length = clf.label_names, clf.runtime, clf.max_length
+
+    def classify(self, texts):
+        self.entered.set()
+        assert self.gate.wait(30), "test never opened the gate"
+        return self.clf.classify(texts)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{name}(?:{{(.*)}})? (\S+)", line)
+        if m and all(part in (m.group(1) or "") for part in want.split(",") if part):
+            return float(m.group(2))
+    return 0.0
+
+
+def test_concurrent_clients_match_classify(tiny_model_dir, clf):
+    app = create_app(tiny_model_dir, classifier=clf, options=ServeOptions(batch_wait_ms=30, max_batch=64))
+    requests = [[TEXTS[i % len(TEXTS)], TEXTS[(i * 3) % len(TEXTS)]][: 1 + i % 2] for i in range(48)]
+
+    async def fire(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/classify", json={"texts": t}) for t in requests))
+
+    with running(app) as (url, _):
+        responses = asyncio.run(fire(url))
+        metrics = httpx.get(f"{url}/metrics").text
+        health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["runtime"] == "torch"
+    for texts, r in zip(requests, responses):
+        assert r.status_code == 200, r.text
+        got, want = r.json()["results"], clf.classify(texts)
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        for g, w in zip(got, want):
+            assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)
+    assert metric(metrics, "http_requests_total", handler="/classify", status="2xx") == 48
+    n_batches = metric(metrics, "newslora_batch_requests_count")
+    assert metric(metrics, "newslora_batch_requests_sum") == 48
+    assert 1 <= n_batches < 48  # concurrent requests were merged into fewer forward passes
+    assert metric(metrics, "newslora_batch_texts_sum") == sum(map(len, requests))
+
+
+def test_no_batching_is_one_forward_per_request(tiny_model_dir, clf):
+    app = create_app(tiny_model_dir, classifier=clf, options=ServeOptions(batching=False))
+
+    async def fire(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/classify", json={"texts": [t]}) for t in TEXTS))
+
+    with running(app) as (url, _):
+        assert all(r.status_code == 200 for r in asyncio.run(fire(url)))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert metric(metrics, "newslora_batch_requests_count") == len(TEXTS)
+
+
+def test_queue_full_gives_503_then_recovers(tiny_model_dir, clf):
+    gated = Gated(clf)
+    app = create_app(tiny_model_dir, classifier=gated, options=ServeOptions(max_queue=1, batching=False))
+
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            busy = asyncio.create_task(c.post("/classify", json={"texts": ["first"]}))
+            while not gated.entered.is_set():  # the worker holds "first" at the gate
+                await asyncio.sleep(0.01)
+            queued = asyncio.create_task(c.post("/classify", json={"texts": ["second"]}))
+            while app.state.worker.queue.qsize() < 1:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/classify", json={"texts": ["third"]})
+            gated.gate.set()
+            return await busy, await queued, refused, await c.post("/classify", json={"texts": ["fourth"]})
+
+    with running(app) as (url, _):
+        busy, queued, refused, after = asyncio.run(scenario(url))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "retry later" in refused.json()["detail"]
+    assert busy.status_code == queued.status_code == after.status_code == 200
+    assert metric(metrics, "newslora_rejected_requests_total", reason="queue_full") == 1
+
+
+def test_input_limits(tiny_model_dir, clf):
+    opts = ServeOptions(max_texts=4, max_text_bytes=64, max_body_bytes=2048)
+    with running(create_app(tiny_model_dir, classifier=clf, options=opts)) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/classify", json={"texts": ["a headline"] * 5})
+            assert r.status_code == 413 and "5 texts in one request; the limit is 4" in r.json()["detail"]
+            r = c.post("/classify", json={"texts": ["ok", "é" * 40]})  # 80 UTF-8 bytes
+            assert r.status_code == 413 and "texts[1] is over 64 UTF-8 bytes" in r.json()["detail"]
+            r = c.post("/classify", content=b'{"texts": ["' + b"a" * 3000 + b'"]}',
+                       headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "request body is over 2048 bytes" in r.json()["detail"]
+
+            def chunks():  # no Content-Length: counted as it streams
+                yield b'{"texts": ["'
+                for _ in range(10):
+                    yield b"a" * 500
+                yield b'"]}'
+
+            r = c.post("/classify", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "request body is over 2048 bytes" in r.json()["detail"]
+            r = c.post("/classify", content=b'{"texts": ["ok", "\\ud800 lone surrogate"]}',
+                       headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "texts[1] is not valid Unicode" in r.json()["detail"]
+            for bad in ([], [" "], [""]):
+                assert c.post("/classify", json={"texts": bad}).status_code == 422
+            r = c.post("/classify", json={"texts": "not a list"})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "texts"]
+            assert c.post("/classify", json={"texts": ["still serving"]}).status_code == 200
+
+
+def test_bearer_token(tiny_model_dir, clf):
+    app = create_app(tiny_model_dir, classifier=clf, options=ServeOptions(token="s3cret"))
+    with running(app) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.get("/health").status_code == 200
+            r = c.post("/classify", json={"texts": ["Stocks fall"]})
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+            assert c.post("/classify", json={"texts": ["x"]}, headers={"Authorization": "Bearer nope"}).status_code \
+                == 401
+            assert c.get("/metrics").status_code == 401 and c.get("/labels").status_code == 401
+            ok = {"Authorization": "Bearer s3cret"}
+            assert c.post("/classify", json={"texts": ["Stocks fall"]}, headers=ok).status_code == 200
+            assert c.get("/labels", headers=ok).json()["labels"] == clf.label_names
+            assert metric(c.get("/metrics", headers=ok).text, "newslora_rejected_requests_total",
+                          reason="unauthorized") == 4
+
+
+def test_non_loopback_host_needs_token(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("NEWSLORA_API_TOKEN", raising=False)
+    with pytest.raises(NewsloraError, match="not loopback.*NEWSLORA_API_TOKEN"):
+        serve(tiny_model_dir, host="0.0.0.0")
+
+
+def test_graceful_shutdown_finishes_in_flight(tiny_model_dir, clf):
+    gated = Gated(clf)
+    app = create_app(tiny_model_dir, classifier=gated)
+    result = {}
+
+    def client(url):
+        result["r"] = httpx.post(f"{url}/classify", json={"texts": ["in flight"]}, timeout=60)
+
+    with running(app) as (url, server):
+        t = threading.Thread(target=client, args=(url,))
+        t.start()
+        assert gated.entered.wait(30)
+        server.should_exit = True  # what SIGTERM does: stop accepting, wait for in-flight requests
+        time.sleep(0.3)
+        gated.gate.set()
+        t.join(30)
+    assert result["r"].status_code == 200 and result["r"].json()["results"][0]["label"] in clf.label_names
+    assert not app.state.worker.thread.is_alive()  # the lifespan stopped the worker after the last request
+
+
+def test_openapi_docs(tiny_model_dir, clf):
+    with running(create_app(tiny_model_dir, classifier=clf)) as (url, _):
+        spec = httpx.get(f"{url}/openapi.json").json()
+        assert {"/classify", "/labels", "/health", "/metrics"} <= set(spec["paths"])
+        assert {"413", "422", "503"} <= set(spec["paths"]["/classify"]["post"]["responses"])
+        assert httpx.get(f"{url}/docs").status_code == 200
