@@ -23,6 +23,7 @@ out = Console()
 
 Overrides = typer.Argument(None, help="recipe overrides: key=value ... (e.g. lora.r=8 train.lr=3e-4)")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)")
+COLUMN_OPTIONS = ("--text-column", "--label-column")  # named in errors about the file's columns
 
 
 def friendly(fn):
@@ -89,11 +90,13 @@ def budget(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = 
 def evaluate(model: Path = typer.Argument(..., help="run folder or merged model folder"),
              data: Path = typer.Option(..., "--data", help="labelled file (CSV/TSV/JSONL/parquet, or classic AG News CSV)"),
              text_column: str = "text", label_column: str = "label",
-             output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here")):
+             output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file")):
     """Evaluate a saved run or merged model on a labelled file."""
     from .evaluate import evaluate as run_eval
 
-    m = run_eval(model, data, text_column, label_column, output=output)
+    m = run_eval(model, data, text_column, label_column, output=output, overwrite=overwrite,
+                 options=COLUMN_OPTIONS)
     out.print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
     for name, c in m["per_class"].items():
         out.print(f"  {name:<12} P {c['precision']:.3f}  R {c['recall']:.3f}  F1 {c['f1']:.3f}  n={c['support']}")
@@ -101,11 +104,12 @@ def evaluate(model: Path = typer.Argument(..., help="run folder or merged model 
 
 @command()
 def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
-           output: Optional[Path] = typer.Option(None, "--output", help="default RUN_DIR/merged")):
+           output: Optional[Path] = typer.Option(None, "--output", help="default RUN_DIR/merged"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export in --output")):
     """Merge the adapter into the backbone: a standalone model + tokenizer (safetensors) and a model card."""
     from .export import export as run_export
 
-    out.print(f"merged model: {run_export(run_dir, output)}")
+    out.print(f"merged model: {run_export(run_dir, output, overwrite=overwrite)}")
 
 
 @command()
@@ -115,11 +119,13 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             text_column: str = "text",
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling (runs code from the file)"),
             extra_columns: bool = typer.Option(False, "--extra-columns", help="add label names and probabilities"),
-            batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU")):
+            batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file")):
     """Write a Kaggle submission (ID,Label) for every text in a file."""
     from .predict import predict as run_predict
 
-    path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size)
+    path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,
+                       options=COLUMN_OPTIONS)
     out.print(f"wrote {path}")
 
 

@@ -75,9 +75,7 @@ def load_model(path: str | Path):
     if (path / "recipe.yaml").is_file() and (path / "adapter").is_dir():
         return _load_run(path)
     if (path / "config.json").is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        meta = json.loads((path / "newslora.json").read_text()) if (path / "newslora.json").is_file() else {}
-        return model, AutoTokenizer.from_pretrained(path), _label_names(model.config), meta.get("max_length", 128)
+        return _load_standalone(path)
     if (path / "recipe.yaml").is_file():
         raise NewsloraError(f"{path} has no adapter/: the run did not finish; continue it with "
                             f"newslora train --resume {path}")
@@ -85,17 +83,50 @@ def load_model(path: str | Path):
                         "(config.json)")
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
+
+
+def _load_standalone(path: Path):
+    """A merged (or any transformers) model folder, loaded from safetensors only: a pickle-format checkpoint
+    (``pytorch_model.bin``) can run code when unpickled, so it is refused rather than loaded."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not any(path.glob("*.safetensors")):
+        pickled = [n for n in PICKLE_WEIGHTS if (path / n).exists()]
+        what = f"holds {pickled[0]}, a pickle-format checkpoint" if pickled else "has no model weights"
+        raise NewsloraError(f"{path} {what}; newslora loads only safetensors weights (model.safetensors): re-save it "
+                            "with save_pretrained(..., safe_serialization=True), or export a run with newslora export")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        meta = json.loads((path / "newslora.json").read_text()) if (path / "newslora.json").is_file() else {}
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+        raise NewsloraError(f"cannot load the model in {path}: {_first_line(e)}; the folder is damaged or "
+                            "incomplete: export it again") from None
+    return model, tok, _label_names(model.config), meta.get("max_length", 128)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def _load_run(run_dir: Path, full_precision: bool = False):
     """A run folder's adapter model. ``full_precision``: load a quantized run's backbone unquantized (export merges
     into full-precision weights); without CUDA a quantized run always loads in full precision."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     from .config import load_recipe
     from .model import load_backbone, load_head_state, load_tokenizer
 
     recipe = load_recipe(run_dir / "recipe.yaml")
-    info = json.loads((run_dir / "run.json").read_text())
-    names = info["label_names"]
+    try:
+        names = json.loads((run_dir / "run.json").read_text())["label_names"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NewsloraError(f"{run_dir}/run.json is missing or damaged ({_first_line(e)}); it names the run's "
+                            "classes: restore it, or train the run again") from None
     if (run_dir / "backbone").is_dir():  # random-init backbone saved with the run
         recipe.model.backbone, recipe.model.random_init = str(run_dir / "backbone"), False
     if full_precision or not torch.cuda.is_available():
@@ -103,8 +134,16 @@ def _load_run(run_dir: Path, full_precision: bool = False):
     base = load_backbone(recipe, names, for_training=False)
     if (run_dir / "head_init.safetensors").is_file():  # head.type=lora: the head's frozen base weights
         load_head_state(base, run_dir / "head_init.safetensors")
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    return model, load_tokenizer(str(run_dir / "adapter")), names, recipe.model.max_length
+    adapter = run_dir / "adapter"
+    if not any(adapter.glob("adapter_model.safetensors")):
+        raise NewsloraError(f"{adapter} has no adapter weights (adapter_model.safetensors); the run did not save "
+                            f"its adapter: train it again, or continue it with newslora train --resume {run_dir}")
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
+        raise NewsloraError(f"cannot load the adapter in {adapter}: {_first_line(e)}; its files are damaged or "
+                            "truncated: train the run again") from None
+    return model, load_tokenizer(str(adapter)), names, recipe.model.max_length
 
 
 def load_classifier(path: str | Path, device: str | None = None) -> Classifier:
@@ -119,7 +158,8 @@ def load_classifier(path: str | Path, device: str | None = None) -> Classifier:
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
-def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False) -> list[str]:
+def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False,
+               options: tuple[str, str] = ("text_column", "label_column")) -> list[str]:
     """Texts to classify from CSV/TSV/JSONL/parquet/plain text, or a pickled HF ``Dataset`` (``trust_pickle``)."""
     from .data import check_texts, read_table
 
@@ -129,7 +169,7 @@ def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool =
     if path.suffix.lower() in PICKLE_SUFFIXES:
         df = _read_pickle(path, text_column, trust_pickle)
     else:
-        df = read_table(path, text_column, label_column=None)
+        df = read_table(path, text_column, label_column=None, options=options)
     if df.empty:
         raise NewsloraError(f"{path} has no rows to classify")
     return check_texts(df, str(path))["text"].tolist()
@@ -153,22 +193,25 @@ def _read_pickle(path: Path, text_column: str, trust: bool) -> pd.DataFrame:
 
 def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str], extra: bool = False) -> Path:
     """Kaggle format: ``ID,Label`` with IDs 0..N-1 and integer labels; ``extra`` adds names and probabilities."""
-    path = Path(path)
+    from .outputs import write_file_atomic
+
     pred = probs.argmax(-1)
     df = pd.DataFrame({"ID": np.arange(len(pred)), "Label": pred.astype(int)})
     if extra:
         df["label_name"] = [label_names[i] for i in pred]
         for i, n in enumerate(label_names):
             df[f"p_{n}"] = probs[:, i].round(6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
+    return write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str = "text",
-            trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None) -> Path:
-    texts = read_texts(input, text_column, trust_pickle)  # input problems surface before the model loads
+            trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None,
+            overwrite: bool = False, options: tuple[str, str] = ("text_column", "label_column")) -> Path:
+    """Classify every text of ``input`` into the submission file ``output`` (never the input itself; an existing
+    file only with ``overwrite``). ``options``: the caller's names for the column settings, for error messages."""
+    from .outputs import check_output_file
+
+    check_output_file(output, [input], overwrite)
+    texts = read_texts(input, text_column, trust_pickle, options)  # input problems surface before the model loads
     clf = load_classifier(model)
     return write_submission(output, clf.predict_proba(texts, batch_size), clf.label_names, extra_columns)

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 DPI = 120
 SPLITS = ("validation", "test")
-STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "eval_loss", "eval_accuracy",
+STEP_COLUMNS = ["step", "epoch", "loss", "train_accuracy", "learning_rate", "eval_loss", "eval_accuracy",
                 "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"]
-EPOCH_COLUMNS = ["epoch", "step", "train_loss", "eval_loss", "eval_accuracy",
+EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
                  "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"]
 PER_CLASS_COLUMNS = ["split", "class", "precision", "recall", "f1", "support"]
 COMPARE_COLUMNS = ["name", "method", "modules", "rank", "trainable", "budget", "val_accuracy",
@@ -220,8 +220,8 @@ def _plot_loss(run: _Run, path: Path) -> Path | None:
 
 
 def _plot_accuracy(run: _Run, path: Path) -> Path | None:
-    return _curve_plot(run, path, [("eval_accuracy", "validation accuracy")],
-                       "Validation accuracy", "accuracy")
+    return _curve_plot(run, path, [("train_accuracy", "training accuracy"), ("eval_accuracy", "validation accuracy")],
+                       "Training vs validation accuracy", "accuracy")
 
 
 def _plot_prf(run: _Run, path: Path) -> Path | None:

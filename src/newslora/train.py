@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, ProgressCallback, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
+from transformers.trainer_callback import ExportableState
 
 from . import __version__
 from .config import Recipe, load_recipe
@@ -31,13 +32,13 @@ from .data import Splits, load_splits, pad_batch, pads_right, tokenize
 from .errors import NewsloraError
 from .evaluate import classification_metrics, summary
 from .model import (Breakdown, adalora_schedule, apply_auto_fit, attach_adapter, breakdown, check_budget,
-                    check_quantization, count_trainable, head_dense_name, head_state, load_backbone,
+                    check_max_length, check_quantization, count_trainable, head_dense_name, head_state, load_backbone,
                     load_head_state, load_tokenizer)
 
 console = Console(stderr=True)
-STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "eval_loss", "eval_accuracy", "eval_macro_precision",
-                "eval_macro_recall", "eval_macro_f1"]
-EPOCH_COLUMNS = ["epoch", "step", "train_loss", "eval_loss", "eval_accuracy", "eval_macro_precision",
+STEP_COLUMNS = ["step", "epoch", "loss", "train_accuracy", "learning_rate", "eval_loss", "eval_accuracy",
+                "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"]
+EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "eval_macro_precision",
                  "eval_macro_recall", "eval_macro_f1"]
 
 
@@ -150,20 +151,28 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_metric_csvs(run_dir: Path, log_history: list[dict]) -> None:
-    """metrics_steps.csv (one row per log event) and metrics_epochs.csv (one row per epoch) from the Trainer log."""
+    """metrics_steps.csv (one row per log event) and metrics_epochs.csv (one row per epoch) from the Trainer log.
+
+    An epoch's train_loss and train_accuracy are :class:`TrainTally`'s exact means over all the epoch's training
+    rows (its ``epoch_train_loss`` entries); a log without them (a run that stopped mid-epoch) falls back to the
+    mean of the epoch's logged windows."""
     rows = [h for h in log_history if "loss" in h or "eval_loss" in h]
     with open(run_dir / "metrics_steps.csv", "w", newline="") as f:
         w = csv.DictWriter(f, STEP_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     epochs: dict[int, dict] = {}
-    for h in rows:
+    for h in log_history:
+        if not ("loss" in h or "eval_loss" in h or "epoch_train_loss" in h):
+            continue
         e = max(1, math.ceil(round(h.get("epoch", 0), 6)))
         row = epochs.setdefault(e, {"epoch": e, "_losses": []})
         row["step"] = h.get("step")
         if "loss" in h:
             row["_losses"].append(h["loss"])
-        for k in EPOCH_COLUMNS[3:]:
+        if "epoch_train_loss" in h:
+            row["train_loss"], row["train_accuracy"] = h["epoch_train_loss"], h["epoch_train_accuracy"]
+        for k in EPOCH_COLUMNS[4:]:
             if k in h:
                 row[k] = h[k]
     with open(run_dir / "metrics_epochs.csv", "w", newline="") as f:
@@ -171,8 +180,54 @@ def write_metric_csvs(run_dir: Path, log_history: list[dict]) -> None:
         w.writeheader()
         for e in sorted(epochs):
             row = epochs[e]
-            row["train_loss"] = float(np.mean(row["_losses"])) if row["_losses"] else ""
+            if "train_loss" not in row:
+                row["train_loss"] = float(np.mean(row["_losses"])) if row["_losses"] else ""
             w.writerow(row)
+
+
+class TrainTally(TrainerCallback, ExportableState):
+    """Training loss and accuracy from the training forward passes themselves (no extra pass): the trainer adds each
+    batch's mean loss x rows and correct predictions (:meth:`add`, summed on the model's device: no per-step sync);
+    they are read at each log (``train_accuracy`` of the window since the last log) and at each epoch end (an
+    ``epoch_train_loss``/``epoch_train_accuracy`` entry in the log history: exact means over the epoch's rows, where
+    a mean of the logged windows would count the one-step first window as a whole window and miss the steps after
+    the epoch's last log). Sums are saved in checkpoints (``ExportableState``), so a resumed epoch is still exact."""
+
+    def __init__(self):
+        self.window = [0.0, 0.0, 0]  # loss x rows, correct, rows
+        self.epoch = [0.0, 0.0, 0]
+
+    def add(self, loss, logits, labels) -> None:
+        n = labels.numel()
+        loss_sum = loss.detach().float() * n
+        correct = (logits.detach().argmax(-1) == labels).sum()
+        for acc in (self.window, self.epoch):
+            acc[0] = acc[0] + loss_sum
+            acc[1] = acc[1] + correct
+            acc[2] += n
+
+    @staticmethod
+    def _read(acc: list) -> tuple[float, float] | None:
+        if not acc[2]:
+            return None
+        return float(acc[0]) / acc[2], float(acc[1]) / acc[2]
+
+    def window_accuracy(self) -> float | None:
+        """Accuracy of the rows since the last call; starts a new window."""
+        got = self._read(self.window)
+        self.window = [0.0, 0.0, 0]
+        return None if got is None else got[1]
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        got = self._read(self.epoch)
+        self.epoch = [0.0, 0.0, 0]
+        if got is not None:
+            state.log_history.append({"epoch": state.epoch, "step": state.global_step,
+                                      "epoch_train_loss": round(got[0], 6), "epoch_train_accuracy": round(got[1], 6)})
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"window": [float(self.window[0]), float(self.window[1]), self.window[2]],
+                                           "epoch": [float(self.epoch[0]), float(self.epoch[1]), self.epoch[2]]}}
 
 
 class Collator(DataCollatorWithPadding):
@@ -201,6 +256,35 @@ class NewsloraTrainer(Trainer):
 
     _flops_per_token: int | None = None
     _trainable: list | None = None
+    _tally: TrainTally | None = None
+
+    def train_tally(self) -> TrainTally | None:
+        """The run's :class:`TrainTally` callback (a resumed Trainer replaces it with one restored from the
+        checkpoint, so it is looked up again then)."""
+        if self._tally is None or self._tally not in self.callback_handler.callbacks:
+            self._tally = next((c for c in self.callback_handler.callbacks if isinstance(c, TrainTally)), None)
+        return self._tally
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and labels is not None:
+            self.record_train_batch(loss, outputs, labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def record_train_batch(self, loss, outputs, labels) -> None:
+        """Count one training batch's loss and correct predictions (subclasses with their own loss call this)."""
+        tally = self.train_tally()
+        if tally is not None:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            tally.add(loss, logits, labels)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs and self.train_tally() is not None:  # a training log: the window's accuracy beside its loss
+            acc = self._tally.window_accuracy()
+            if acc is not None:
+                logs["train_accuracy"] = round(acc, 4)
+        super().log(logs, start_time)
 
     def floating_point_ops(self, inputs) -> int:
         main = getattr(self.model, "main_input_name", "input_ids")
@@ -229,7 +313,8 @@ class ReadableProgress(ProgressCallback):
             line = (f"{where}  validation: loss {logs['eval_loss']:.4f}  accuracy {logs['eval_accuracy']:.4f}  "
                     f"macro-F1 {logs['eval_macro_f1']:.4f}")
         elif "loss" in logs:
-            line = f"{where}  train loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
+            acc = f"  accuracy {logs['train_accuracy']:.4f}" if "train_accuracy" in logs else ""
+            line = f"{where}  train loss {logs['loss']:.4f}{acc}  lr {logs.get('learning_rate', 0):.2e}"
         elif "train_runtime" in logs:
             line = f"trained in {logs['train_runtime']:.1f} s ({logs.get('train_samples_per_second', 0):.1f} samples/s)"
         else:
@@ -314,7 +399,7 @@ class AdaLoraCallback(TrainerCallback):
         if state.global_step > 0:  # --resume: restore the allocation and the importance scores
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.STATE
             if ckpt.is_file():
-                st = torch.load(ckpt, weights_only=False)
+                st = torch.load(ckpt, weights_only=True)  # tensors and plain data only: never code
                 self.pattern, self.calls, self.steps = st["pattern"], st["calls"], st["steps"]
                 alloc = model.base_model.rankallocator
                 alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = st["ipt"], st["exp_avg_ipt"], st["exp_avg_unc"]
@@ -370,6 +455,7 @@ def prepare(recipe: Recipe):
     check_quantization(recipe.model.quantization)
     resolve_precision(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
+    check_max_length(recipe)
     splits = load_splits(recipe.data)
     if recipe.method == "adalora":
         adalora_schedule(recipe, optimizer_steps(len(splits.train), recipe.train))
@@ -382,9 +468,43 @@ def prepare(recipe: Recipe):
     return tokenizer, splits, b
 
 
+def check_checkpoint(ckpt: Path, run_dir: Path) -> None:
+    """Refuse to resume from a checkpoint whose files hold anything but tensors and plain data (a pickle that runs
+    code), or are damaged, before anything in the run folder changes. Every ``.pt``/``.pth``/``.bin`` file is read
+    as the Trainer and :class:`AdaLoraCallback` read it, ``torch.load(weights_only=True)``; ``training_args.bin``
+    (pickled TrainingArguments) is skipped: resuming never loads it."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers.trainer_pt_utils import safe_globals
+
+    fix = (f"delete {ckpt} to resume from the checkpoint before it, or start the run again")
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise NewsloraError(f"--resume {run_dir}: {ckpt / 'trainer_state.json'} is missing or damaged "
+                            f"({type(e).__name__}); {fix}") from None
+    for f in sorted(ckpt.iterdir()):
+        try:
+            if f.suffix in (".pt", ".pth", ".bin") and f.name != "training_args.bin":
+                with safe_globals():
+                    torch.load(f, map_location="cpu", weights_only=True)
+            elif f.suffix == ".safetensors":
+                load_file(str(f))
+        except pickle.UnpicklingError:
+            raise NewsloraError(f"--resume {run_dir}: {f} holds pickled objects beyond tensors (code could run when "
+                                f"they load); refusing to load it: {fix}") from None
+        except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
+            raise NewsloraError(f"--resume {run_dir}: {f} is damaged ({type(e).__name__}); {fix}") from None
+
+
 def new_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
     if run_dir is not None:
         path = Path(run_dir)
+        for p in (path, *path.parents):
+            if p.exists() and not p.is_dir():
+                raise NewsloraError(f"--run-dir {path}: {p} is a file, not a folder; choose another --run-dir")
         if path.exists() and any(path.iterdir()):
             raise NewsloraError(f"run folder {path} exists and is not empty; choose another --run-dir, or "
                                 f"continue it with --resume {path}")
@@ -410,6 +530,7 @@ def train(recipe: Recipe | None = None, run_dir: str | Path | None = None, resum
         checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         if not checkpoints:
             raise NewsloraError(f"--resume {run_dir}: no checkpoint saved yet; start the run again instead")
+        check_checkpoint(checkpoints[-1], run_dir)  # the one the Trainer resumes from
     recipe = recipe or Recipe()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -502,7 +623,7 @@ def _run(recipe: Recipe, run_dir: Path, tokenizer, splits: Splits, resuming: boo
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return summary(classification_metrics(p.label_ids, logits.argmax(-1), splits.label_names))
 
-    callbacks = [MetricsFileCallback(run_dir), *callbacks]
+    callbacks = [TrainTally(), MetricsFileCallback(run_dir), *callbacks]
     ada = AdaLoraCallback(run_dir, total_steps) if recipe.method == "adalora" else None
     if ada:
         callbacks.append(ada)
