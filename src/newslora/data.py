@@ -210,7 +210,7 @@ def encode_labels(df: pd.DataFrame, names: list[str] | None, where: str, names_f
             return out, list(names)
     frac = numeric != numeric.round()
     if frac.any():
-        raise NewsloraError(f"{where}: label {numeric[frac].iloc[0]!r} at {_rows(frac)}; labels must be integers "
+        raise NewsloraError(f"{where}: label {text[frac].iloc[0]} at {_rows(frac)}; labels must be integers "
                             "or class names")
     ints = numeric.astype(int)
     k = len(names) if names is not None else num_labels
