@@ -199,7 +199,7 @@ class TrainTally(TrainerCallback, ExportableState):
 
     def add(self, loss, logits, labels) -> None:
         n = labels.numel()
-        loss_sum = loss.detach().float() * n
+        loss_sum = loss.detach().float().mean() * n  # mean: DataParallel gives one loss per GPU
         correct = (logits.detach().argmax(-1) == labels).sum()
         for acc in (self.window, self.epoch):
             acc[0] = acc[0] + loss_sum
