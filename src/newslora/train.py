@@ -191,7 +191,8 @@ class TrainTally(TrainerCallback, ExportableState):
     they are read at each log (``train_accuracy`` of the window since the last log) and at each epoch end (an
     ``epoch_train_loss``/``epoch_train_accuracy`` entry in the log history: exact means over the epoch's rows, where
     a mean of the logged windows would count the one-step first window as a whole window and miss the steps after
-    the epoch's last log). Sums are saved in checkpoints (``ExportableState``), so a resumed epoch is still exact."""
+    the epoch's last log). The sums are saved in checkpoints (``ExportableState``: trainer_state.json) and read back
+    when a run resumes, so a resumed epoch and window are still exact."""
 
     def __init__(self):
         self.window = [0.0, 0.0, 0]  # loss x rows, correct, rows
@@ -217,6 +218,11 @@ class TrainTally(TrainerCallback, ExportableState):
         got = self._read(self.window)
         self.window = [0.0, 0.0, 0]
         return None if got is None else got[1]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
+        if isinstance(saved, dict):  # resumed: the sums up to the checkpoint (see state())
+            self.window, self.epoch = (list(saved["attributes"][k]) for k in ("window", "epoch"))
 
     def on_epoch_end(self, args, state, control, **kwargs):
         got = self._read(self.epoch)
