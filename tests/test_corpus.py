@@ -420,6 +420,9 @@ CASES = [
          ["did not finish", "--resume"]),
     Case("export-not-a-run", lambda e: ["export", _dir(e, "nothing")], ["not a finished run folder"]),
     Case("plot-not-a-run", lambda e: ["plot", _dir(e, "nothing")], ["not a run folder"]),
+    Case("report-output-is-a-file", lambda e: ["report", e.tiny_run, "--output", _file(e, "report")],
+         ["--output", "is a file"]),
+    Case("report-not-a-run", lambda e: ["report", _dir(e, "nothing"), "--output", e.work / "rep"], ["nothing"]),
     Case("predict-pickle-untrusted", lambda e: ["predict", e.tiny_run, "-i", _bytes(e, "t.pkl", b"\x80\x04N."),
                                                 "-o", "s.csv"], ["--trust-pickle"]),
 ]

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from newslora.errors import NewsloraError
 from newslora.report import compare_runs, finalize_run, plot_run, write_model_card, write_workbook
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -310,7 +311,7 @@ def test_compare_runs_rejects_non_run_folder(runs, tmp_path):
     stray = tmp_path / "not-a-run"
     stray.mkdir()
     (stray / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="not-a-run.*not a newslora run folder"):
+    with pytest.raises(NewsloraError, match="not-a-run.*not a newslora run folder"):
         compare_runs([runs["lora"], stray], tmp_path / "cmp")
     assert not (tmp_path / "cmp" / "report.md").exists()
 

@@ -33,6 +33,8 @@ from openpyxl import Workbook
 from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 
+from .errors import NewsloraError
+
 __all__ = ["plot_run", "write_workbook", "compare_runs", "write_model_card", "finalize_run"]
 
 log = logging.getLogger(__name__)
@@ -501,8 +503,7 @@ def write_workbook(run_dir: str | os.PathLike) -> Path:
 
 def _require_run(path: Path) -> None:
     if not ((path / "run.json").is_file() or (path / "eval.json").is_file()):
-        raise ValueError(f"{path} is not a newslora run folder (it has neither run.json "
-                         "nor eval.json)")
+        raise NewsloraError(f"{path} is not a newslora run folder (it has neither run.json nor eval.json)")
 
 
 def _compare_row(run: _Run) -> dict[str, Any]:
@@ -596,6 +597,9 @@ def compare_runs(run_dirs: Iterable[str | os.PathLike],
                  output_dir: str | os.PathLike) -> dict[str, Path]:
     """Compare runs in one table; write report.md, report.html and report.xlsx."""
     paths = [Path(d) for d in run_dirs]
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise NewsloraError(f"--output {output_dir} is a file; give a folder for report.md, report.html and "
+                            "report.xlsx")
     for path in paths:
         _require_run(path)
     runs = [_load(p) for p in paths]
