@@ -220,7 +220,7 @@ def encode_labels(df: pd.DataFrame, names: list[str] | None, where: str, names_f
             raise NewsloraError(f"{where}: label {int(ints[negative].iloc[0])} at {_rows(negative)}; integer "
                                 "labels are class ids 0..K-1")
         present = set(ints.unique().tolist())
-        gap = next(i for i in range(int(ints.max()) + 2) if i not in present)
+        gap = next(i for i in range(len(present) + 1) if i not in present)  # the first class id without rows
         above = ints > gap
         if above.any():
             raise NewsloraError(f"{where}: label {int(ints[above].iloc[0])} at {_rows(above)}, but no row has "
