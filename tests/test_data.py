@@ -12,7 +12,7 @@ from newslora.errors import NewsloraError
 
 @pytest.fixture(scope="module")
 def sample():
-    return pd.read_csv(TRAIN_CSV).head(200)
+    return pd.read_csv(TRAIN_CSV).groupby("label").head(50).reset_index(drop=True)  # 200 rows, every class
 
 
 def test_classic_ag_news_csv():

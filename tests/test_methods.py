@@ -236,6 +236,10 @@ def test_resume_matches_an_uninterrupted_run(runs, method, tmp_path):
     res = train(resume=run_dir)
     a, b = load_classifier(full_dir), load_classifier(res.run_dir)
     assert torch.allclose(logits(a.model, a.tokenizer), logits(b.model, b.tokenizer), atol=1e-5)
+    # the per-epoch training loss/accuracy sums survive the interruption (saved in the checkpoint)
+    full, cut = (list(csv.DictReader(open(d / "metrics_epochs.csv"))) for d in (full_dir, run_dir))
+    assert [(r["epoch"], r["train_accuracy"]) for r in full] == [(r["epoch"], r["train_accuracy"]) for r in cut]
+    assert [float(r["train_loss"]) for r in cut] == pytest.approx([float(r["train_loss"]) for r in full], abs=1e-5)
     if method == "adalora":
         assert read_ranks(run_dir) == read_ranks(full_dir)
         info = json.loads((run_dir / "run.json").read_text())["adalora"]

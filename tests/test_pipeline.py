@@ -250,3 +250,59 @@ def test_gradient_accumulation_averages_the_loss(tmp_path):
         res = train(recipe, run_dir=tmp_path / f"ga{accum}")
         first[accum] = pd.read_csv(res.run_dir / "metrics_steps.csv")["loss"].dropna().iloc[0]
     assert first[2] == pytest.approx(first[1], rel=0.1), first
+
+
+class ForwardSpy:
+    """Records every training forward's loss and correct predictions with a forward hook on the model, apart from
+    the trainer's own bookkeeping: (epoch, optimizer step, loss x rows, correct, rows)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        spy = self
+        self.rows, self.epoch, self.step = [], 0, 0
+
+        class _CB(TrainerCallback):
+            def on_train_begin(cb, args, state, control, model=None, **kw):  # noqa: N805
+                def hook(module, a, kwargs, output):
+                    if module.training and kwargs.get("labels") is not None:
+                        y = kwargs["labels"]
+                        spy.rows.append((spy.epoch, spy.step, float(output.loss) * y.numel(),
+                                         int((output.logits.argmax(-1) == y).sum()), y.numel()))
+                model.register_forward_hook(hook, with_kwargs=True)
+
+            def on_epoch_begin(cb, args, state, control, **kw):  # noqa: N805
+                spy.epoch += 1
+
+            def on_step_begin(cb, args, state, control, **kw):  # noqa: N805
+                spy.step = state.global_step + 1
+
+        self.cb = _CB()
+
+
+def test_epoch_train_loss_and_accuracy_are_exact_means(tmp_path):
+    """metrics_epochs.csv: each epoch's training loss and accuracy are the means over all its training rows (not a
+    mean of logged windows, which counts the one-step first window as a whole one and misses the steps after the
+    last log); metrics_steps.csv: each log's training accuracy covers the steps since the previous log; both
+    appear in the workbook and the accuracy plot."""
+    spy = ForwardSpy()
+    recipe = load_recipe(None, tiny_overrides(**{"train.epochs": 2, "train.logging_steps": 3,
+                                                 "data.max_train_samples": 240}))  # 8 batches, the last of 16 rows
+    res = train(recipe, run_dir=tmp_path / "run", extra_callbacks=[spy.cb])
+    rows = pd.DataFrame(spy.rows, columns=["epoch", "step", "loss_sum", "correct", "n"])
+    assert set(rows["epoch"]) == {1, 2} and rows["n"].sum() == 2 * 240
+    epochs = pd.read_csv(res.run_dir / "metrics_epochs.csv")
+    for e, g in rows.groupby("epoch"):
+        row = epochs.set_index("epoch").loc[e]
+        assert row["train_loss"] == pytest.approx(g["loss_sum"].sum() / g["n"].sum(), abs=2e-6)
+        assert row["train_accuracy"] == pytest.approx(g["correct"].sum() / g["n"].sum(), abs=2e-6)
+    steps = pd.read_csv(res.run_dir / "metrics_steps.csv").dropna(subset=["loss"])
+    assert steps["train_accuracy"].notna().all()
+    prev = 0
+    for _, log in steps.iterrows():
+        window = rows[(rows["step"] > prev) & (rows["step"] <= log["step"])]
+        assert log["train_accuracy"] == pytest.approx(window["correct"].sum() / window["n"].sum(), abs=1e-4)
+        prev = log["step"]
+    wb = load_workbook(res.run_dir / "metrics.xlsx")
+    assert "train_accuracy" in [c.value for c in wb["epochs"][1]]
+    assert (res.run_dir / "plots" / "accuracy.png").is_file()

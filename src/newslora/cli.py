@@ -25,6 +25,7 @@ Overrides = typer.Argument(None, help="recipe overrides: key=value ... (e.g. lor
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)")
 RuntimeOpt = typer.Option(None, "--runtime", help="torch or onnx (default: chosen by what the folder holds; "
                           "model.onnx -> onnxruntime)")
+COLUMN_OPTIONS = ("--text-column", "--label-column")  # named in errors about the file's columns
 
 
 def friendly(fn):
@@ -112,11 +113,13 @@ def evaluate(model: Path = typer.Argument(..., help="run folder or merged model 
              data: Path = typer.Option(..., "--data", help="labelled file (CSV/TSV/JSONL/parquet, or classic AG News CSV)"),
              text_column: str = "text", label_column: str = "label",
              output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
              runtime: Optional[str] = RuntimeOpt):
     """Evaluate a saved run, merged model or ONNX folder on a labelled file."""
     from .evaluate import evaluate as run_eval
 
-    m = run_eval(model, data, text_column, label_column, output=output, runtime=runtime)
+    m = run_eval(model, data, text_column, label_column, output=output, overwrite=overwrite,
+                 options=COLUMN_OPTIONS, runtime=runtime)
     out.print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
     for name, c in m["per_class"].items():
         out.print(f"  {name:<12} P {c['precision']:.3f}  R {c['recall']:.3f}  F1 {c['f1']:.3f}  n={c['support']}")
@@ -126,6 +129,7 @@ def evaluate(model: Path = typer.Argument(..., help="run folder or merged model 
 def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
            output: Optional[Path] = typer.Option(None, "--output", help="default RUN_DIR/merged (RUN_DIR/onnx, "
                                                  "RUN_DIR/onnx-int8 with --onnx)"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export in --output"),
            onnx: bool = typer.Option(False, "--onnx", help="also export the merged model to ONNX (model.onnx + "
                                      "tokenizer), checked against PyTorch"),
            int8: bool = typer.Option(False, "--int8", help="with --onnx: int8 weights (onnxruntime dynamic "
@@ -137,14 +141,14 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     if onnx:
         from .export_onnx import export_onnx
 
-        path = export_onnx(run_dir, output, int8=int8)
+        path = export_onnx(run_dir, output, int8=int8, overwrite=overwrite)
         check = json.loads((path / "newslora.json").read_text())["check"]
         out.print(f"ONNX model: {path} (same argmax as PyTorch on {check['same_argmax']}/{check['n']} check texts, "
                   f"max logit diff {check['max_logit_diff']:.1e})")
         return
     from .export import export as run_export
 
-    out.print(f"merged model: {run_export(run_dir, output)}")
+    out.print(f"merged model: {run_export(run_dir, output, overwrite=overwrite)}")
 
 
 @command()
@@ -155,11 +159,13 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling (runs code from the file)"),
             extra_columns: bool = typer.Option(False, "--extra-columns", help="add label names and probabilities"),
             batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
             runtime: Optional[str] = RuntimeOpt):
     """Write a Kaggle submission (ID,Label) for every text in a file."""
     from .predict import predict as run_predict
 
-    path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, runtime)
+    path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,
+                       options=COLUMN_OPTIONS, runtime=runtime)
     out.print(f"wrote {path}")
 
 

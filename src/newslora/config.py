@@ -63,6 +63,7 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     label_names: list[str] | None = None
+    num_labels: int | None = None  # the number of classes of integer labels 0..K-1 (when no names are given)
     validation_size: float = 0.05  # fraction of train (<1) or a number of rows (>=1), stratified
     max_train_samples: int | None = None
     max_test_samples: int | None = None
@@ -77,6 +78,8 @@ class DataConfig:
         for k in ("max_train_samples", "max_test_samples"):
             if getattr(self, k) is not None:
                 _positive(f"data.{k}", getattr(self, k))
+        if self.num_labels is not None and self.num_labels < 2:
+            raise NewsloraError(f"data.num_labels={self.num_labels} must be at least 2")
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise NewsloraError(f"data.label_names has duplicates: {self.label_names}")
 

@@ -41,10 +41,17 @@ def looks_like_path(s: str) -> bool:
     return Path(s).expanduser().exists() or s.startswith((".", "~", "/")) or Path(s).suffix.lower() in TABLE_SUFFIXES
 
 
-def read_table(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> pd.DataFrame:
+RECIPE_OPTIONS = ("data.text_column", "data.label_column")  # what a column error tells the user to set
+
+
+def read_table(path: str | Path, text_column: str = "text", label_column: str | None = "label",
+               options: tuple[str, str] = RECIPE_OPTIONS) -> pd.DataFrame:
     """Read one local file into a DataFrame with ``text`` (and ``label`` when label_column is given).
 
-    Labels are returned as found (ints or strings); :func:`encode_labels` maps them to ids.
+    Labels are returned as found (ints or strings); :func:`encode_labels` maps them to ids. The two AG News CSV
+    forms (classic: no header; Kaggle: ``Class Index,Title,Description``) give title + description and labels
+    0-3, and set ``df.attrs["ag_news"]``. ``options``: the names of the text/label column settings in the
+    caller's interface (recipe keys, or a command's ``--text-column``/``--label-column``) for error messages.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -53,9 +60,11 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str | 
     try:
         if suffix in (".csv", ".tsv"):
             sep = "\t" if suffix == ".tsv" else ","
-            classic = _classic_ag_news(path, sep, text_column)
-            if classic is not None:
-                return classic
+            ag_news = _classic_ag_news(path, sep, text_column)
+            if ag_news is None:
+                ag_news = _kaggle_ag_news(path, sep, text_column, label_column)
+            if ag_news is not None:
+                return _non_empty(ag_news, path)
             df = pd.read_csv(path, sep=sep, encoding="utf-8", keep_default_na=False, dtype=str if label_column is None else None)
         elif suffix in (".jsonl", ".json"):
             df = pd.read_json(path, lines=suffix == ".jsonl", encoding="utf-8")
@@ -70,31 +79,72 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str | 
         raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     except (ValueError, pd.errors.ParserError) as e:
         raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
-    return _select_columns(df, path, text_column, label_column)
+    return _non_empty(_select_columns(df, path, text_column, label_column, options), path)
+
+
+def _non_empty(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if df.empty:
+        raise NewsloraError(f"{path} has no rows (an empty file, or a header only); give a file with data rows")
+    return df
+
+
+def _first_row(path: Path, sep: str) -> list[str] | None:
+    with open(path, encoding="utf-8", newline="") as f:
+        return next(csv.reader(f, delimiter=sep), None)
+
+
+def _one_based(cls: pd.Series, path: Path, first_line: int) -> pd.Series:
+    """AG News class column (1-4 in the file) as integers 0-3; non-integers refused with their lines."""
+    num = pd.to_numeric(cls.str.strip(), errors="coerce")
+    bad = num.isna() | (num != num.round()) | (num < 1)
+    if bad.any():
+        rows = np.flatnonzero(bad.to_numpy())
+        lines = ", ".join(str(int(r) + first_line) for r in rows[:5])
+        raise NewsloraError(f"{path}, line {lines}: class {cls.iloc[rows[0]]!r} is not a 1-based integer "
+                            "(AG News CSV form: class 1-4, title, description)")
+    return num.astype(int) - 1
+
+
+KAGGLE_AG_NEWS_HEADER = ["Class Index", "Title", "Description"]
+
+
+def _kaggle_ag_news(path: Path, sep: str, text_column: str, label_column: str | None) -> pd.DataFrame | None:
+    """The Kaggle copy of AG News: header ``Class Index,Title,Description``, classes 1-4. Text is title +
+    description (or the one of the two columns the caller names); labels are shifted to 0-3."""
+    first = _first_row(path, sep)
+    if not first or [c.strip() for c in first] != KAGGLE_AG_NEWS_HEADER:
+        return None
+    df = pd.read_csv(path, sep=sep, encoding="utf-8", keep_default_na=False, dtype=str)
+    df.columns = KAGGLE_AG_NEWS_HEADER
+    if text_column in ("Title", "Description"):
+        text = df[text_column].str.strip()
+    else:
+        text = (df["Title"].str.strip() + " " + df["Description"].str.strip()).str.strip()
+    out = pd.DataFrame({"text": text})
+    if label_column is not None:
+        out["label"] = _one_based(df["Class Index"], path, first_line=2)
+    out.attrs["ag_news"] = True
+    return out
 
 
 def _classic_ag_news(path: Path, sep: str, text_column: str) -> pd.DataFrame | None:
     """The classic AG News form: no header, 3 columns (class 1-4, title, description)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        first = next(csv.reader(f, delimiter=sep), None)
+    first = _first_row(path, sep)
     if not first or len(first) != 3 or text_column in first or not first[0].strip().isdigit():
         return None
     df = pd.read_csv(path, sep=sep, header=None, names=["cls", "title", "description"], encoding="utf-8",
-                     keep_default_na=False, dtype={"cls": str})
-    cls = pd.to_numeric(df["cls"], errors="coerce")
-    bad = cls.isna() | ~cls.isin(range(1, 10))
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0]) + 1
-        raise NewsloraError(f"{path}, line {row}: class {df['cls'].iloc[row - 1]!r} is not 1-based integer "
-                            "(classic AG News form: class 1-4, title, description)")
+                     keep_default_na=False, dtype=str)
     text = (df["title"].str.strip() + " " + df["description"].str.strip()).str.strip()
-    return pd.DataFrame({"text": text, "label": cls.astype(int) - 1})
+    out = pd.DataFrame({"text": text, "label": _one_based(df["cls"], path, first_line=1)})
+    out.attrs["ag_news"] = True
+    return out
 
 
-def _select_columns(df: pd.DataFrame, path: Path, text_column: str, label_column: str | None) -> pd.DataFrame:
+def _select_columns(df: pd.DataFrame, path: Path, text_column: str, label_column: str | None,
+                    options: tuple[str, str] = RECIPE_OPTIONS) -> pd.DataFrame:
     missing = [c for c in (text_column, label_column) if c is not None and c not in df.columns]
     if missing:
-        key = "data.text_column" if missing[0] == text_column else "data.label_column"
+        key = options[0] if missing[0] == text_column else options[1]
         raise NewsloraError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(map(str, df.columns))}); "
                             f"set {key} to the right name")
     out = pd.DataFrame({"text": df[text_column].astype(str)})
@@ -112,35 +162,92 @@ def find_label_names(path: Path) -> list[str] | None:
     return None
 
 
-def encode_labels(df: pd.DataFrame, names: list[str] | None, where: str) -> tuple[pd.DataFrame, list[str]]:
-    """Map labels to ids 0..K-1 and check them; returns the frame and the label names."""
+def _rows(mask) -> str:
+    """``rows 3, 17, 40 (and 12 more)`` for the True positions of a mask (0-based data rows, header excluded)."""
+    rows = np.flatnonzero(np.asarray(mask))
+    shown = ", ".join(str(int(r)) for r in rows[:5])
+    more = f" (and {len(rows) - 5} more)" if len(rows) > 5 else ""
+    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
+
+
+def encode_labels(df: pd.DataFrame, names: list[str] | None, where: str, names_from: str = "data.label_names",
+                  num_labels: int | None = None, fix: str = "set data.label_names or data.num_labels",
+                  every_class: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Map labels to ids 0..K-1, checked against the label set: ``names`` (from ``names_from``: the recipe, a
+    ``classes.txt``, the AG News classes, a model's labels) or ``num_labels`` classes. Without either, string
+    labels name their classes (sorted) and integer labels must cover 0..max without a gap. Mixed integer and
+    string labels, integers outside the set and unknown names are refused with the rows that hold them.
+    ``every_class``: each class must have rows (a training split). Returns the frame and the label names."""
     labels = df["label"]
-    missing = labels.isna() | (labels.astype(str).str.strip() == "")
+    text = labels.astype(str).str.strip()
+    missing = labels.isna() | (text == "")
     if missing.any():
-        row = int(np.flatnonzero(missing.to_numpy())[0])
-        raise NewsloraError(f"{where}: row {row} has no label; fill or drop unlabelled rows")
-    if not pd.api.types.is_numeric_dtype(labels):
-        as_num = pd.to_numeric(labels.astype(str).str.strip(), errors="coerce")
-        if as_num.notna().all():
-            labels = as_num
-        else:  # string labels: names are the sorted distinct values unless the recipe gives them
-            values = labels.astype(str).str.strip()
-            names = names or sorted(values.unique())
-            unknown = sorted(set(values) - set(names))
-            if unknown:
-                raise NewsloraError(f"{where}: labels {unknown[:5]} are not in data.label_names {names}")
+        raise NewsloraError(f"{where}: no label at {_rows(missing)}; fill or drop unlabelled rows")
+    if pd.api.types.is_numeric_dtype(labels):
+        numeric = labels.astype(float)
+    else:
+        numeric = pd.to_numeric(text, errors="coerce")
+        is_num = numeric.notna()
+        if 0 < is_num.sum() < len(is_num):  # integers and names in one column: the odd ones out are wrong
+            odd = ~is_num if is_num.sum() >= len(is_num) / 2 else is_num
+            kind = "names" if is_num.sum() >= len(is_num) / 2 else "integers"
+            raise NewsloraError(f"{where}: label {text[odd].iloc[0]!r} at {_rows(odd)} among "
+                                f"{'integer labels' if kind == 'names' else 'class names'}; use one form for "
+                                "every row")
+        if not is_num.any():  # class names
+            if names is None and num_labels is None:
+                names = sorted(text.unique())
+            elif names is None:
+                raise NewsloraError(f"{where}: labels are class names but only data.num_labels={num_labels} is "
+                                    "given; set data.label_names to name the classes in id order")
+            unknown = ~text.isin(names)
+            if unknown.any():
+                raise NewsloraError(f"{where}: label {text[unknown].iloc[0]!r} at {_rows(unknown)} is not one of "
+                                    f"the {len(names)} classes {names} ({names_from}); fix those rows or {fix}")
             lookup = {n: i for i, n in enumerate(names)}
-            return df.assign(label=values.map(lookup).to_numpy()), list(names)
-    if not np.all(np.asarray(labels, dtype=float) == np.asarray(labels, dtype=float).round()):
-        raise NewsloraError(f"{where}: labels must be integers or class names")
-    labels = labels.astype(int)
-    k = len(names) if names else int(labels.max()) + 1
-    bad = (labels < 0) | (labels >= k)
+            out = df.assign(label=text.map(lookup).to_numpy())
+            _check_every_class(out, list(names), where, every_class, names_from, fix)
+            return out, list(names)
+    frac = numeric != numeric.round()
+    if frac.any():
+        raise NewsloraError(f"{where}: label {text[frac].iloc[0]} at {_rows(frac)}; labels must be integers "
+                            "or class names")
+    ints = numeric.astype(int)
+    k = len(names) if names is not None else num_labels
+    if k is None:  # no label set given: 0..max, where every class must occur
+        negative = ints < 0
+        if negative.any():
+            raise NewsloraError(f"{where}: label {int(ints[negative].iloc[0])} at {_rows(negative)}; integer "
+                                "labels are class ids 0..K-1")
+        present = set(ints.unique().tolist())
+        gap = next(i for i in range(len(present) + 1) if i not in present)  # the first class id without rows
+        above = ints > gap
+        if above.any():
+            raise NewsloraError(f"{where}: label {int(ints[above].iloc[0])} at {_rows(above)}, but no row has "
+                                f"label {gap}: classes 0..{int(ints.max())} would include empty ones; fix those "
+                                f"rows or {fix}")
+        k = int(ints.max()) + 1
+        names_from = "the labels in the file"
+    bad = (ints < 0) | (ints >= k)
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise NewsloraError(f"{where}: label {labels.iloc[row]} at row {row} is out of range 0..{k - 1} "
-                            f"(label names: {names or 'none given'}); fix the file or set data.label_names")
-    return df.assign(label=labels.to_numpy()), names or [str(i) for i in range(k)]
+        shown = f" {names}" if names is not None else ""
+        raise NewsloraError(f"{where}: label {int(ints[bad].iloc[0])} at {_rows(bad)} is out of range 0..{k - 1}, "
+                            f"the {k} classes{shown} of {names_from}; fix those rows or {fix}")
+    out = df.assign(label=ints.to_numpy())
+    names = list(names) if names is not None else [str(i) for i in range(k)]
+    _check_every_class(out, names, where, every_class, names_from, fix)
+    return out, names
+
+
+def _check_every_class(df: pd.DataFrame, names: list[str], where: str, every_class: bool, names_from: str,
+                       fix: str) -> None:
+    if not every_class:
+        return
+    empty = [n for i, n in enumerate(names) if not (df["label"] == i).any()]
+    if empty:
+        raise NewsloraError(f"{where}: no rows of class{'es' if len(empty) > 1 else ''} {empty[:5]} of the "
+                            f"{len(names)} classes from {names_from}; a class without training rows cannot be "
+                            f"learnt: add rows or {fix}")
 
 
 def check_texts(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -151,7 +258,7 @@ def check_texts(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return df
 
 
-def _load_local(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None]:
+def _load_local(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None, str]:
     src = Path(cfg.source).expanduser()
     test_path = Path(cfg.test).expanduser() if cfg.test else None
     if src.is_dir():
@@ -161,7 +268,10 @@ def _load_local(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, lis
         train_path = src
     train = read_table(train_path, cfg.text_column, cfg.label_column)
     test = read_table(test_path, cfg.text_column, cfg.label_column) if test_path else None
-    return train, test, cfg.label_names or find_label_names(train_path)
+    if cfg.label_names:
+        return train, test, cfg.label_names, "data.label_names"
+    found = find_label_names(train_path)
+    return train, test, found, "classes.txt" if found else ""
 
 
 def find_split_file(folder: Path, stem: str, required: bool = True) -> Path | None:
@@ -171,7 +281,7 @@ def find_split_file(folder: Path, stem: str, required: bool = True) -> Path | No
     return hits[0] if hits else None
 
 
-def _load_hub(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None]:
+def _load_hub(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None, str]:
     import datasets
 
     try:
@@ -181,29 +291,39 @@ def _load_hub(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[
             f"cannot load dataset {cfg.source!r} from the Hugging Face hub ({type(e).__name__}); "
             "offline? pass a local file or folder instead, e.g. data.source=../shared/data/ag_news/train_sample.csv "
             "data.test=../shared/data/ag_news/test.csv") from None
-    names = cfg.label_names
+    names, names_from = cfg.label_names, "data.label_names" if cfg.label_names else ""
     feat = ds["train"].features.get(cfg.label_column)
     if names is None and hasattr(feat, "names"):
-        names = list(feat.names)
+        names, names_from = list(feat.names), f"the {cfg.source} dataset's ClassLabel"
     frames = {s: _select_columns(ds[s].to_pandas(), Path(cfg.source), cfg.text_column, cfg.label_column) for s in ds}
-    return frames["train"], frames.get("test"), names
+    return frames["train"], frames.get("test"), names, names_from
 
 
 def load_splits(cfg: DataConfig) -> Splits:
     """Read train/test, encode labels, carve the stratified validation split from train."""
+    """Read train/test, check and encode labels against the recipe's label set, carve the stratified validation
+    split from train. The label set: ``data.label_names``, a ``classes.txt`` next to the data, the hub's ClassLabel,
+    the 4 AG News classes (an ``ag_news`` source, or a file in one of the AG News CSV forms), ``data.num_labels``;
+    else the labels themselves (see :func:`encode_labels`)."""
     if looks_like_path(cfg.source):
-        train, test, names = _load_local(cfg)
+        train, test, names, names_from = _load_local(cfg)
     else:
-        train, test, names = _load_hub(cfg)
+        train, test, names, names_from = _load_hub(cfg)
         if cfg.test:
             test = read_table(cfg.test, cfg.text_column, cfg.label_column)
-    if names is None and cfg.source.rstrip("/").split("/")[-1].startswith("ag_news"):
-        names = AG_NEWS_LABELS
+    if names is None and (cfg.source.rstrip("/").split("/")[-1].startswith("ag_news") or train.attrs.get("ag_news")):
+        names, names_from = AG_NEWS_LABELS, "AG News"
+    if cfg.num_labels is not None and names is not None and len(names) != cfg.num_labels:
+        raise NewsloraError(f"data.num_labels={cfg.num_labels} but {names_from} gives {len(names)} classes {names}; "
+                            "make them agree (or drop data.num_labels)")
+    if names is None and cfg.num_labels is not None:
+        names_from = f"data.num_labels={cfg.num_labels}"
     train = check_texts(train, f"{cfg.source} (train)")
-    train, names = encode_labels(train, names, f"{cfg.source} (train)")
+    train, names = encode_labels(train, names, f"{cfg.source} (train)", names_from, cfg.num_labels, every_class=True)
     if test is not None:
-        test = check_texts(test, f"{cfg.test or cfg.source} (test)")
-        test, _ = encode_labels(test, names, f"{cfg.test or cfg.source} (test)")
+        where = f"{cfg.test or cfg.source} (test)"
+        test = check_texts(test, where)
+        test, _ = encode_labels(test, names, where, names_from or "the training labels")
         if cfg.max_test_samples:
             test = _stratified_head(test, cfg.max_test_samples, cfg.seed)
     if cfg.validation:

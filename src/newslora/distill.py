@@ -242,6 +242,8 @@ def distill_trainer_class(base=None):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             loss, outputs = distill_loss(model, inputs, soft, self.distill_temperature, self.distill_alpha)
+            if hasattr(self, "record_train_batch"):  # NewsloraTrainer's training loss/accuracy tally
+                self.record_train_batch(loss, outputs, inputs["labels"])
             return (loss, outputs) if return_outputs else loss
 
     DistillTrainer.__name__ = DistillTrainer.__qualname__ = f"Distill{base.__name__}"

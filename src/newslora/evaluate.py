@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from .errors import NewsloraError
 
 
 def classification_metrics(y_true, y_pred, label_names: list[str]) -> dict:
@@ -35,22 +34,24 @@ def summary(m: dict) -> dict:
 
 
 def evaluate(model_path: str | Path, data: str | Path, text_column: str = "text", label_column: str = "label",
-             batch_size: int | None = None, output: str | Path | None = None, runtime: str | None = None) -> dict:
-    """Evaluate a run folder or merged model on a labelled file; optionally write the metrics as JSON."""
+             batch_size: int | None = None, output: str | Path | None = None, overwrite: bool = False,
+             options: tuple[str, str] = ("text_column", "label_column"), runtime: str | None = None) -> dict:
+    """Evaluate a run folder or merged model on a labelled file; optionally write the metrics as JSON (never over
+    the data file; over an existing file only with ``overwrite``). ``options``: the caller's names for the column
+    settings, for error messages. The labels must be the model's classes (ids 0..K-1 or its label names).
+    ``runtime``: torch or onnx (default: chosen by what the folder holds)."""
     from .data import check_texts, encode_labels, read_table
+    from .outputs import check_output_file, write_file_atomic
     from .predict import load_classifier
 
+    if output:
+        check_output_file(output, [data], overwrite)
+    df = check_texts(read_table(data, text_column, label_column, options), str(data))  # before the model loads
     clf = load_classifier(model_path, runtime=runtime)
-    df = check_texts(read_table(data, text_column, label_column), str(data))
-    df, names = encode_labels(df, clf.label_names, str(data))
-    if len(names) != len(clf.label_names):
-        raise NewsloraError(f"{data} has {len(names)} classes but the model has {len(clf.label_names)}")
+    df, _ = encode_labels(df, clf.label_names, str(data), names_from=f"the model {model_path}",
+                          fix="evaluate on a file with the model's classes")
     pred = clf.predict_proba(df["text"].tolist(), batch_size=batch_size).argmax(-1)
     m = classification_metrics(df["label"].to_numpy(), pred, clf.label_names)
     if output:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(m, indent=2))
-        tmp.replace(out)
+        write_file_atomic(output, lambda tmp: tmp.write_text(json.dumps(m, indent=2)))
     return m

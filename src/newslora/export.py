@@ -5,6 +5,7 @@ The merged model is checked against the adapter model on a fixed set of texts be
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,18 @@ CHECK_TEXTS = [
 ]
 
 
-def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 1e-4) -> Path:
-    """Merge ``run_dir``'s adapter (``merge_and_unload``) into ``run_dir/merged`` (or ``output``)."""
+def is_export(path: Path) -> bool:
+    """A folder written by :func:`export` (its ``newslora.json`` marker next to a model config)."""
+    from .run import MODEL_META
+
+    return (path / MODEL_META).is_file() and (path / "config.json").is_file()
+
+
+def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 1e-4, overwrite: bool = False) -> Path:
+    """Merge ``run_dir``'s adapter (``merge_and_unload``) into ``run_dir/merged`` (or ``output``). An earlier export
+    there is replaced only with ``overwrite``; any other non-empty folder is refused."""
     from .model import merge_adapter
+    from .outputs import check_output_folder, make_parents, remove_created, replace_folder
     from .predict import Classifier, load_run
     from .report import write_model_card
     from .run import Run, write_model_meta
@@ -34,6 +44,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
         raise NewsloraError(f"{run_path} is not a finished run folder (needs {Run.RECIPE} and {Run.ADAPTER}/)")
     run = Run.open(run_path, need="adapter")
     target = Path(output) if output else run.merged_dir
+    check_output_folder(target, is_export, "merged model (newslora export)", overwrite, protect=[run.path])
     model, tok, names, max_length = load_run(run, full_precision=True)  # QLoRA runs merge into full precision
     model.eval()
     before = Classifier(model, tok, names, max_length).predict_proba(CHECK_TEXTS)
@@ -46,20 +57,24 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     if diff > atol:
         raise NewsloraError(f"merged model differs from the adapter model (max logit diff {diff:.2e} > {atol}); "
                             "not exported")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.config.name_or_path = ""  # the config would otherwise record where the backbone was loaded from
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    write_model_meta(tmp, run, max_length, diff)
-    after = Classifier(_reload(tmp), tok, names, max_length).predict_proba(CHECK_TEXTS)
-    if not np.array_equal(before.argmax(-1), after.argmax(-1)):
-        shutil.rmtree(tmp)
-        raise NewsloraError("the saved merged model predicts differently from the adapter model; not exported")
-    write_model_card(tmp, run.path, model_path=_display_path(target, run))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    created = make_parents(target)
+    # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the exported model private
+    try:
+        merged.config.name_or_path = ""  # the config would otherwise record where the backbone was loaded from
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_model_meta(tmp, run, max_length, diff)
+        after = Classifier(_reload(tmp), tok, names, max_length).predict_proba(CHECK_TEXTS)
+        if not np.array_equal(before.argmax(-1), after.argmax(-1)):
+            raise NewsloraError("the saved merged model predicts differently from the adapter model; not exported")
+        write_model_card(tmp, run.path, model_path=_display_path(target, run))
+        return replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
+        raise
 
 
 def _display_path(target: Path, run) -> str:
@@ -74,4 +89,4 @@ def _display_path(target: Path, run) -> str:
 def _reload(path: Path):
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(path).eval()
+    return AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()

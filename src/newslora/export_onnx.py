@@ -10,8 +10,9 @@ precision, check); ``load_classifier`` runs it with onnxruntime when it finds ``
 """
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ ATOL = {"fp32": 1e-3, "int8": 0.5}
 
 def is_onnx_folder(path: str | Path) -> bool:
     return (Path(path) / ONNX_FILE).is_file()
+
+
+def is_onnx_export(path: Path) -> bool:
+    """A folder written by :func:`export_onnx` (``model.onnx`` beside its ``newslora.json``)."""
+    from .run import MODEL_META
+
+    return is_onnx_folder(path) and (path / MODEL_META).is_file()
 
 
 class OnnxModel:
@@ -56,8 +64,10 @@ def load_onnx(path: str | Path, threads: int | None = None):
     path = Path(path)
     if not is_onnx_folder(path):
         raise NewsloraError(f"{path} has no {ONNX_FILE}: export one with newslora export RUN --onnx")
+    from .run import read_model_meta
+
     config = AutoConfig.from_pretrained(path)
-    meta = json.loads((path / "newslora.json").read_text()) if (path / "newslora.json").is_file() else {}
+    meta = read_model_meta(path)
     model = OnnxModel(path / ONNX_FILE, threads)
     names = [config.id2label[i] for i in range(config.num_labels)]
     if model.num_labels != len(names):
@@ -107,7 +117,8 @@ def check_against_torch(model, tokenizer, onnx_path: Path, max_length: int, text
 
 
 def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool = False,
-                atol: float | None = None, opset: int = 18, check_texts: list[str] | None = None) -> Path:
+                atol: float | None = None, opset: int = 18, check_texts: list[str] | None = None,
+                overwrite: bool = False) -> Path:
     """Export ``source`` (a run folder, merged first with :func:`newslora.export.export`, or a merged model folder)
     to ONNX in ``output`` (default ``RUN/onnx`` or ``RUN/onnx-int8``). Kept only if the graph's argmax equals the
     PyTorch model's on the check sample and the logits agree within ``atol`` (fp32 1e-3, int8 0.5)."""
@@ -115,28 +126,36 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
 
     from .export import CHECK_TEXTS, export
 
+    from .outputs import check_output_folder, make_parents, remove_created, replace_folder
+    from .run import MODEL_META, Run, read_model_meta, write_json
+
     source = Path(source)
-    if (source / "recipe.yaml").is_file() and (source / "adapter").is_dir():
-        run_dir, merged = source, source / "merged"
+    if Run.is_run(source) and (source / Run.ADAPTER).is_dir():
+        run = Run.open(source, need="adapter")
+        merged = run.merged_dir
         if not (merged / "config.json").is_file():
             merged = export(source)
     elif (source / "config.json").is_file() and (source / "model.safetensors").is_file():
-        run_dir, merged = None, source
+        run, merged = None, source
     else:
         raise NewsloraError(f"{source} is neither a finished run folder (recipe.yaml + adapter/) nor a merged model "
                             "folder (config.json + model.safetensors)")
     precision = "int8" if int8 else "fp32"
     atol = ATOL[precision] if atol is None else atol
-    base = run_dir if run_dir is not None else merged.parent
-    target = Path(output) if output else base / ("onnx-int8" if int8 else "onnx")
-    meta = json.loads((merged / "newslora.json").read_text()) if (merged / "newslora.json").is_file() else {}
-    max_length = meta.get("max_length", 128)
+    if output:
+        target = Path(output)
+    else:
+        target = run.onnx_dir(int8) if run else merged.parent / (Run.ONNX_INT8 if int8 else Run.ONNX)
+    check_output_folder(target, is_onnx_export, "ONNX model (newslora export --onnx)", overwrite,
+                        protect=[p for p in (run.path if run else None, merged) if p is not None])
+    max_length = read_model_meta(merged).get("max_length", 128)
     model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     tok = AutoTokenizer.from_pretrained(merged)
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    created = make_parents(target)
+    # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
         _torch_export(model, fp32, opset)
@@ -154,22 +173,22 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
         import onnxruntime
         import torch
 
-        info = {"max_length": max_length, "runtime": "onnx", "precision": precision, "source": str(merged.resolve()),
+        info = {"max_length": max_length, "runtime": "onnx", "precision": precision,
+                "source": os.path.relpath(merged.resolve(), target.resolve()),
                 "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}",
                 "onnxruntime": onnxruntime.__version__, "check": check}
-        if run_dir is not None:
-            info["run"] = str(run_dir.resolve())
-        (tmp / "newslora.json").write_text(json.dumps(info, indent=2))
-        _write_card(tmp, run_dir, merged, info)
+        if run is not None:
+            info["run"] = os.path.relpath(run.path.resolve(), target.resolve())
+        write_json(tmp / MODEL_META, info)
+        _write_card(tmp, target.name, merged, info)
+        return replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
         raise
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
 
 
-def _write_card(folder: Path, run_dir: Path | None, merged: Path, info: dict) -> None:
+def _write_card(folder: Path, name: str, merged: Path, info: dict) -> None:
     """The merged model's card (or the run's) with a section on the ONNX export and its check."""
     card = ""
     if (merged / "README.md").is_file():
@@ -181,6 +200,6 @@ def _write_card(folder: Path, run_dir: Path | None, merged: Path, info: dict) ->
                 if info["precision"] == "int8" else "") + ". "
              f"Checked against the PyTorch model on {c['n']} texts: same argmax on {c['same_argmax']}/{c['n']}, "
              f"max logit difference {c['max_logit_diff']:.2e} (tolerance {c['atol']}).\n\n"
-             f"```bash\nnewslora classify {folder.name.removesuffix('.tmp')} \"Stocks rally as oil prices fall.\"   "
+             f"```bash\nnewslora classify {name} \"Stocks rally as oil prices fall.\"   "
              "# onnxruntime, chosen by model.onnx; --runtime torch needs the merged folder\n```\n")
     (folder / "README.md").write_text(card.lstrip())

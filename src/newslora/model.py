@@ -81,6 +81,35 @@ def load_backbone_config(recipe: Recipe, label_names: list[str]):
     return config
 
 
+# Encoders whose position ids start after the padding index (RoBERTa's scheme): pad_token_id + 1 of their
+# max_position_embeddings can never be used (roberta-base, MPNet: 514 embeddings, 512 usable positions).
+PADDING_OFFSET_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer",
+                         "data2vec-text", "roberta-prelayernorm", "xmod", "ibert"}
+
+
+def usable_positions(config) -> tuple[int, int] | None:
+    """(positions a sequence can use, positions lost to the padding offset), or None for models without learnt
+    absolute position embeddings."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None
+    offset = (getattr(config, "pad_token_id", None) or 0) + 1 if config.model_type in PADDING_OFFSET_MODELS else 0
+    return n - offset, offset
+
+
+def check_max_length(recipe: Recipe) -> None:
+    """Refuse ``model.max_length`` above the backbone's usable positions (longer rows would index past the
+    position embeddings mid-run)."""
+    config = load_backbone_config(recipe, ["0", "1"])
+    usable = usable_positions(config)
+    if usable is not None and recipe.model.max_length > usable[0]:
+        n, offset = usable
+        lost = f", {offset} of them reserved by the padding offset" if offset else ""
+        raise NewsloraError(f"model.max_length={recipe.model.max_length} is above the {n} positions {config.model_type} "
+                            f"can use ({config.max_position_embeddings} position embeddings{lost}); set "
+                            f"model.max_length={n} or less")
+
+
 def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False, for_training: bool = True):
     """The base classifier: pretrained weights, random init (``model.random_init``) or meta tensors (counting).
 

@@ -106,21 +106,50 @@ def load_model(path: str | Path, runtime: str | None = None):
     if Run.is_run(path):
         return load_run(Run.open(path, need="adapter"))
     if (path / "config.json").is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        meta = read_model_meta(path)
-        return model, AutoTokenizer.from_pretrained(path), _label_names(model.config), meta.get("max_length", 128)
+        return _load_standalone(path)
     raise NewsloraError(f"{path} is neither a newslora run folder (recipe.yaml + adapter/) nor a model folder "
                         "(config.json)")
 
 
 def _load_onnx_path(path: Path):
     from .export_onnx import is_onnx_folder, load_onnx
+    from .run import Run
 
-    for folder in (path, path / "onnx", path / "onnx-int8"):
+    for folder in (path, Run(path).onnx_dir(), Run(path).onnx_dir(int8=True)):
         if is_onnx_folder(folder):
             return load_onnx(folder)
     raise NewsloraError(f"{path} holds no ONNX model (model.onnx): export one with newslora export RUN --onnx, "
                         "or use --runtime torch")
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
+
+
+def _load_standalone(path: Path):
+    """A merged (or any transformers) model folder, loaded from safetensors only: a pickle-format checkpoint
+    (``pytorch_model.bin``) can run code when unpickled, so it is refused rather than loaded."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .run import read_model_meta
+
+    if not any(path.glob("*.safetensors")):
+        pickled = [n for n in PICKLE_WEIGHTS if (path / n).exists()]
+        what = f"holds {pickled[0]}, a pickle-format checkpoint" if pickled else "has no model weights"
+        raise NewsloraError(f"{path} {what}; newslora loads only safetensors weights (model.safetensors): re-save it "
+                            "with save_pretrained(..., safe_serialization=True), or export a run with newslora export")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+        raise NewsloraError(f"cannot load the model in {path}: {_first_line(e)}; the folder is damaged or "
+                            "incomplete: export it again") from None
+    return model, tok, _label_names(model.config), read_model_meta(path).get("max_length", 128)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def load_run(run, full_precision: bool = False):
@@ -128,6 +157,7 @@ def load_run(run, full_precision: bool = False):
     quantized run's backbone unquantized (export merges into full-precision weights); without CUDA a quantized run
     always loads in full precision."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     from .model import load_backbone, load_head_state, load_tokenizer
     from .run import Run
@@ -142,8 +172,16 @@ def load_run(run, full_precision: bool = False):
     base = load_backbone(recipe, names, for_training=False)
     if run.head_init.is_file():  # head.type=lora: the head's frozen base weights
         load_head_state(base, run.head_init)
-    model = PeftModel.from_pretrained(base, run.adapter_dir)
-    return model, load_tokenizer(str(run.adapter_dir)), names, recipe.model.max_length
+    adapter = run.adapter_dir
+    if not any(adapter.glob("adapter_model.safetensors")):
+        raise NewsloraError(f"{adapter} has no adapter weights (adapter_model.safetensors); the run did not save "
+                            f"its adapter: train it again, or continue it with newslora train --resume {run.path}")
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
+        raise NewsloraError(f"cannot load the adapter in {adapter}: {_first_line(e)}; its files are damaged or "
+                            "truncated: train the run again") from None
+    return model, load_tokenizer(str(adapter)), names, recipe.model.max_length
 
 
 _load_run = load_run  # the name export and older callers used
@@ -164,7 +202,8 @@ def load_classifier(path: str | Path, device: str | None = None, runtime: str | 
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
-def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False) -> list[str]:
+def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False,
+               options: tuple[str, str] = ("text_column", "label_column")) -> list[str]:
     """Texts to classify from CSV/TSV/JSONL/parquet/plain text, or a pickled HF ``Dataset`` (``trust_pickle``)."""
     from .data import check_texts, read_table
 
@@ -174,7 +213,7 @@ def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool =
     if path.suffix.lower() in PICKLE_SUFFIXES:
         df = _read_pickle(path, text_column, trust_pickle)
     else:
-        df = read_table(path, text_column, label_column=None)
+        df = read_table(path, text_column, label_column=None, options=options)
     if df.empty:
         raise NewsloraError(f"{path} has no rows to classify")
     return check_texts(df, str(path))["text"].tolist()
@@ -198,23 +237,27 @@ def _read_pickle(path: Path, text_column: str, trust: bool) -> pd.DataFrame:
 
 def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str], extra: bool = False) -> Path:
     """Kaggle format: ``ID,Label`` with IDs 0..N-1 and integer labels; ``extra`` adds names and probabilities."""
-    path = Path(path)
+    from .outputs import write_file_atomic
+
     pred = probs.argmax(-1)
     df = pd.DataFrame({"ID": np.arange(len(pred)), "Label": pred.astype(int)})
     if extra:
         df["label_name"] = [label_names[i] for i in pred]
         for i, n in enumerate(label_names):
             df[f"p_{n}"] = probs[:, i].round(6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
+    return write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str = "text",
             trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None,
+            overwrite: bool = False, options: tuple[str, str] = ("text_column", "label_column"),
             runtime: str | None = None) -> Path:
-    texts = read_texts(input, text_column, trust_pickle)  # input problems surface before the model loads
+    """Classify every text of ``input`` into the submission file ``output`` (never the input itself; an existing
+    file only with ``overwrite``). ``options``: the caller's names for the column settings, for error messages.
+    ``runtime``: torch or onnx (default: chosen by what the folder holds)."""
+    from .outputs import check_output_file
+
+    check_output_file(output, [input], overwrite)
+    texts = read_texts(input, text_column, trust_pickle, options)  # input problems surface before the model loads
     clf = load_classifier(model, runtime=runtime)
     return write_submission(output, clf.predict_proba(texts, batch_size), clf.label_names, extra_columns)

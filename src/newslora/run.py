@@ -35,9 +35,9 @@ from .errors import NewsloraError
 
 SCHEMA_VERSION = 2  # run.json "schema"; 1: the layout before this module (absolute paths, no version)
 
-STEP_COLUMNS = ["step", "epoch", "loss", "learning_rate", "eval_loss", "eval_accuracy", "eval_macro_precision",
-                "eval_macro_recall", "eval_macro_f1"]
-EPOCH_COLUMNS = ["epoch", "step", "train_loss", "eval_loss", "eval_accuracy", "eval_macro_precision",
+STEP_COLUMNS = ["step", "epoch", "loss", "train_accuracy", "learning_rate", "eval_loss", "eval_accuracy",
+                "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"]
+EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "eval_macro_precision",
                  "eval_macro_recall", "eval_macro_f1"]
 RANK_COLUMNS = ["step", "module", "rank"]
 MODEL_META = "newslora.json"  # inside a merged model folder
@@ -84,6 +84,7 @@ class Run:
     TRIAL = "trial.json"
     ERROR = "error.txt"
     MERGED = "merged"
+    ONNX, ONNX_INT8 = "onnx", "onnx-int8"  # newslora export --onnx [--int8]
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -102,6 +103,9 @@ class Run:
         taken). The folder itself is made by :meth:`mkdir`, once everything that can fail cheaply has passed."""
         if path is not None:
             p = Path(path)
+            for q in (p, *p.parents):
+                if q.exists() and not q.is_dir():
+                    raise NewsloraError(f"--run-dir {p}: {q} is a file, not a folder; choose another --run-dir")
             if p.exists() and any(p.iterdir()):
                 raise NewsloraError(f"run folder {p} exists and is not empty; choose another --run-dir, or "
                                     f"continue it with --resume {p}")
@@ -163,6 +167,9 @@ class Run:
     @property
     def merged_dir(self) -> Path:
         return self.path / self.MERGED
+
+    def onnx_dir(self, int8: bool = False) -> Path:
+        return self.path / (self.ONNX_INT8 if int8 else self.ONNX)
 
     @property
     def backbone_dir(self) -> Path:
@@ -260,20 +267,28 @@ class Run:
     # ------------------------------------------------------------------ metric CSVs
 
     def write_metric_csvs(self, log_history: list[dict]) -> None:
-        """metrics_steps.csv (one row per log event) and metrics_epochs.csv (one row per epoch) from a Trainer log."""
+        """metrics_steps.csv (one row per log event) and metrics_epochs.csv (one row per epoch) from a Trainer log.
+
+        An epoch's train_loss and train_accuracy are ``TrainTally``'s exact means over all the epoch's training
+        rows (its ``epoch_train_loss`` entries); a log without them (a run that stopped mid-epoch) falls back to the
+        mean of the epoch's logged windows."""
         rows = [h for h in log_history if "loss" in h or "eval_loss" in h]
         with open(self.file(self.STEPS), "w", newline="") as f:
             w = csv.DictWriter(f, STEP_COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         epochs: dict[int, dict] = {}
-        for h in rows:
+        for h in log_history:
+            if not ("loss" in h or "eval_loss" in h or "epoch_train_loss" in h):
+                continue
             e = max(1, math.ceil(round(h.get("epoch", 0), 6)))
             row = epochs.setdefault(e, {"epoch": e, "_losses": []})
             row["step"] = h.get("step")
             if "loss" in h:
                 row["_losses"].append(h["loss"])
-            for k in EPOCH_COLUMNS[3:]:
+            if "epoch_train_loss" in h:
+                row["train_loss"], row["train_accuracy"] = h["epoch_train_loss"], h["epoch_train_accuracy"]
+            for k in EPOCH_COLUMNS[4:]:
                 if k in h:
                     row[k] = h[k]
         with open(self.file(self.EPOCHS), "w", newline="") as f:
@@ -281,7 +296,8 @@ class Run:
             w.writeheader()
             for e in sorted(epochs):
                 row = epochs[e]
-                row["train_loss"] = sum(row["_losses"]) / len(row["_losses"]) if row["_losses"] else ""
+                if "train_loss" not in row:
+                    row["train_loss"] = sum(row["_losses"]) / len(row["_losses"]) if row["_losses"] else ""
                 w.writerow(row)
 
     def read_table(self, name: str, numeric=()):

@@ -25,12 +25,12 @@ from .data import Splits, load_splits, tokenize
 from .distill import Distiller
 from .errors import NewsloraError
 from .evaluate import classification_metrics, summary
-from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_quantization, count_trainable,
-                    load_tokenizer)
+from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
+                    count_trainable, load_tokenizer)
 from .run import Run
 # the training loop's parts, importable from here as before
 from .trainer import (Collator, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
-                      cpu_has_bf16, device_name, optimizer_steps, precision_flags, resolve_precision, tf32_matmuls,
+                      TrainTally, cpu_has_bf16, device_name, optimizer_steps, precision_flags, resolve_precision, tf32_matmuls,
                       versions)
 
 console = Console(stderr=True)
@@ -84,6 +84,7 @@ def prepare(recipe: Recipe):
     check_quantization(recipe.model.quantization)
     resolve_precision(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
+    check_max_length(recipe)
     splits = load_splits(recipe.data)
     methods.get(recipe.method).check_schedule(recipe, optimizer_steps(len(splits.train), recipe.train))
     fit = apply_auto_fit(recipe, splits.label_names)
@@ -102,8 +103,41 @@ def open_resumable(resume: str | Path) -> Run:
     run = Run.open(resume)
     if not run.checkpoints():
         raise NewsloraError(f"--resume {resume}: no checkpoint saved yet; start the run again instead")
+    check_checkpoint(run.checkpoints()[-1], run.path)  # the one the Trainer resumes from
     run.rebase_checkpoints()  # the folder may have been moved or copied since it was interrupted
     return run
+
+
+def check_checkpoint(ckpt: Path, run_dir: Path) -> None:
+    """Refuse to resume from a checkpoint whose files hold anything but tensors and plain data (a pickle that runs
+    code), or are damaged, before anything in the run folder changes. Every ``.pt``/``.pth``/``.bin`` file is read
+    as the Trainer and the AdaLoRA callback read it, ``torch.load(weights_only=True)``; ``training_args.bin``
+    (pickled TrainingArguments) is skipped: resuming never loads it."""
+    import json
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers.trainer_pt_utils import safe_globals
+
+    fix = (f"delete {ckpt} to resume from the checkpoint before it, or start the run again")
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise NewsloraError(f"--resume {run_dir}: {ckpt / 'trainer_state.json'} is missing or damaged "
+                            f"({type(e).__name__}); {fix}") from None
+    for f in sorted(ckpt.iterdir()):
+        try:
+            if f.suffix in (".pt", ".pth", ".bin") and f.name != "training_args.bin":
+                with safe_globals():
+                    torch.load(f, map_location="cpu", weights_only=True)
+            elif f.suffix == ".safetensors":
+                load_file(str(f))
+        except pickle.UnpicklingError:
+            raise NewsloraError(f"--resume {run_dir}: {f} holds pickled objects beyond tensors (code could run when "
+                                f"they load); refusing to load it: {fix}") from None
+        except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
+            raise NewsloraError(f"--resume {run_dir}: {f} is damaged ({type(e).__name__}); {fix}") from None
 
 
 def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, resume: str | Path | None = None,
@@ -193,7 +227,7 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return summary(classification_metrics(p.label_ids, logits.argmax(-1), splits.label_names))
 
-    callbacks = [MetricsFileCallback(run), *callbacks, *method.callbacks(run, total_steps)]
+    callbacks = [TrainTally(), MetricsFileCallback(run), *callbacks, *method.callbacks(run, total_steps)]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     kwargs = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,

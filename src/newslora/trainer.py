@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import DataCollatorWithPadding, ProgressCallback, Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from . import __version__
 from .data import pad_batch, pads_right
@@ -126,6 +127,57 @@ class Collator(DataCollatorWithPadding):
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features])
 
 
+class TrainTally(TrainerCallback, ExportableState):
+    """Training loss and accuracy from the training forward passes themselves (no extra pass): the trainer adds each
+    batch's mean loss x rows and correct predictions (:meth:`add`, summed on the model's device: no per-step sync);
+    they are read at each log (``train_accuracy`` of the window since the last log) and at each epoch end (an
+    ``epoch_train_loss``/``epoch_train_accuracy`` entry in the log history: exact means over the epoch's rows, where
+    a mean of the logged windows would count the one-step first window as a whole window and miss the steps after
+    the epoch's last log). The sums are saved in checkpoints (``ExportableState``: trainer_state.json) and read back
+    when a run resumes, so a resumed epoch and window are still exact."""
+
+    def __init__(self):
+        self.window = [0.0, 0.0, 0]  # loss x rows, correct, rows
+        self.epoch = [0.0, 0.0, 0]
+
+    def add(self, loss, logits, labels) -> None:
+        n = labels.numel()
+        loss_sum = loss.detach().float().mean() * n  # mean: DataParallel gives one loss per GPU
+        correct = (logits.detach().argmax(-1) == labels).sum()
+        for acc in (self.window, self.epoch):
+            acc[0] = acc[0] + loss_sum
+            acc[1] = acc[1] + correct
+            acc[2] += n
+
+    @staticmethod
+    def _read(acc: list) -> tuple[float, float] | None:
+        if not acc[2]:
+            return None
+        return float(acc[0]) / acc[2], float(acc[1]) / acc[2]
+
+    def window_accuracy(self) -> float | None:
+        """Accuracy of the rows since the last call; starts a new window."""
+        got = self._read(self.window)
+        self.window = [0.0, 0.0, 0]
+        return None if got is None else got[1]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
+        if isinstance(saved, dict):  # resumed: the sums up to the checkpoint (see state())
+            self.window, self.epoch = (list(saved["attributes"][k]) for k in ("window", "epoch"))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        got = self._read(self.epoch)
+        self.epoch = [0.0, 0.0, 0]
+        if got is not None:
+            state.log_history.append({"epoch": state.epoch, "step": state.global_step,
+                                      "epoch_train_loss": round(got[0], 6), "epoch_train_accuracy": round(got[1], 6)})
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"window": [float(self.window[0]), float(self.window[1]), self.window[2]],
+                                           "epoch": [float(self.epoch[0]), float(self.epoch[1]), self.epoch[2]]}}
+
+
 class NewsloraTrainer(Trainer):
     """The HF Trainer without per-step bookkeeping that costs CPU time and changes nothing. Each optimizer step the
     stock Trainer walks every parameter of the model twice for nothing: ``floating_point_ops`` recounts the
@@ -135,6 +187,35 @@ class NewsloraTrainer(Trainer):
 
     _flops_per_token: int | None = None
     _trainable: list | None = None
+    _tally: TrainTally | None = None
+
+    def train_tally(self) -> TrainTally | None:
+        """The run's :class:`TrainTally` callback (a resumed Trainer replaces it with one restored from the
+        checkpoint, so it is looked up again then)."""
+        if self._tally is None or self._tally not in self.callback_handler.callbacks:
+            self._tally = next((c for c in self.callback_handler.callbacks if isinstance(c, TrainTally)), None)
+        return self._tally
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and labels is not None:
+            self.record_train_batch(loss, outputs, labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def record_train_batch(self, loss, outputs, labels) -> None:
+        """Count one training batch's loss and correct predictions (subclasses with their own loss call this)."""
+        tally = self.train_tally()
+        if tally is not None:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            tally.add(loss, logits, labels)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs and self.train_tally() is not None:  # a training log: the window's accuracy beside its loss
+            acc = self._tally.window_accuracy()
+            if acc is not None:
+                logs["train_accuracy"] = round(acc, 4)
+        super().log(logs, start_time)
 
     def floating_point_ops(self, inputs) -> int:
         main = getattr(self.model, "main_input_name", "input_ids")
@@ -163,7 +244,8 @@ class ReadableProgress(ProgressCallback):
             line = (f"{where}  validation: loss {logs['eval_loss']:.4f}  accuracy {logs['eval_accuracy']:.4f}  "
                     f"macro-F1 {logs['eval_macro_f1']:.4f}")
         elif "loss" in logs:
-            line = f"{where}  train loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
+            acc = f"  accuracy {logs['train_accuracy']:.4f}" if "train_accuracy" in logs else ""
+            line = f"{where}  train loss {logs['loss']:.4f}{acc}  lr {logs.get('learning_rate', 0):.2e}"
         elif "train_runtime" in logs:
             line = f"trained in {logs['train_runtime']:.1f} s ({logs.get('train_samples_per_second', 0):.1f} samples/s)"
         else:

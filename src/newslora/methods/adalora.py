@@ -161,7 +161,7 @@ def allocator_callback_class():
             if state.global_step > 0:  # --resume: restore the allocation and the importance scores
                 ckpt = self.run.checkpoint(state.global_step) / self.STATE
                 if ckpt.is_file():
-                    st = torch.load(ckpt, weights_only=False)
+                    st = torch.load(ckpt, weights_only=True)  # tensors and plain data only: never code
                     self.pattern, self.calls, self.steps = st["pattern"], st["calls"], st["steps"]
                     alloc = model.base_model.rankallocator
                     alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = st["ipt"], st["exp_avg_ipt"], st["exp_avg_unc"]

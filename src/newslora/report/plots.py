@@ -73,8 +73,8 @@ def _plot_loss(run: _Run, path: Path) -> Path | None:
 
 
 def _plot_accuracy(run: _Run, path: Path) -> Path | None:
-    return _curve_plot(run, path, [("eval_accuracy", "validation accuracy")],
-                       "Validation accuracy", "accuracy")
+    return _curve_plot(run, path, [("train_accuracy", "training accuracy"), ("eval_accuracy", "validation accuracy")],
+                       "Training vs validation accuracy", "accuracy")
 
 
 def _plot_prf(run: _Run, path: Path) -> Path | None:

@@ -1,0 +1,114 @@
+"""Output paths the commands write: checked before any work (never replace an input, a folder or an existing file
+without ``--overwrite``), written through a temp file in the same folder that never outlives a failure."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import NewsloraError
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def _file_ancestor(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that is not a folder (a file where a folder must go)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_file(path: str | Path, inputs=(), overwrite: bool = False, option: str = "--output") -> Path:
+    """Refuse an output file that is a folder, sits under a file, is one of ``inputs``, or exists (unless
+    ``overwrite``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise NewsloraError(f"{option} {path} is a folder; give a file name, e.g. {option} {path / 'out.csv'}")
+    blocker = _file_ancestor(path)
+    if blocker is not None:
+        raise NewsloraError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
+    for i in inputs:
+        if _same(path, Path(i)):
+            raise NewsloraError(f"{option} {path} is the input file {i}; write to another file")
+    if path.exists() and not overwrite:
+        raise NewsloraError(f"{option} {path} exists; pass --overwrite to replace it, or choose another {option}")
+    return path
+
+
+def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temp file next to ``path``, then rename it over ``path``; the temp file is removed on
+    any failure (and the folders this call created)."""
+    path = Path(path)
+    created = make_parents(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        remove_created(created)
+        raise
+    return path
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create ``path``'s missing parent folders; return them (outermost first) for :func:`remove_created`."""
+    missing = [p for p in reversed(path.parents) if not p.exists()]
+    for p in missing:
+        p.mkdir()
+    return missing
+
+
+def remove_created(folders: list[Path]) -> None:
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def check_output_folder(path: str | Path, owned: Callable[[Path], bool], what: str, overwrite: bool = False,
+                        option: str = "--output", protect=()) -> Path:
+    """Refuse an output folder that is a file, a non-empty folder that ``owned`` does not recognise as this
+    command's earlier output (never replaced, even with ``overwrite``), an earlier output without ``overwrite``,
+    or a folder holding one of ``protect`` (e.g. the run folder being exported)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NewsloraError(f"{option} {path} is a file; give a folder for the {what}")
+    blocker = _file_ancestor(path)
+    if blocker is not None:
+        raise NewsloraError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
+    for p in protect:
+        p = Path(p).resolve()
+        if path.resolve() == p or path.resolve() in p.parents:
+            raise NewsloraError(f"{option} {path} would replace {p}; choose a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not owned(path):
+            raise NewsloraError(f"{option} {path} is a non-empty folder that is not a {what}; newslora will not "
+                                f"replace it: choose a new or empty folder")
+        if not overwrite:
+            raise NewsloraError(f"{option} {path} already holds a {what}; pass --overwrite to replace it")
+    return path
+
+
+def replace_folder(tmp: Path, target: Path) -> Path:
+    """Move the finished folder ``tmp`` to ``target``, replacing what is there (checked by
+    :func:`check_output_folder`) only once the new one is complete."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
