@@ -70,6 +70,7 @@ FAMILIES: dict[str, Family] = {  # keyed by config.model_type
                                 "ffn.lin1", "ffn.lin2"),
                          ("pre_classifier", "classifier"), "pre_classifier", "classifier", sdpa=True),
 }
+# families not in the table: no neutral names, PEFT's head names; SDPA support is asked from transformers
 GENERIC = Family({}, HEAD_PREFIXES, "classifier.dense", "classifier.out_proj", sdpa=True)
 
 
@@ -133,7 +134,7 @@ def resolve_targets(model, modules: list[str], linear: list[str]) -> dict[str, l
         key = SYNONYMS.get(mod, mod) if fam is not None else mod
         if fam is not None and key in fam.modules:
             path = fam.modules[key]
-            out[mod] = [n for n in body if LAYER_RE.search(n) and n[LAYER_RE.search(n).end():] == path]
+            out[mod] = [n for n in body if (m := LAYER_RE.search(n)) and n[m.end():] == path]
         else:  # the family's own name, as a suffix: "value", "attention.output.dense"
             out[mod] = [n for n in body if n == mod or n.endswith("." + mod)]
     missing = sorted(m for m, ns in out.items() if not ns)

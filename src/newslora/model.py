@@ -259,10 +259,10 @@ def peft_config(model, recipe: Recipe, total_steps: int | None = None, for_count
         raise NewsloraError(f"head.type=lora: the {model.config.model_type} classification head is a single linear "
                             f"layer ({head:,} parameters), nothing to low-rank; use head.type=full")
     out = families.of(model).head_out
-    if recipe.head.type == "lora" and any(n.endswith(out) and n != out for n, _ in model.named_modules()):
+    clash = [n for n, _ in model.named_modules() if n.endswith(out) and n != out]
+    if recipe.head.type == "lora" and clash:
         raise NewsloraError(f"head.type=lora is not available for {model.config.model_type}: PEFT selects the fully "
-                            f"trained {out!r} by name suffix, which also catches {head_dense_name(model)!r}; "
-                            f"use head.type=full")
+                            f"trained {out!r} by name suffix, which also catches {clash[0]!r}; use head.type=full")
     # PEFT's SEQ_CLS task always trains the whole classifier; with a LoRA head we name what trains ourselves.
     lora_head = recipe.head.type == "lora" and head_dense_name(model) is not None
     common = dict(task_type=None if lora_head else TaskType.SEQ_CLS, target_modules=target_regex(model, recipe),
