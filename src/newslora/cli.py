@@ -140,9 +140,10 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
         raise NewsloraError("--int8 quantizes the ONNX export: add --onnx")
     if onnx:
         from .export_onnx import export_onnx
+        from .run import read_model_meta
 
         path = export_onnx(run_dir, output, int8=int8, overwrite=overwrite)
-        check = json.loads((path / "newslora.json").read_text())["check"]
+        check = read_model_meta(path)["check"]
         out.print(f"ONNX model: {path} (same argmax as PyTorch on {check['same_argmax']}/{check['n']} check texts, "
                   f"max logit diff {check['max_logit_diff']:.1e})")
         return
