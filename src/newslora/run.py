@@ -131,9 +131,12 @@ class Run:
             return run
         if not run.file(cls.RECIPE).is_file():
             raise NewsloraError(f"{p} is not a newslora run folder (no {cls.RECIPE})")
-        if need == "adapter" and not run.is_finished():
+        if need == "adapter" and not run.adapter_dir.is_dir():
             raise NewsloraError(f"{p} has no {cls.ADAPTER}/: the run did not finish; continue it with "
                                 f"newslora train --resume {p}")
+        if need == "adapter" and not run.read_info().get("label_names"):
+            raise NewsloraError(f"{run.file(cls.INFO)} is missing or damaged; it names the run's classes: restore "
+                                "it, or train the run again")
         return run
 
     @staticmethod
