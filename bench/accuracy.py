@@ -186,8 +186,8 @@ def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, lo
              log)
     info, ev = read_json(run_dir / "run.json"), read_json(run_dir / "eval.json")
     preds = workdir / "preds" / f"{name}-s{seed}.csv"
-    call([*newslora_cli(), "predict", str(run_dir), "--input", str(data / "validation.csv"), "--output", str(preds)],
-         log)
+    call([*newslora_cli(), "predict", str(run_dir), "--input", str(data / "validation.csv"), "--output", str(preds),
+          "--overwrite"], log)
     return {"recipe": name, "seed": seed, "backbone": info.get("backbone"), "trainable": info["trainable"]["total"],
             "train_rows": info["rows"]["train"], "epochs": read_epochs(run_dir), "steps": info.get("optimizer_steps"),
             "train_seconds": info.get("train_runtime_s"), "samples_per_second": info.get("train_samples_per_second"),
