@@ -64,7 +64,8 @@ def test_eval_json_matches_an_independent_evaluation(tiny_run):
 
 
 def test_export_merged_equals_adapter(tiny_run, tmp_path):
-    r = cli("export", tiny_run.run_dir)
+    # --overwrite: another test (the ONNX export) may have merged the shared run already
+    r = cli("export", tiny_run.run_dir, "--overwrite")
     assert r.exit_code == 0, r.output
     merged = tiny_run.run_dir / "merged"
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
