@@ -113,7 +113,6 @@ def normalise(texts):
 def prepare_data(workdir: Path, source: Path, test: Path, rows: int | None, val_rows: int, test_rows: int | None,
                  seed: int = 42) -> dict:
     """Write the protocol's three files once; later calls with the same options reuse them."""
-    import pandas as pd
     from sklearn.model_selection import train_test_split
 
     from newslora.data import encode_labels, read_table
@@ -169,7 +168,6 @@ def newslora_cli() -> list[str]:
 
 def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, log) -> dict:
     run_dir = workdir / "runs" / f"{name}-s{seed}"
-    result = workdir / "results" / f"{name}-s{seed}.json"
     final = spec.get("final", False)
     overrides = [*spec.get("overrides", []), f"name={name}", f"data.source={data / 'train.csv'}",
                  f"data.validation={data / 'validation.csv'}",
@@ -204,9 +202,9 @@ def read_epochs(run_dir: Path):
 
 def run_tfidf(seed: int, data: Path, log) -> dict:
     from newslora.baseline import tfidf_baseline
-    from newslora.data import AG_NEWS_LABELS, Splits
-
     import pandas as pd
+
+    from newslora.data import AG_NEWS_LABELS, Splits
 
     frames = {s: pd.read_csv(data / f"{s}.csv") for s in ("train", "validation", "test")}
     splits = Splits(frames["train"], frames["validation"], frames["test"], list(AG_NEWS_LABELS), str(data))

@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NewsloraError
+from .onnx_runtime import ONNX_FILE, OnnxModel, is_onnx_folder, load_onnx  # noqa: F401 - load_onnx re-exported
 
-ONNX_FILE = "model.onnx"
 # int8 weights move logits by a few hundredths on trained models; the argmax must still agree on the sample
 ATOL = {"fp32": 1e-3, "int8": 0.5}
-
-
-def is_onnx_folder(path: str | Path) -> bool:
-    return (Path(path) / ONNX_FILE).is_file()
 
 
 def is_onnx_export(path: Path) -> bool:
@@ -33,47 +29,6 @@ def is_onnx_export(path: Path) -> bool:
     from .run import MODEL_META
 
     return is_onnx_folder(path) and (path / MODEL_META).is_file()
-
-
-class OnnxModel:
-    """An onnxruntime session over ``model.onnx``: ``logits({"input_ids": ..., "attention_mask": ...})``."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.inter_op_num_threads = 1
-        # no busy-waiting between ops: on a few shared cores the spin steals CPU from tokenization and the server
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.num_labels = int(self.session.get_outputs()[0].shape[-1])
-
-    def logits(self, batch: dict) -> np.ndarray:
-        feed = {k: np.asarray(batch[k], dtype=np.int64) for k in self.input_names}
-        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
-
-
-def load_onnx(path: str | Path, threads: int | None = None):
-    """(OnnxModel, tokenizer, label_names, max_length) from an ONNX folder."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = Path(path)
-    if not is_onnx_folder(path):
-        raise NewsloraError(f"{path} has no {ONNX_FILE}: export one with newslora export RUN --onnx")
-    from .run import read_model_meta
-
-    config = AutoConfig.from_pretrained(path)
-    meta = read_model_meta(path)
-    model = OnnxModel(path / ONNX_FILE, threads)
-    names = [config.id2label[i] for i in range(config.num_labels)]
-    if model.num_labels != len(names):
-        raise NewsloraError(f"{path}: {ONNX_FILE} has {model.num_labels} outputs but config.json has {len(names)} "
-                            "labels; export the folder again")
-    return model, AutoTokenizer.from_pretrained(path), names, meta.get("max_length", 128)
 
 
 def _torch_export(model, path: Path, opset: int) -> None:

@@ -18,7 +18,7 @@ PICKLE_SUFFIXES = {".pkl", ".pickle"}
 def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int | None = None) -> np.ndarray:
     """float32 logits (len(texts), num_labels) in input order. Texts are tokenized once and batched by length
     (less padding); ``batch_size``: default 128 on a GPU, 32 on a CPU (faster there: bench/RESULTS.md).
-    ``model``: a transformers model, or an :class:`~newslora.export_onnx.OnnxModel` (onnxruntime, CPU)."""
+    ``model``: a transformers model, or an :class:`~newslora.onnx_runtime.OnnxModel` (onnxruntime, CPU)."""
     onnx = not isinstance(model, torch.nn.Module)
     out = np.empty((len(texts), model.num_labels if onnx else model.config.num_labels), dtype=np.float32)
     if not len(texts):
@@ -89,10 +89,8 @@ def load_model(path: str | Path, runtime: str | None = None):
     """(model, tokenizer, label_names, max_length) from a run folder, a merged/standalone model folder or an ONNX
     folder. ``runtime``: None picks by what the folder holds (``model.onnx`` -> onnxruntime); "onnx" also accepts
     a run folder with an exported ``onnx/`` (or ``onnx-int8/``); "torch" refuses an ONNX-only folder."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from .export_onnx import is_onnx_folder
-    from .run import Run, read_model_meta
+    from .onnx_runtime import is_onnx_folder
+    from .run import Run
 
     path = Path(path)
     if not path.exists():
@@ -112,7 +110,7 @@ def load_model(path: str | Path, runtime: str | None = None):
 
 
 def _load_onnx_path(path: Path):
-    from .export_onnx import is_onnx_folder, load_onnx
+    from .onnx_runtime import is_onnx_folder, load_onnx
     from .run import Run
 
     for folder in (path, Run(path).onnx_dir(), Run(path).onnx_dir(int8=True)):
