@@ -17,9 +17,12 @@ distill, search, resume) reads. This module is the only one that knows its file 
     distill.json           teacher vs student accuracy (distillation)
     trial.json, error.txt  a search trial's outcome
     merged/                after ``newslora export``: standalone model + tokenizer + card + newslora.json
+    onnx/, onnx-int8/      after ``newslora export --onnx [--int8]``: model.onnx + tokenizer + card + newslora.json
 
 Every path written inside a run folder is relative to it, so a run folder can be moved, copied or zipped
 and still load, export, report and resume. Heavy imports (pandas, yaml's recipe model) stay inside methods.
+The module is a little over 400 lines because it is the one owner of all these files: splitting it would give
+the run folder two owners again.
 """
 from __future__ import annotations
 
