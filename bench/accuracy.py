@@ -392,6 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     truth = pd.read_csv(data / "validation.csv")["label"].astype(int).tolist()
     print(f"protocol: {manifest['rows']} rows; dropped {manifest['dropped']}; workdir {a.workdir}", flush=True)
     results, failed = [], []
+
+    def publish() -> str:  # after every finished recipe, so an interrupted sweep still leaves its rows
+        body = (f"Command: `python bench/accuracy.py --recipes {','.join(names)} --seeds {a.seeds}"
+                + (f" --rows {a.rows}" if a.rows else "") + f"` · commit {commit()} · "
+                f"{datetime.now(timezone.utc):%Y-%m-%d} · rows {manifest['rows']} (dropped {manifest['dropped']})\n\n"
+                + table(results, a.reference, truth))
+        if str(a.output) != "-":
+            write_markdown(a.output, body)
+        return body
+
     with open(a.workdir / "bench.log", "a") as log:
         for seed in range(42, 42 + a.seeds):
             for name in names:
@@ -420,13 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  validation {res['validation']['accuracy']:.4f}"
                       + (f", test {res['test']['accuracy']:.4f}" if res.get("test") else "")
                       + f" ({res['wall_seconds']:.0f} s)", flush=True)
-    body = (f"Command: `python bench/accuracy.py --recipes {','.join(names)} --seeds {a.seeds}"
-            + (f" --rows {a.rows}" if a.rows else "") + f"` · commit {commit()} · "
-            f"{datetime.now(timezone.utc):%Y-%m-%d} · rows {manifest['rows']} (dropped {manifest['dropped']})\n\n"
-            + table(results, a.reference, truth))
-    print(body)
-    if str(a.output) != "-":
-        write_markdown(a.output, body)
+                publish()
+    print(publish())
     for f in failed:
         print(f"FAILED {f}", file=sys.stderr)
     return 1 if failed else 0
