@@ -55,6 +55,7 @@ def test_a_leak_stops_the_bench(bench, files):
     bench.check_disjoint(train, val, pool.iloc[[60]])  # disjoint: passes
 
 
+@pytest.mark.slow  # the whole bench twice: TF-IDF and tiny training, predictions, the report
 def test_baselines_and_newslora_see_the_same_rows_and_finished_recipes_are_reused(bench, files, tmp_path):
     pool, test, _ = files
     work = tmp_path / "work"

@@ -261,7 +261,8 @@ def test_mpnet_base_resolves_to_the_assembled_folder(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- training end to end
 
 
-@pytest.mark.parametrize("kind", ["mpnet", "deberta-v2", "distilbert"])
+@pytest.mark.parametrize("kind", ["mpnet", pytest.param("deberta-v2", marks=pytest.mark.slow),
+                                  pytest.param("distilbert", marks=pytest.mark.slow)])  # one family in the fast loop
 def test_tiny_family_trains_reloads_and_exports(kind, folder, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

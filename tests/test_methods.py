@@ -84,8 +84,15 @@ def runs(tmp_path_factory):
 # ----------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("method, head", [(m, "full") for m in METHODS] +
-                         [("lora", "lora"), ("adalora", "lora"), ("pissa", "lora"), ("vera", "lora")])
+# the fast loop keeps one plain LoRA, AdaLoRA (its runs are shared by the rank and resume tests), PiSSA (shared by
+# the PiSSA test) and the LoRA head (shared by the head test); the other methods run with -m slow (CI runs all)
+FAST_ROUND_TRIPS = {("lora", "full"), ("adalora", "full"), ("pissa", "full"), ("lora", "lora")}
+
+
+@pytest.mark.parametrize("method, head", [
+    pytest.param(m, h, marks=() if (m, h) in FAST_ROUND_TRIPS else pytest.mark.slow)
+    for m, h in [(m, "full") for m in METHODS] + [("lora", "lora"), ("adalora", "lora"), ("pissa", "lora"),
+                                                   ("vera", "lora")]])
 def test_train_save_reload_export(runs, method, head):
     run_dir, trained = runs(method, head)
     clf = load_classifier(run_dir)
@@ -175,8 +182,9 @@ def test_adalora_ranks_change_and_the_final_pattern_is_saved(runs):
     assert (run_dir / "plots" / "adalora_ranks.png").is_file()
 
 
-@pytest.mark.parametrize("extra", [{}, {"train.max_steps": -1, "train.epochs": 2, "train.grad_accum": 2,
-                                       "data.max_train_samples": 112, "adalora.tfinal": 2}])
+@pytest.mark.parametrize("extra", [{}, pytest.param({"train.max_steps": -1, "train.epochs": 2, "train.grad_accum": 2,
+                                                    "data.max_train_samples": 112, "adalora.tfinal": 2},
+                                                   marks=pytest.mark.slow)])  # epochs + grad_accum: 2 more runs
 def test_adalora_allocates_once_per_optimizer_step(extra, tmp_path, monkeypatch):
     from peft.tuners.adalora.model import AdaLoraModel
 
@@ -227,7 +235,7 @@ def test_adalora_recipe_rules():
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("method", ["loraplus", "adalora"])
+@pytest.mark.parametrize("method", [pytest.param("loraplus", marks=pytest.mark.slow), "adalora"])  # slow: 2 more runs
 def test_resume_matches_an_uninterrupted_run(runs, method, tmp_path):
     full_dir, full_model = runs(method)
     run_dir = tmp_path / "cut"

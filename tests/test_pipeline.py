@@ -90,11 +90,25 @@ def _check_submission(path, n):
     assert {int(r[1]) for r in rows[1:]} <= {0, 1, 2, 3}
 
 
-def test_predict_formats(tiny_run, tmp_path):
+def _test_rows(tmp_path, rows):
+    """The shared AG News test file, or (rows given) its first ``rows`` rows in a copy, and how many rows it has."""
+    if rows is None:
+        return TEST_CSV, 7600
+    read_table(TEST_CSV).head(rows).to_csv(tmp_path / "test-head.csv", index=False)
+    return tmp_path / "test-head.csv", rows
+
+
+# the whole 7,600-row test file costs about a minute of CPU per command: a 400-row head in the fast loop
+WHOLE_TEST_FILE = pytest.param(None, marks=pytest.mark.slow, id="all-7600")
+
+
+@pytest.mark.parametrize("rows", [400, WHOLE_TEST_FILE])
+def test_predict_formats(tiny_run, tmp_path, rows):
     out = tmp_path / "submission.csv"
-    r = cli("predict", tiny_run.run_dir, "--input", TEST_CSV, "--output", out)
+    data, n = _test_rows(tmp_path, rows)
+    r = cli("predict", tiny_run.run_dir, "--input", data, "--output", out)
     assert r.exit_code == 0, r.output
-    _check_submission(out, 7600)
+    _check_submission(out, n)
     texts = ["Stocks fall on oil", "Team wins the cup", "New chip is fast"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
     pd.DataFrame({"text": texts}).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
@@ -133,12 +147,14 @@ def test_classify_api(tiny_run):
     assert isinstance(many, list) and len(many) == 2
 
 
-def test_evaluate_command(tiny_run, tmp_path):
+@pytest.mark.parametrize("rows", [400, WHOLE_TEST_FILE])
+def test_evaluate_command(tiny_run, tmp_path, rows):
     out = tmp_path / "m.json"
-    r = cli("evaluate", tiny_run.run_dir, "--data", TEST_CSV, "--output", out)
+    data, n = _test_rows(tmp_path, rows)
+    r = cli("evaluate", tiny_run.run_dir, "--data", data, "--output", out)
     assert r.exit_code == 0, r.output
     m = json.loads(out.read_text())
-    assert m["n"] == 7600 and len(m["confusion_matrix"]) == 4
+    assert m["n"] == n and len(m["confusion_matrix"]) == 4
 
 
 def test_serve(tiny_run):
@@ -169,10 +185,10 @@ class Interrupt:
 
 
 def test_resume_continues_an_interrupted_run(tmp_path):
-    recipe = load_recipe(None, tiny_overrides(**{"train.epochs": 2}))
+    recipe = load_recipe(None, tiny_overrides(**{"train.epochs": 2, "data.max_train_samples": 128}))
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, run_dir=run_dir, extra_callbacks=[Interrupt(5).cb])
+        train(recipe, run_dir=run_dir, extra_callbacks=[Interrupt(5).cb])  # after the step-4 checkpoint
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert not (run_dir / "eval.json").exists()
     assert (run_dir / "metrics_steps.csv").is_file()  # curves of the partial run are kept
@@ -180,7 +196,7 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     assert r.exit_code == 0, r.output
     state = json.loads(sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
                               key=lambda p: int(p.parent.name.split("-")[1]))[-1].read_text())
-    assert state["global_step"] == 16  # 2 epochs x 256/32 batches
+    assert state["global_step"] == 8  # 2 epochs x 128/32 batches
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps == sorted(set(steps)) and steps[0] == 1  # one continuous history, no restart
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
