@@ -312,6 +312,9 @@ def fit(s: Setup) -> RunResult:
                    else "failed")
         run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else one_line(e))
         run.relativize_checkpoints()
+        for cb in trainer.callback_handler.callbacks:
+            if isinstance(cb, ReadableProgress):
+                cb.close()
         if outcome == "interrupted":
             console.print(f"[yellow]interrupted; {hint}[/yellow]")
         raise

@@ -253,6 +253,15 @@ class ReadableProgress(ProgressCallback):
             return
         self.training_bar.write(line)
 
+    def close(self) -> None:
+        """End the open bars on their own lines (training stopped by an exception), so what is printed next starts
+        on a fresh line."""
+        for name in ("prediction_bar", "training_bar"):
+            bar = getattr(self, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(self, name, None)
+
 
 class Heartbeat(TrainerCallback):
     """Writes the attempt's heartbeat (and step) into run.json at most every ``every`` seconds: a time check per
