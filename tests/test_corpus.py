@@ -255,6 +255,12 @@ def _cut_planted(env: Env, rel: str) -> Path:
     return run
 
 
+def _cut_without_checkpoints(env: Env) -> Path:
+    run = env.copy_run(env.cut_run)
+    shutil.rmtree(run / "checkpoints")
+    return run
+
+
 def _cut_truncated(env: Env, rel: str) -> Path:
     run = env.copy_run(env.cut_run)
     truncate(run / "checkpoints" / "checkpoint-4" / rel)
@@ -436,7 +442,7 @@ CASES = [
     Case("resume-with-config", lambda e: ["train", "--resume", e.cut_run, "--config", _file(e, "r.yaml", "{}")],
          ["--resume takes the run folder's own recipe"]),
     Case("resume-not-a-run", lambda e: ["train", "--resume", e.work], ["not a run folder"]),
-    Case("resume-without-checkpoint", lambda e: ["train", "--resume", _run_without(e, "checkpoints")],
+    Case("resume-without-checkpoint", lambda e: ["train", "--resume", _cut_without_checkpoints(e)],
          ["no checkpoint saved yet"]),
     Case("data-not-utf8", lambda e: train_args(e, _bytes(e, "d.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"))),
          ["not UTF-8"]),
