@@ -78,22 +78,32 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 class Boom(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= 6:
-            raise RuntimeError("loss is nan at step 6\nsecond line")
+        if state.global_step >= 10:
+            raise RuntimeError("loss is nan at step 10\nsecond line")
 
 
-def test_a_crash_mid_training_is_recorded_as_failed_and_resumes(tmp_path):
+def test_a_crash_is_recorded_as_failed_and_a_half_saved_checkpoint_is_skipped(tmp_path):
     run_dir = tmp_path / "crash"
-    recipe = load_recipe(None, tiny_overrides(**{"train.threads": 1}))
+    recipe = load_recipe(None, tiny_overrides(**{"train.threads": 1, "train.epochs": 2}))
     with pytest.raises(RuntimeError, match="nan"):
         train(recipe, run_dir=run_dir, extra_callbacks=[Boom()])
     info = read(run_dir)
-    assert info["status"] == "failed" and info["error"] == "RuntimeError: loss is nan at step 6"
-    assert info["attempts"][0]["outcome"] == "failed" and info["attempts"][0]["steps"] == 6
+    assert info["status"] == "failed" and info["error"] == "RuntimeError: loss is nan at step 10"
+    assert info["attempts"][0]["outcome"] == "failed" and info["attempts"][0]["steps"] == 10
     assert Run(run_dir).status() == "failed"
+
+    # as if killed while writing checkpoint-8 (the Trainer writes trainer_state.json last): a process that is gone
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    info["attempts"][0].update(outcome="running", pid=gone.pid)
+    info["status"] = "running"
+    (run_dir / "run.json").write_text(json.dumps(info))
+    (run_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").unlink()
+    assert Run(run_dir).status() == "dead"
     res = train(resume=run_dir)
     info = read(run_dir)
-    assert [a["outcome"] for a in info["attempts"]] == ["failed", "completed"] and res.eval["test"]["n"] > 0
+    assert [a["outcome"] for a in info["attempts"]] == ["dead", "completed"] and res.eval["test"]["n"] > 0
+    assert info["attempts"][1]["start_step"] == 4 and info["attempts"][1]["steps"] == 16
     assert info["status"] == "completed" and info["error"] is None
 
 
