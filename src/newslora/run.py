@@ -22,7 +22,8 @@ distill, search, resume) reads. This module is the only one that knows its file 
 
 Every path written inside a run folder is relative to it, so a run folder can be moved, copied or zipped
 and still load, export, report and resume. Heavy imports (pandas, yaml's recipe model) stay inside methods.
-The module is a little over 400 lines because it is the one owner of all these files: splitting it would give
+The module is about 500 lines because it is the one owner of all these files and of a run's status (attempts,
+heartbeat, dead-process detection): splitting it would give
 the run folder two owners again.
 """
 from __future__ import annotations
