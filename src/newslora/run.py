@@ -23,8 +23,8 @@ distill, search, resume) reads. This module is the only one that knows its file 
 Every path written inside a run folder is relative to it, so a run folder can be moved, copied or zipped
 and still load, export, report and resume. Heavy imports (pandas, yaml's recipe model) stay inside methods.
 The module is about 500 lines because it is the one owner of all these files and of a run's status (attempts,
-heartbeat, dead-process detection): splitting it would give
-the run folder two owners again.
+heartbeat, dead-process detection): splitting it would
+give the run folder two owners again.
 """
 from __future__ import annotations
 
