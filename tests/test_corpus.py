@@ -9,7 +9,9 @@ AdaLoRA run (for ``--resume``); nothing here trains longer than that.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,7 @@ class Env:
     tiny_run: Path  # the shared finished tiny run (read only)
     merged: Path  # its export (read only)
     cut_run: Path  # an interrupted tiny AdaLoRA run with a checkpoint (read only)
+    mp: pytest.MonkeyPatch | None = None  # for cases that inject a fault into the training loop
 
     def roots(self):
         return [self.work, self.tmp, self.cache, self.tiny_run, self.merged, self.cut_run]
@@ -80,13 +83,16 @@ def run_case(case: Case, env: Env):
     out = r.output
     assert "Traceback" not in out, out
     assert r.exit_code == case.code, (r.exit_code, out, r.exception)
+    if not case.code:
+        for w in case.words:
+            assert w in out, (w, out)
     if case.code:
         assert isinstance(r.exception, SystemExit) or r.exception is None, repr(r.exception)
         errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1, out
         for w in case.words:
             assert w in errors[0], (w, errors[0])
-    allowed = {str(env.work / c) for c in case.changes}
+    allowed = {os.path.normpath(env.work / c) for c in case.changes}
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     unexpected = sorted(c for c in changed if not any(c == a or c.startswith(a + "/") for a in allowed))
     assert not unexpected, unexpected
@@ -146,7 +152,7 @@ def shared(tiny_run, tmp_path_factory):
 def env(shared, tmp_path, monkeypatch):
     import newslora.data
 
-    e = Env(tmp_path / "work", tmp_path / "tmp", tmp_path / "cache", *shared)
+    e = Env(tmp_path / "work", tmp_path / "tmp", tmp_path / "cache", *shared, mp=monkeypatch)
     for d in (e.work, e.tmp, e.cache):
         d.mkdir()
     monkeypatch.chdir(e.work)
@@ -249,10 +255,37 @@ def _cut_planted(env: Env, rel: str) -> Path:
     return run
 
 
+def _cut_without_checkpoints(env: Env) -> Path:
+    run = env.copy_run(env.cut_run)
+    shutil.rmtree(run / "checkpoints")
+    return run
+
+
 def _cut_truncated(env: Env, rel: str) -> Path:
     run = env.copy_run(env.cut_run)
     truncate(run / "checkpoints" / "checkpoint-4" / rel)
     return run
+
+
+def _sigterm_at_step_6(env: Env) -> list:
+    """SIGTERM sent to this process at optimizer step 6 (after checkpoint-4), as ``kill <pid>`` would."""
+    import newslora.train
+
+    class SigtermAt6(newslora.train.ReadableProgress):
+        def on_step_end(self, args, state, control, **kwargs):
+            super().on_step_end(args, state, control, **kwargs)
+            if state.global_step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    env.mp.setattr(newslora.train, "ReadableProgress", SigtermAt6)
+    return ["train", *tiny_overrides(**{"train.threads": 1}), "--run-dir", env.work / "runs" / "x"]
+
+
+def _terminated(env: Env) -> None:
+    info = json.loads((env.work / "runs" / "x" / "run.json").read_text())
+    assert info["status"] == "terminated" and info["attempts"][-1]["steps"] == 6, info
+    assert "SIGTERM" in info["error"] and (env.work / "runs" / "x" / "checkpoints" / "checkpoint-4").is_dir()
+    assert "sigterm_raises" not in repr(signal.getsignal(signal.SIGTERM))  # the handler is restored after training
 
 
 def _replaced_export(env: Env) -> None:
@@ -409,7 +442,7 @@ CASES = [
     Case("resume-with-config", lambda e: ["train", "--resume", e.cut_run, "--config", _file(e, "r.yaml", "{}")],
          ["--resume takes the run folder's own recipe"]),
     Case("resume-not-a-run", lambda e: ["train", "--resume", e.work], ["not a run folder"]),
-    Case("resume-without-checkpoint", lambda e: ["train", "--resume", _run_without(e, "checkpoints")],
+    Case("resume-without-checkpoint", lambda e: ["train", "--resume", _cut_without_checkpoints(e)],
          ["no checkpoint saved yet"]),
     Case("data-not-utf8", lambda e: train_args(e, _bytes(e, "d.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"))),
          ["not UTF-8"]),
@@ -423,6 +456,11 @@ CASES = [
     Case("report-output-is-a-file", lambda e: ["report", e.tiny_run, "--output", _file(e, "report")],
          ["--output", "is a file"]),
     Case("report-not-a-run", lambda e: ["report", _dir(e, "nothing"), "--output", e.work / "rep"], ["nothing"]),
+    # --- signals and repeated runs (issue 16)
+    Case("sigterm-mid-training", _sigterm_at_step_6, ["terminated (SIGTERM)", "--resume"], code=143,
+         changes=["runs", "../cache"], check=_terminated),
+    Case("resume-completed-run", lambda e: ["train", "--resume", e.tiny_run], ["already completed", "nothing changed"],
+         code=0),
     Case("predict-pickle-untrusted", lambda e: ["predict", e.tiny_run, "-i", _bytes(e, "t.pkl", b"\x80\x04N."),
                                                 "-o", "s.csv"], ["--trust-pickle"]),
 ]

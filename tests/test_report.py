@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import socket
 from html.parser import HTMLParser
 import shutil
 from pathlib import Path
@@ -166,7 +168,9 @@ def test_workbook_values_match_eval_json_exactly(runs):
 def test_workbook_missing_inputs_keeps_headers(tmp_path):
     run = tmp_path / "empty-run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"name": "empty-run", "status": "running"}))
+    # running, by this live process (pid and host recorded as a training attempt records them)
+    attempt = {"pid": os.getpid(), "host": socket.gethostname(), "heartbeat": "2026-01-01T00:00:00+00:00"}
+    (run / "run.json").write_text(json.dumps({"name": "empty-run", "status": "running", "attempts": [attempt]}))
     wb = openpyxl.load_workbook(write_workbook(run))
     assert set(wb.sheetnames) == SHEETS
     assert _sheet_rows(wb["epochs"])[0][:3] == ("epoch", "step", "train_loss")
@@ -175,6 +179,9 @@ def test_workbook_missing_inputs_keeps_headers(tmp_path):
     assert len(_sheet_rows(wb["per_class"])) == 1
     summary = dict(_sheet_rows(wb["summary"])[1:])
     assert summary["status"] == "running" and summary["test_accuracy"] is None
+    # "running" with no process recorded (or a process that is gone) is shown as dead
+    (run / "run.json").write_text(json.dumps({"name": "empty-run", "status": "running"}))
+    assert dict(_sheet_rows(openpyxl.load_workbook(write_workbook(run))["summary"])[1:])["status"] == "dead"
 
 
 def test_workbook_interrupted_and_validation_only_runs(runs):

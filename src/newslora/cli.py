@@ -14,7 +14,7 @@ from rich.console import Console
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft, not actionable
 
-from .errors import NewsloraError
+from .errors import NewsloraError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune encoders into news-topic classifiers with LoRA & friends under a parameter budget.")
@@ -29,7 +29,7 @@ COLUMN_OPTIONS = ("--text-column", "--label-column")  # named in errors about th
 
 
 def friendly(fn):
-    """One clear line and exit code 2 for user errors; Ctrl-C exits 130."""
+    """One clear line and exit code 2 for user errors; Ctrl-C exits 130, SIGTERM during training 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -39,6 +39,9 @@ def friendly(fn):
         except NewsloraError as e:
             err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
+        except Terminated as e:  # SIGTERM during training: the run folder records it, the message says how to resume
+            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + 15)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130)

@@ -4,7 +4,8 @@ A run folder is what ``newslora train`` leaves behind and what every later stage
 distill, search, resume) reads. This module is the only one that knows its file names::
 
     recipe.yaml            resolved recipe (re-runnable)
-    run.json               schema version, trainable-parameter breakdown, device, versions, times, status
+    run.json               schema version, trainable-parameter breakdown, device, versions, times, status and
+                           the attempts (each start, end, steps, outcome, pid, host, heartbeat)
     metrics_steps.csv      every log event;  metrics_epochs.csv: one row per epoch;  metrics.xlsx
     eval.json              {"validation": {...}, "test": {...}}
     plots/                 PNG plots
@@ -21,8 +22,9 @@ distill, search, resume) reads. This module is the only one that knows its file 
 
 Every path written inside a run folder is relative to it, so a run folder can be moved, copied or zipped
 and still load, export, report and resume. Heavy imports (pandas, yaml's recipe model) stay inside methods.
-The module is a little over 400 lines because it is the one owner of all these files: splitting it would give
-the run folder two owners again.
+The module is about 500 lines because it is the one owner of all these files and of a run's status (attempts,
+heartbeat, dead-process detection): splitting it would
+give the run folder two owners again.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,39 @@ EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_accuracy", "eval_loss", "
                  "eval_macro_recall", "eval_macro_f1"]
 RANK_COLUMNS = ["step", "module", "rank"]
 MODEL_META = "newslora.json"  # inside a merged model folder
+HEARTBEAT_S = 30.0  # a running attempt writes its heartbeat into run.json at most this often
+STALE_S = 600.0  # a run on another host whose heartbeat is older than this is dead (20 missed heartbeats)
+# how an attempt ended (run.json "status" is the last attempt's outcome): "dead" is never written by the process
+# itself, it is what a reader concludes for a "running" attempt whose process is gone (kill -9, power loss)
+OUTCOMES = ("running", "completed", "interrupted", "terminated", "failed", "dead")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    try:
+        return max(0.0, (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host and is not a zombie (killed, not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except (OSError, OverflowError, ValueError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) is all we know
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
@@ -235,6 +273,75 @@ class Run:
         info.update(changes)
         self.write_info(info)
         return info
+
+    # ------------------------------------------------------------------ status and attempts
+
+    def start_attempt(self, info: dict, step: int = 0) -> dict:
+        """Begin one attempt (a ``train`` or a ``--resume``): ``info`` (the run.json the attempt writes) keeps the
+        earlier attempts and the first start time of the run folder; an earlier attempt that never ended (its process
+        was killed) is closed as ``dead`` at its last heartbeat. Writes run.json; returns ``info``."""
+        old = self.read_info()
+        attempts = [a for a in old.get("attempts") or [] if isinstance(a, dict)]
+        for a in attempts:
+            if a.get("outcome") == "running":
+                a.update(outcome="dead", ended=a.get("heartbeat"),
+                         runtime_s=_seconds_between(a.get("started"), a.get("heartbeat")))
+        started = now_iso()
+        attempts.append({"started": started, "ended": None, "start_step": step, "steps": step, "outcome": "running",
+                         "error": None, "runtime_s": None, "pid": os.getpid(), "host": socket.gethostname(),
+                         "heartbeat": started})
+        info.update(started=old.get("started") or info.get("started") or started, finished=None, status="running",
+                    error=None, attempts=attempts, total_runtime_s=self._total_runtime(attempts))
+        self._clock = time.monotonic()  # the attempt's runtime is measured, not taken from wall-clock times
+        self.write_info(info)
+        return info
+
+    def heartbeat(self, info: dict, step: int) -> None:
+        """Record that the attempt is alive at optimizer step ``step`` (cheap enough for every HEARTBEAT_S)."""
+        a = info["attempts"][-1]
+        a.update(heartbeat=now_iso(), steps=step)
+        self.write_info(info)
+
+    def end_attempt(self, info: dict, outcome: str, step: int | None = None, error: str | None = None) -> dict:
+        """End the current attempt as ``outcome`` (completed, interrupted, terminated, failed); the run's status
+        becomes it, its total runtime the sum over all attempts. Writes run.json; returns ``info``."""
+        assert outcome in OUTCOMES and outcome not in ("running", "dead"), outcome
+        a, ended = info["attempts"][-1], now_iso()
+        clock = getattr(self, "_clock", None)
+        runtime = time.monotonic() - clock if clock is not None else _seconds_between(a["started"], ended)
+        a.update(ended=ended, heartbeat=ended, outcome=outcome, error=error, runtime_s=round(runtime or 0.0, 2))
+        if step is not None:
+            a["steps"] = step
+        info.update(status=outcome, finished=ended, error=error, total_runtime_s=self._total_runtime(info["attempts"]))
+        self.write_info(info)
+        return info
+
+    @staticmethod
+    def _total_runtime(attempts: list[dict]) -> float:
+        return round(sum(a.get("runtime_s") or _seconds_between(a.get("started"), a.get("heartbeat")) or 0.0
+                         for a in attempts), 2)
+
+    def status(self, info: dict | None = None) -> str | None:
+        """The run's status as every reader should show it: run.json's ``status``, except that a ``running`` run
+        whose process is gone is ``dead`` -- on this host when its pid no longer exists, on another host when its
+        heartbeat is older than STALE_S. None: no run.json (or one without a status)."""
+        info = self.read_info() if info is None else info
+        status = info.get("status")
+        if status != "running":
+            return status
+        attempts = info.get("attempts") or []
+        a = attempts[-1] if attempts and isinstance(attempts[-1], dict) else {}
+        if not a.get("pid"):
+            return "dead"  # written before attempts were recorded, and never finished
+        if a.get("host") == socket.gethostname():
+            return "running" if pid_alive(int(a["pid"])) else "dead"
+        age = _seconds_between(a.get("heartbeat"), now_iso())
+        return "dead" if age is None or age > STALE_S else "running"
+
+    def running_attempt(self) -> dict | None:
+        """The attempt training this run folder now (a live process), or None."""
+        info = self.read_info()
+        return info["attempts"][-1] if self.status(info) == "running" else None
 
     def label_names(self) -> list[str]:
         names = self.read_info().get("label_names")

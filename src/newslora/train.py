@@ -8,9 +8,12 @@ run folder. ``train(recipe)`` is both. Distillation, search trials, benches and 
 """
 from __future__ import annotations
 
+import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +26,13 @@ from . import methods
 from .config import Recipe
 from .data import Splits, load_splits, tokenize
 from .distill import Distiller
-from .errors import NewsloraError
+from .errors import NewsloraError, Terminated
 from .evaluate import classification_metrics, summary
 from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
                     count_trainable, load_tokenizer)
 from .run import Run
 # the training loop's parts, importable from here as before
-from .trainer import (Collator, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
+from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
                       TrainTally, cpu_has_bf16, device_name, optimizer_steps, precision_flags, resolve_precision, tf32_matmuls,
                       versions)
 
@@ -40,7 +43,7 @@ console = Console(stderr=True)
 class RunResult:
     run_dir: Path
     eval: dict  # {"validation": {...}, "test": {...}}
-    trainable: Breakdown
+    trainable: Breakdown | None  # None: a resume that found the run already completed
 
 
 @dataclass
@@ -101,11 +104,35 @@ def open_resumable(resume: str | Path) -> Run:
     if not Run.is_run(resume):
         raise NewsloraError(f"--resume {resume}: not a run folder (no {Run.RECIPE})")
     run = Run.open(resume)
+    if completed(run):
+        raise NewsloraError(f"--resume {resume}: the run already completed; nothing to resume")
+    if run.status() == "running":
+        a = run.running_attempt()
+        raise NewsloraError(f"--resume {resume}: the run is still training (pid {a.get('pid')} on {a.get('host')}); "
+                            "wait for it, or stop it first (Ctrl-C or kill)")
     if not run.checkpoints():
         raise NewsloraError(f"--resume {resume}: no checkpoint saved yet; start the run again instead")
+    drop_unfinished_checkpoint(run)
     check_checkpoint(run.checkpoints()[-1], run.path)  # the one the Trainer resumes from
     run.rebase_checkpoints()  # the folder may have been moved or copied since it was interrupted
     return run
+
+
+def drop_unfinished_checkpoint(run: Run) -> None:
+    """A process killed while saving a checkpoint (kill -9, power loss) leaves its folder without
+    ``trainer_state.json``, which the Trainer writes last; resume from the checkpoint before it instead. Only for a
+    dead run with such an earlier checkpoint: anything else is left for :func:`check_checkpoint` to refuse."""
+    ckpts = run.checkpoints()
+    last = ckpts[-1]
+    if (run.status() == "dead" and len(ckpts) > 1 and not (last / "trainer_state.json").exists()
+            and (ckpts[-2] / "trainer_state.json").is_file()):
+        console.print(f"{last.name} was being saved when the run died; resuming from {ckpts[-2].name}",
+                      highlight=False)
+        shutil.rmtree(last)
+
+
+def completed(run: Run) -> bool:
+    return run.status() == "completed" and run.is_finished()
 
 
 def check_checkpoint(ckpt: Path, run_dir: Path) -> None:
@@ -173,7 +200,6 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
 def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, callbacks: list, hooks: list,
            trainer_cls: type, fit: dict | None) -> Setup:
     t, method = recipe.train, methods.get(recipe.method)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run.write_recipe(recipe)
     ml = recipe.model.max_length
     train_ds = tokenize(splits.train, tokenizer, ml)
@@ -195,9 +221,9 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
             "target_modules": recipe.lora.target_modules, "rank": method.get_rank(recipe),
             "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0},
             "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
-            "precision": precision, "started": started,
-            "finished": None, "status": "running", "train_runtime_s": None, "train_samples_per_second": None}
-    run.write_info(info)
+            "precision": precision, "train_runtime_s": None, "train_samples_per_second": None}
+    # the attempt (pid, host, heartbeat) is recorded before training starts; earlier attempts are kept on resume
+    run.start_attempt(info, int(run.checkpoints()[-1].name.split("-")[1]) if resuming else 0)
 
     eval_strategy = "steps" if t.eval_steps else "epoch"
     args = TrainingArguments(
@@ -227,7 +253,7 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return summary(classification_metrics(p.label_ids, logits.argmax(-1), splits.label_names))
 
-    callbacks = [TrainTally(), MetricsFileCallback(run), *callbacks, *method.callbacks(run, total_steps)]
+    callbacks = [TrainTally(), MetricsFileCallback(run), Heartbeat(run, info), *callbacks, *method.callbacks(run, total_steps)]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     kwargs = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
@@ -246,20 +272,64 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                  total_steps, precision, resuming, info, hooks)
 
 
+@contextmanager
+def sigterm_raises(message: str):
+    """Inside the block SIGTERM raises :class:`Terminated` (handled like Ctrl-C) instead of killing the process
+    with the run folder still saying ``running``; the previous handler is restored after it. Signal handlers can
+    only be set from the main thread: elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(message)
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, as run.json records a failed attempt."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def fit(s: Setup) -> RunResult:
-    """Train what :func:`setup` built, evaluate it, save the adapter and complete the run folder."""
+    """Train what :func:`setup` built, evaluate it, save the adapter and complete the run folder.
+
+    The attempt ends in run.json as ``completed``, ``interrupted`` (Ctrl-C), ``terminated`` (SIGTERM, raised as
+    :class:`Terminated`) or ``failed`` (any other exception, recorded as one line and raised again)."""
+    run, trainer, info = s.run, s.trainer, s.info
+    hint = f"continue with: newslora train --resume {run.path}"
+    try:
+        with sigterm_raises(f"training terminated (SIGTERM); {hint}"):
+            results = _fit(s)
+    except BaseException as e:
+        outcome = ("terminated" if isinstance(e, Terminated) else "interrupted" if isinstance(e, KeyboardInterrupt)
+                   else "failed")
+        run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else one_line(e))
+        run.relativize_checkpoints()
+        for cb in trainer.callback_handler.callbacks:
+            if isinstance(cb, ReadableProgress):
+                cb.close()
+        if outcome == "interrupted":
+            console.print(f"[yellow]interrupted; {hint}[/yellow]")
+        raise
+    result = RunResult(run.path, results, s.breakdown)
+    for hook in s.hooks:
+        result = hook.finish(result)
+    return result
+
+
+def _fit(s: Setup) -> dict:
     run, trainer, info, label_names = s.run, s.trainer, s.info, s.splits.label_names
     method = methods.get(s.recipe.method)
     t0 = time.time()
-    try:
-        with tf32_matmuls(s.precision == "tf32"):
-            out = trainer.train(resume_from_checkpoint=True if s.resuming else None)
-    except KeyboardInterrupt:
-        info.update(status="interrupted", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        run.write_info(info)
-        run.relativize_checkpoints()
-        console.print(f"[yellow]interrupted; continue with: newslora train --resume {run.path}[/yellow]")
-        raise
+    with tf32_matmuls(s.precision == "tf32"):
+        out = trainer.train(resume_from_checkpoint=True if s.resuming else None)
     info["train_runtime_s"] = round(time.time() - t0, 2)
     info["train_samples_per_second"] = out.metrics.get("train_samples_per_second")
     run.write_metric_csvs(trainer.state.log_history)
@@ -275,21 +345,21 @@ def fit(s: Setup) -> RunResult:
         if s.test_dataset is not None:
             results["test"] = split_metrics(trainer, s.test_dataset, label_names)
     run.write_eval(results)
-    info.update(status="completed", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                best_checkpoint=run.relative(trainer.state.best_model_checkpoint))
-    run.write_info(info)
+    info["best_checkpoint"] = run.relative(trainer.state.best_model_checkpoint)
+    run.end_attempt(info, "completed", trainer.state.global_step)
     run.relativize_checkpoints()
     finalize(run.path)
-    result = RunResult(run.path, results, s.breakdown)
-    for hook in s.hooks:
-        result = hook.finish(result)
-    return result
+    return results
 
 
 def train(recipe: Recipe | None = None, run_dir: str | Path | None = None, resume: str | Path | None = None,
           extra_callbacks=(), evaluate_test: bool = True, hooks=(), trainer_cls: type | None = None) -> RunResult:
     """Train one recipe into one run folder (or continue ``resume``, an interrupted run folder): ``fit(setup(...))``.
-    """
+    A ``resume`` of a completed run changes nothing and returns its results."""
+    if resume is not None and Run.is_run(resume) and completed(Run(resume)):
+        console.print(f"{resume}: the run already completed; nothing to resume, nothing changed", highlight=False,
+                      soft_wrap=True)
+        return RunResult(Run(resume).path, Run(resume).read_eval(), None)
     return fit(setup(recipe, run_dir, resume=resume, callbacks=extra_callbacks, hooks=hooks, trainer_cls=trainer_cls,
                      evaluate_test=evaluate_test))
 

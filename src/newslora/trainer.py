@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import platform
+import time
 from contextlib import contextmanager
 
 import torch
@@ -251,6 +252,38 @@ class ReadableProgress(ProgressCallback):
         else:
             return
         self.training_bar.write(line)
+
+    def close(self) -> None:
+        """End the open bars on their own lines (training stopped by an exception), so what is printed next starts
+        on a fresh line."""
+        for name in ("prediction_bar", "training_bar"):
+            bar = getattr(self, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(self, name, None)
+
+
+class Heartbeat(TrainerCallback):
+    """Writes the attempt's heartbeat (and step) into run.json at most every ``every`` seconds: a time check per
+    training step and per evaluation batch, a write every ~30 s, so a reader can tell a live run from a dead one."""
+
+    def __init__(self, run, info: dict, every: float | None = None):  # a newslora.run.Run and its run.json
+        from .run import HEARTBEAT_S
+
+        self.run, self.info, self.every = run, info, HEARTBEAT_S if every is None else every
+        self.last = time.monotonic()
+
+    def beat(self, state) -> None:
+        t = time.monotonic()
+        if t - self.last >= self.every and state.is_world_process_zero:
+            self.last = t
+            self.run.heartbeat(self.info, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.beat(state)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.beat(state)
 
 
 class MetricsFileCallback(TrainerCallback):

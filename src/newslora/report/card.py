@@ -100,8 +100,8 @@ def _card_limitations(run: _Run, dataset: str) -> str:
         "may carry their biases.",
         "Not intended for decisions about people or for content moderation.",
     ]
-    if run.info.get("status") not in (None, "completed"):
-        items.insert(0, f"**This model comes from a run with status `{run.info['status']}`** "
+    if run.status not in (None, "completed"):
+        items.insert(0, f"**This model comes from a run with status `{run.status}`** "
                         "and may be under-trained.")
     return "\n".join(f"- {item}" for item in items)
 

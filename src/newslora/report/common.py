@@ -39,6 +39,7 @@ class _Run:
     steps: pd.DataFrame | None
     epochs: pd.DataFrame | None
     ranks: pd.DataFrame | None
+    status: str | None = None  # Run.status(): run.json's status, "dead" for a "running" run whose process is gone
 
     @property
     def name(self) -> str:
@@ -46,8 +47,7 @@ class _Run:
 
     @property
     def title(self) -> str:
-        status = self.info.get("status")
-        return self.name if status in (None, "completed") else f"{self.name} [{status}]"
+        return self.name if self.status in (None, "completed") else f"{self.name} [{self.status}]"
 
     @property
     def method(self) -> str | None:
@@ -75,8 +75,9 @@ class _Run:
 
 def _load(run_dir: str | os.PathLike) -> _Run:
     run = Run.open(run_dir, need="exists")
-    return _Run(path=run.path, recipe=run.read_recipe_dict(), info=run.read_info(), evals=run.read_eval(),
-                steps=run.read_steps(), epochs=run.read_epochs(), ranks=run.read_ranks())
+    info = run.read_info()
+    return _Run(path=run.path, recipe=run.read_recipe_dict(), info=info, evals=run.read_eval(),
+                steps=run.read_steps(), epochs=run.read_epochs(), ranks=run.read_ranks(), status=run.status(info))
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

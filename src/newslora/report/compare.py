@@ -20,7 +20,7 @@ from .workbook import _autofit, _table
 
 COMPARE_COLUMNS = ["name", "method", "modules", "rank", "trainable", "budget", "val_accuracy",
                    "test_accuracy", "val_macro_f1", "test_macro_f1", "train_time_s",
-                   "samples_per_s", "path"]
+                   "samples_per_s", "status", "path"]
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222}
 table{border-collapse:collapse;font-size:.9rem;margin:1rem 0}
@@ -47,7 +47,7 @@ def _compare_row(run: _Run) -> dict[str, Any]:
         "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
         "val_macro_f1": val.get("macro_f1"), "test_macro_f1": test.get("macro_f1"),
         "train_time_s": info.get("train_runtime_s"),
-        "samples_per_s": info.get("train_samples_per_second"), "path": str(run.path),
+        "samples_per_s": info.get("train_samples_per_second"), "status": run.status, "path": str(run.path),
     }
 
 

@@ -73,8 +73,9 @@ def _summary_rows(run: _Run) -> list[tuple[str, Any]]:
         ("trainable_adapter", trainable.get("adapter")),
         ("budget", trainable.get("budget", _get(run.recipe, "budget.max_params"))),
         ("device", info.get("device")), ("started", info.get("started")),
-        ("finished", info.get("finished")), ("status", info.get("status")),
-        ("train_runtime_s", info.get("train_runtime_s")),
+        ("finished", info.get("finished")), ("status", run.status),
+        ("train_runtime_s", info.get("train_runtime_s")), ("total_runtime_s", info.get("total_runtime_s")),
+        ("attempts", len(info.get("attempts") or []) or None),
         ("train_samples_per_second", info.get("train_samples_per_second")),
     ]
     for split in SPLITS:
