@@ -197,6 +197,7 @@ def test_compile_mode_reaches_the_trainer_only_with_compile_on(tmp_path):
         load_recipe(None, ["train.compile_mode=fast"])
 
 
+@pytest.mark.slow  # trains twice; the option's plumbing is covered in the fast loop by the recipe tests
 def test_dataloader_workers_train_the_same_run(tmp_path):
     """Batches fetched and padded in a worker process: same batches, same losses as in the main process."""
     from newslora.config import load_recipe
