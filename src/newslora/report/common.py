@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -82,16 +81,9 @@ def _load(run_dir: str | os.PathLike) -> _Run:
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write via a temp file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from ..outputs import write_file_atomic
+
+    return write_file_atomic(path, write)
 
 
 def _write_text(path: Path, text: str) -> Path:
