@@ -174,30 +174,30 @@ def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, lo
                  f"data.validation={data / 'validation.csv'}",
                  f"data.test={data / 'test.csv'}" if final else "data.test=null",
                  "data.max_train_samples=null", "data.max_test_samples=null", f"train.seed={seed}"]
-    status = read_json(run_dir / "run.json").get("status")
-    if status == "completed" and (run_dir / "eval.json").is_file():
+    from newslora.run import Run
+
+    run = Run(run_dir)
+    if run.path.is_dir() and run.status() == "completed" and run.read_eval():
         pass  # trained before the result file was written
-    elif run_dir.is_dir() and any((run_dir / "checkpoints").glob("checkpoint-*")):
+    elif run.path.is_dir() and run.checkpoints():  # interrupted or dead: continue from its last checkpoint
         call([*newslora_cli(), "train", "--resume", str(run_dir)], log)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         call([*newslora_cli(), "train", "--config", str(REPO / spec["config"]), *overrides, "--run-dir", str(run_dir)],
              log)
-    info, ev = read_json(run_dir / "run.json"), read_json(run_dir / "eval.json")
+    info, ev = run.read_info(), run.read_eval()
     preds = workdir / "preds" / f"{name}-s{seed}.csv"
     call([*newslora_cli(), "predict", str(run_dir), "--input", str(data / "validation.csv"), "--output", str(preds),
           "--overwrite"], log)
     return {"recipe": name, "seed": seed, "backbone": info.get("backbone"), "trainable": info["trainable"]["total"],
-            "train_rows": info["rows"]["train"], "epochs": read_epochs(run_dir), "steps": info.get("optimizer_steps"),
+            "train_rows": info["rows"]["train"], "epochs": read_epochs(run), "steps": info.get("optimizer_steps"),
             "train_seconds": info.get("train_runtime_s"), "samples_per_second": info.get("train_samples_per_second"),
             "validation": brief(ev.get("validation")), "test": brief(ev.get("test")),
             "val_pred": load_preds(preds), "run_dir": str(run_dir)}
 
 
-def read_epochs(run_dir: Path):
-    import yaml
-
-    t = yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("train", {})
+def read_epochs(run):
+    t = run.read_recipe_dict().get("train", {})
     return t.get("epochs") if t.get("max_steps", -1) <= 0 else f"{t['max_steps']} steps"
 
 
@@ -278,10 +278,6 @@ def call(argv: list[str], log) -> None:
     rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if rc != 0:
         raise RuntimeError(f"exit {rc}: {' '.join(argv[:3])} ... (see the log)")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def brief(m: dict | None) -> dict | None:

@@ -63,6 +63,8 @@ def train(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = C
 
     if resume is not None and (config or overrides):
         raise NewsloraError("--resume takes the run folder's own recipe; drop --config and overrides")
+    if resume is not None and run_dir is not None:
+        raise NewsloraError("--resume continues RUN_DIR in place; drop --run-dir")
     recipe = None if resume else load_recipe(config, overrides or [])
     res = run_train(recipe, run_dir=run_dir, resume=resume)
     _print_result(res.run_dir, res.eval)
@@ -93,22 +95,23 @@ def budget(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = 
 
 @command()
 def baseline(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = ConfigOpt,
-             output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON")):
+             output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file")):
     """TF-IDF + logistic regression on a recipe's own training rows: the figure a recipe has to beat."""
     from .baseline import tfidf_baseline
     from .config import load_recipe
     from .data import load_splits
+    from .outputs import check_output_file, write_file_atomic
 
     recipe = load_recipe(config, overrides or [])
+    if output:
+        check_output_file(output, [], overwrite)
     res = tfidf_baseline(load_splits(recipe.data), seed=recipe.train.seed)
     parts = [f"{s} accuracy {res[s]['accuracy']:.4f} ({res[s]['n']} rows)" for s in ("validation", "test") if s in res]
     out.print(f"tfidf+logreg on {res['train_rows']} training rows: {', '.join(parts)}; "
               f"fitted in {res['train_seconds']:.1f} s", highlight=False)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        tmp.replace(output)
+        write_file_atomic(output, lambda p: p.write_text(json.dumps(res, indent=2)))
 
 
 @command()
@@ -194,8 +197,7 @@ def plot(run_dirs: list[Path] = typer.Argument(..., help="run folders")):
     from .run import Run
 
     for d in run_dirs:
-        if not Run(d).file(Run.INFO).is_file():
-            raise NewsloraError(f"{d} is not a run folder (no {Run.INFO})")
+        Run.open(d, need="any")  # every folder checked before anything is drawn
         files = plot_run(d) + [write_workbook(d)]
         out.print(f"{d}: {', '.join(str(f.relative_to(d)) for f in files)}")
 
@@ -256,11 +258,11 @@ def distill(teacher: str = typer.Option(..., "--teacher", "-t",
     recipe.check()
     res = run_train(recipe, run_dir=run_dir)
     d = Run(res.run_dir).read_distill()
-    t = d.get("teacher") or {}
+    t, student = d.get("teacher") or {}, d.get("student") or {}
     for split in ("validation", "test"):
-        if split in d["student"]:
+        if split in student:
             ta = f"{t[split]:.4f}" if split in t else "n/a"
-            out.print(f"{split}: student accuracy {d['student'][split]:.4f}  teacher {ta}")
+            out.print(f"{split}: student accuracy {student[split]:.4f}  teacher {ta}")
     out.print(f"distilled from {', '.join(teachers)} (T={d['temperature']}, alpha={d['alpha']})")
     out.print(f"run folder: {res.run_dir}")
 

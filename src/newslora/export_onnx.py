@@ -85,8 +85,8 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     from .run import MODEL_META, Run, read_model_meta, write_json
 
     source = Path(source)
-    if Run.is_run(source) and (source / Run.ADAPTER).is_dir():
-        run = Run.open(source, need="adapter")
+    if Run.is_run(source):
+        run = Run.open(source, need="adapter")  # an unfinished run: one line saying how to continue it
         merged = run.merged_dir
         if not (merged / "config.json").is_file():
             merged = export(source)
@@ -113,10 +113,15 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     tmp.chmod(0o755)
     try:
         fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
-        _torch_export(model, fp32, opset)
-        if int8:
-            _quantize_int8(fp32, tmp / ONNX_FILE)
-            fp32.unlink()
+        try:
+            _torch_export(model, fp32, opset)
+            if int8:
+                _quantize_int8(fp32, tmp / ONNX_FILE)
+                fp32.unlink()
+        except Exception as e:  # the exporter's errors (an unsupported operator, a model torch.export can't trace)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise NewsloraError(f"ONNX export of {merged} failed: {first}; the merged folder still works with "
+                                "--runtime torch") from None
         texts = list(check_texts or CHECK_TEXTS)
         check = {**check_against_torch(model, tok, tmp / ONNX_FILE, max_length, texts), "atol": atol}
         if check["same_argmax"] != check["n"] or check["max_logit_diff"] > atol:

@@ -46,11 +46,17 @@ def load_onnx(path: str | Path, threads: int | None = None):
     path = Path(path)
     if not is_onnx_folder(path):
         raise NewsloraError(f"{path} has no {ONNX_FILE}: export one with newslora export RUN --onnx")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = OnnxModel(path / ONNX_FILE, threads)
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # onnxruntime and transformers raise many kinds for a damaged or partial folder
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise NewsloraError(f"cannot load the ONNX model in {path}: {first}; the folder is damaged or incomplete: "
+                            "export it again with newslora export RUN --onnx") from None
     meta = read_model_meta(path)
-    model = OnnxModel(path / ONNX_FILE, threads)
     names = [config.id2label[i] for i in range(config.num_labels)]
     if model.num_labels != len(names):
         raise NewsloraError(f"{path}: {ONNX_FILE} has {model.num_labels} outputs but config.json has {len(names)} "
                             "labels; export the folder again")
-    return model, AutoTokenizer.from_pretrained(path), names, meta.get("max_length", 128)
+    return model, tok, names, meta.get("max_length", 128)
