@@ -197,7 +197,8 @@ def plot(run_dirs: list[Path] = typer.Argument(..., help="run folders")):
     from .run import Run
 
     for d in run_dirs:
-        Run.open(d, need="any")  # every folder checked before anything is drawn
+        if not Run(d).file(Run.INFO).is_file():
+            raise NewsloraError(f"{d} is not a run folder (no {Run.INFO})")
         files = plot_run(d) + [write_workbook(d)]
         out.print(f"{d}: {', '.join(str(f.relative_to(d)) for f in files)}")
 
