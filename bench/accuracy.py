@@ -3,6 +3,9 @@
     HF_HUB_OFFLINE=1 python bench/accuracy.py                         # the default table (see RECIPES)
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,all-r24 --seeds 2
     HF_HUB_OFFLINE=1 python bench/accuracy.py --list                  # the recipes it knows
+    # base size (after `bash scripts/install_mpnet.sh`), its own rows and table:
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpnet-qv-r8,mpnet-all-lorahead,mpnet-qkv-r6 --rows 6000 \
+        --val-rows 1000 --workdir runs/accuracy-mpnet --reference mpnet-qv-r8 --table mpnet
 
 Protocol (the same rows for every recipe, baselines included):
 - train: ``../shared/data/ag_news/train_sample.csv`` minus every row whose text also appears in the test set
@@ -46,7 +49,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NEWSLORA_SHARED", REPO.parent / "shared"))
 TRAIN_CSV = SHARED / "data" / "ag_news" / "train_sample.csv"
 TEST_CSV = SHARED / "data" / "ag_news" / "test.csv"
-MARK_BEGIN, MARK_END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+
+
+def markers(table: str) -> tuple[str, str]:
+    """The comment pair around one table of bench/ACCURACY.md: ``main`` is the MiniLM sweep, others are named."""
+    tag = "accuracy-table" if table == "main" else f"accuracy-table-{table}"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -61,6 +69,11 @@ ALL = ["model.backbone=minilm", "model.max_length=128", "lora.target_modules=[qu
        "intermediate.dense,output.dense]", "lora.r=24", "lora.alpha=48", "lora.dropout=0.1", "train.lr=5e-4",
        "train.epochs=1", "train.batch_size=32", "train.eval_batch_size=256", "train.eval_steps=160",
        "train.early_stopping_patience=null", "train.logging_steps=50"]
+
+# mpnet-base, 1 epoch at batch 16; validation and a checkpoint three times an epoch on 6,000 rows.
+MP = ["model.backbone=mpnet-base", "model.max_length=128", "lora.dropout=0.1", "train.lr=5e-4", "train.epochs=1",
+      "train.batch_size=16", "train.eval_batch_size=128", "train.eval_steps=125", "train.early_stopping_patience=null",
+      "train.logging_steps=25"]
 
 RECIPES: dict[str, dict] = {
     "tfidf": {"kind": "tfidf", "final": True, "what": "TF-IDF words 1-2 + chars 2-5, logistic regression"},
@@ -93,6 +106,17 @@ RECIPES: dict[str, dict] = {
     "qv-autofit": {"config": "configs/demo.yaml", "overrides": [*ALL, "lora.target_modules=[query,value]",
                                                                 "budget.auto_fit=true"],
                    "what": "query/value only, rank auto-fitted"},
+    # mpnet-base (all-mpnet-base-v2: 12 layers x 768, head of roberta-base's exact shape, so every count is
+    # roberta-base's): the seeds' query/value recipe, q/k/v, and all six linear kinds with the head's 593,668
+    # parameters freed for the adapters. Same schedule for all three; run with --rows 6000 --table mpnet.
+    "mpnet-qv-r8": {"config": "configs/demo.yaml", "final": True, "overrides": [*MP, "lora.target_modules=[q,v]",
+                    "lora.r=8", "lora.alpha=16"], "what": "mpnet-base, the seeds' LoRA r=8 on q,v, full head"},
+    "mpnet-qkv-r6": {"config": "configs/demo.yaml", "final": True, "overrides": [*MP, "lora.target_modules=[q,k,v]",
+                     "lora.r=6", "lora.alpha=12"], "what": "mpnet-base, LoRA r=6 on q,k,v, full head"},
+    "mpnet-all-lorahead": {"config": "configs/demo.yaml", "final": True,
+                           "overrides": [*MP, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=5",
+                                         "lora.alpha=10", "head.type=lora"],
+                           "what": "mpnet-base, LoRA r=5 (largest that fits) on all six linear kinds, LoRA head"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
              "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
                            "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
@@ -332,12 +356,12 @@ def table(results: list[dict], reference: str, truth: list[int]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, body: str) -> None:
-    text = path.read_text() if path.is_file() else f"# Accuracy\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    if MARK_BEGIN not in text:
-        text += f"\n{MARK_BEGIN}\n{MARK_END}\n"
-    text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: f"{MARK_BEGIN}\n{body}\n{MARK_END}",
-                  text, flags=re.S)
+def write_markdown(path: Path, body: str, table: str = "main") -> None:
+    begin, end = markers(table)
+    text = path.read_text() if path.is_file() else "# Accuracy\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}\n{end}", text, flags=re.S)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -366,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=REPO / "runs" / "accuracy")
     p.add_argument("--reference", default="all-r24", help="recipe the paired validation differences are taken against")
     p.add_argument("--output", type=Path, default=REPO / "bench" / "ACCURACY.md", help="'-' for stdout only")
+    p.add_argument("--table", default="main", help="which table of --output to rewrite (main: the MiniLM sweep)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--plain-worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -392,11 +417,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def publish() -> str:  # after every finished recipe, so an interrupted sweep still leaves its rows
         body = (f"Command: `python bench/accuracy.py --recipes {','.join(names)} --seeds {a.seeds}"
-                + (f" --rows {a.rows}" if a.rows else "") + f"` · commit {commit()} · "
+                + (f" --rows {a.rows}" if a.rows else "") + (f" --val-rows {a.val_rows}" if a.val_rows != 2000 else "")
+                + (f" --workdir {a.workdir.relative_to(REPO) if a.workdir.is_relative_to(REPO) else a.workdir}"
+                   if a.workdir != REPO / "runs" / "accuracy" else "")
+                + (f" --reference {a.reference}" if a.reference != "all-r24" else "")
+                + (f" --table {a.table}" if a.table != "main" else "") + f"` · commit {commit()} · "
                 f"{datetime.now(timezone.utc):%Y-%m-%d} · rows {manifest['rows']} (dropped {manifest['dropped']})\n\n"
                 + table(results, a.reference, truth))
         if str(a.output) != "-":
-            write_markdown(a.output, body)
+            write_markdown(a.output, body, a.table)
         return body
 
     with open(a.workdir / "bench.log", "a") as log:
