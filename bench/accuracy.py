@@ -80,7 +80,9 @@ RECIPES: dict[str, dict] = {
     "plain": {"kind": "plain", "final": True, "what": "HF Trainer + PEFT: LoRA r=8 query/value, lr 1e-3, 1 epoch"},
     "qv-r8": {"config": "configs/demo.yaml", "what": "newslora, the plain recipe's settings (r=8 query/value, "
               "lr 1e-3, 1 epoch, max_length 128)",
-              "overrides": ["model.max_length=128", "train.eval_steps=null", "train.early_stopping_patience=null",
+              "overrides": ["model.backbone=minilm", "model.max_length=128", "lora.target_modules=[query,value]",
+                            "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "train.lr=1e-3", "train.epochs=1",
+                            "train.batch_size=32", "train.eval_steps=null", "train.early_stopping_patience=null",
                             "train.eval_batch_size=256", "train.logging_steps=50"]},
     "all-r24": {"config": "configs/demo.yaml", "overrides": ALL, "what": "all six linear kinds, r=24, alpha 48, "
                 "lr 5e-4, 1 epoch"},

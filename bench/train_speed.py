@@ -319,7 +319,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="newslora-train-bench-"))
     os.environ["NEWSLORA_CACHE"] = str(tmp / "cache")  # a fresh tokenization cache: the first run pays for it
     if a.full_epoch:  # the sample repeated (in shuffled copies) to the epoch's rows plus the validation rows
-        import numpy as np
         import pandas as pd
 
         df = pd.read_csv(a.data)

@@ -97,3 +97,15 @@ def tiny_model_dir(tmp_path_factory):
     AutoTokenizer.from_pretrained(ROBERTA).save_pretrained(path)
     (path / "newslora.json").write_text(json.dumps({"max_length": 48}))
     return path
+
+
+def ctrl_c_after(at: int):
+    """A TrainerCallback that presses Ctrl-C (raises KeyboardInterrupt) once ``at`` optimizer steps are done."""
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= at:
+                raise KeyboardInterrupt
+
+    return CtrlC()

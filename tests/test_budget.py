@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ from conftest import REPO, ROBERTA, tiny_overrides
 from newslora.cli import app
 from newslora.config import load_recipe
 from newslora.errors import NewsloraError
-from newslora.model import (apply_auto_fit, build_model, check_budget, count_trainable, fit_rank, load_backbone,
-                            with_rank)
+from newslora.model import (build_model, check_budget, count_trainable, fit_rank, with_rank)
 
 RB = f"model.backbone={ROBERTA}"
 H, FF, LAYERS, LABELS = 768, 3072, 12, 4

@@ -20,10 +20,9 @@ from typing import Callable
 import pandas as pd
 import pytest
 import torch
-from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from conftest import TEST_CSV, TRAIN_CSV, tiny_overrides
+from conftest import TEST_CSV, TRAIN_CSV, ctrl_c_after, tiny_overrides
 from newslora.cli import app
 
 AG = ["World", "Sports", "Business", "Sci/Tech"]
@@ -121,15 +120,6 @@ def train_args(env: Env, source: Path | str, *extra: str, test: Path | str | Non
                                         "data.validation_size": 16}), *extra, "--run-dir", env.work / "runs" / "x"]
 
 
-class Interrupt(TrainerCallback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def shared(tiny_run, tmp_path_factory):
     from newslora.config import load_recipe
@@ -143,7 +133,7 @@ def shared(tiny_run, tmp_path_factory):
             "adalora.init_r": 6, "adalora.target_r": 2, "adalora.tinit": 1, "adalora.tfinal": 3, "adalora.deltaT": 1}
     cut = root / "cut"
     with pytest.raises(KeyboardInterrupt):
-        train(load_recipe(None, tiny_overrides(**fast)), run_dir=cut, extra_callbacks=[Interrupt(6)])
+        train(load_recipe(None, tiny_overrides(**fast)), run_dir=cut, extra_callbacks=[ctrl_c_after(6)])
     assert (cut / "checkpoints" / "checkpoint-4" / "adalora_state.pt").is_file()
     return tiny_run.run_dir, merged, cut
 
@@ -455,6 +445,8 @@ CASES = [
     Case("plot-not-a-run", lambda e: ["plot", _dir(e, "nothing")], ["not a run folder"]),
     Case("report-output-is-a-file", lambda e: ["report", e.tiny_run, "--output", _file(e, "report")],
          ["--output", "is a file"]),
+    Case("report-output-under-a-file", lambda e: ["report", e.tiny_run, "--output", _file(e, "report") / "sub"],
+         ["is a file, not a folder"]),
     Case("report-not-a-run", lambda e: ["report", _dir(e, "nothing"), "--output", e.work / "rep"], ["nothing"]),
     # --- signals and repeated runs (issue 16)
     Case("sigterm-mid-training", _sigterm_at_step_6, ["terminated (SIGTERM)", "--resume"], code=143,

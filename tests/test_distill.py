@@ -5,6 +5,7 @@ Tiny random-init models and a few optimizer steps each: the point is the plumbin
 from __future__ import annotations
 
 import csv
+import os
 import json
 from pathlib import Path
 
@@ -61,10 +62,12 @@ def test_teacher_outputs_cached_and_run_folder_records_distillation(tiny_run, tm
     # the plain CE of an untrained 4-class model (~1.39)
     assert _step_losses(res.run_dir)[1] < 0.8
 
-    assert run["distill"]["teachers"] == [str(teacher)]
+    # teachers are recorded relative to the student's run folder, so they resolve from wherever the folders move
+    assert run["distill"]["teachers"] == [os.path.relpath(teacher, res.run_dir)]
+    assert (res.run_dir / run["distill"]["teachers"][0]).resolve() == teacher.resolve()
     assert run["distill"]["temperature"] == 3 and run["distill"]["alpha"] == 0.3
     d = json.loads((res.run_dir / "distill.json").read_text())
-    assert d["teachers"] == [str(teacher)] and d["temperature"] == 3 and d["alpha"] == 0.3
+    assert d["teachers"] == run["distill"]["teachers"] and d["temperature"] == 3 and d["alpha"] == 0.3
     teacher_eval = json.loads((teacher / "eval.json").read_text())
     assert d["teacher"]["validation"] == teacher_eval["validation"]["accuracy"]  # same splits: its own eval.json
     assert d["teacher"]["test"] == teacher_eval["test"]["accuracy"]
@@ -198,7 +201,7 @@ def test_cli_two_teachers_one_with_another_tokenizer(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert "student accuracy" in r.output and "teacher" in r.output
     d = json.loads((tmp_path / "s" / "distill.json").read_text())
-    assert d["teachers"] == [str(tiny_run.run_dir), str(bert)]
+    assert [(tmp_path / "s" / t).resolve() for t in d["teachers"]] == [tiny_run.run_dir.resolve(), bert.resolve()]
     assert d["teacher"]["source"].startswith("ensemble") and set(d["teacher"]) >= {"validation", "test"}
     assert [t["source"] for t in d["teachers_each"]] == ["student's splits", "student's splits"]
     assert all(0 <= t["test"] <= 1 for t in d["teachers_each"])

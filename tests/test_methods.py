@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-from conftest import ROBERTA, TINY, tiny_overrides
+from conftest import ROBERTA, TINY, ctrl_c_after, tiny_overrides
 
 from newslora.config import load_recipe
 from newslora.errors import NewsloraError
@@ -35,15 +35,6 @@ class Grab(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.model = model
-
-
-class Interrupt(TrainerCallback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.at:
-            raise KeyboardInterrupt
 
 
 @torch.inference_mode()
@@ -240,7 +231,7 @@ def test_resume_matches_an_uninterrupted_run(runs, method, tmp_path):
     full_dir, full_model = runs(method)
     run_dir = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        train(recipe_for(method), run_dir=run_dir, extra_callbacks=[Interrupt(6)])  # checkpoint-4 exists
+        train(recipe_for(method), run_dir=run_dir, extra_callbacks=[ctrl_c_after(6)])  # checkpoint-4 exists
     res = train(resume=run_dir)
     a, b = load_classifier(full_dir), load_classifier(res.run_dir)
     assert torch.allclose(logits(a.model, a.tokenizer), logits(b.model, b.tokenizer), atol=1e-5)

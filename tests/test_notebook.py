@@ -1,5 +1,4 @@
 """The walkthrough notebook runs top to bottom (tiny setting), so it can never rot."""
-import os
 from pathlib import Path
 
 import nbformat

@@ -11,7 +11,7 @@ import yaml
 from openpyxl import load_workbook
 from typer.testing import CliRunner
 
-from conftest import ROBERTA, TEST_CSV, TRAIN_CSV, tiny_overrides
+from conftest import ROBERTA, TEST_CSV, TRAIN_CSV, ctrl_c_after, tiny_overrides
 from newslora.cli import app
 from newslora.config import load_recipe
 from newslora.data import read_table
@@ -170,25 +170,11 @@ def test_serve(tiny_run):
     assert c.post("/classify", json={"texts": []}).status_code == 422
 
 
-class Interrupt:
-    """A callback that presses Ctrl-C after ``at`` optimizer steps."""
-
-    def __init__(self, at):
-        from transformers import TrainerCallback
-
-        class _CB(TrainerCallback):
-            def on_step_end(cb, args, state, control, **kw):  # noqa: N805
-                if state.global_step >= at:
-                    raise KeyboardInterrupt
-
-        self.cb = _CB()
-
-
 def test_resume_continues_an_interrupted_run(tmp_path):
     recipe = load_recipe(None, tiny_overrides(**{"train.epochs": 2, "data.max_train_samples": 128}))
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, run_dir=run_dir, extra_callbacks=[Interrupt(5).cb])  # after the step-4 checkpoint
+        train(recipe, run_dir=run_dir, extra_callbacks=[ctrl_c_after(5)])  # after the step-4 checkpoint
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert not (run_dir / "eval.json").exists()
     assert (run_dir / "metrics_steps.csv").is_file()  # curves of the partial run are kept

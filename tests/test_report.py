@@ -16,7 +16,7 @@ import openpyxl
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_overrides
+from conftest import ctrl_c_after, tiny_overrides
 
 from newslora.errors import NewsloraError
 from newslora.report import compare_runs, finalize_run, plot_run, write_model_card, write_workbook
@@ -29,20 +29,6 @@ CURVES = {"loss.png", "accuracy.png", "prf.png"}
 
 
 # --------------------------------------------------------------------------- real runs
-
-class _Interrupt:
-    """A TrainerCallback pressing Ctrl-C after ``at`` optimizer steps."""
-
-    def __new__(cls, at: int):
-        from transformers import TrainerCallback
-
-        class Interrupt(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step >= at:
-                    raise KeyboardInterrupt
-
-        return Interrupt()
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_run, tmp_path_factory) -> dict[str, Path]:
@@ -64,7 +50,7 @@ def trained(tiny_run, tmp_path_factory) -> dict[str, Path]:
            "single": run("single-eval", **{"train.eval_steps": "null"}),
            "validation-only": run("validation-only", evaluate_test=False)}
     with pytest.raises(KeyboardInterrupt):
-        run("lora-interrupted", callbacks=[_Interrupt(3)], **{"train.eval_steps": 2})
+        run("lora-interrupted", callbacks=[ctrl_c_after(3)], **{"train.eval_steps": 2})
     out["interrupted"] = root / "lora-interrupted"
     return out
 

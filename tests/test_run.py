@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import TEST_CSV, tiny_overrides
+from conftest import TEST_CSV, ctrl_c_after, tiny_overrides
 from newslora.cli import app
 from newslora.config import hub_id, load_recipe
 from newslora.errors import NewsloraError
@@ -25,27 +25,13 @@ def text_files(root):
     return [p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
 
 
-class Interrupt:
-    """A callback that stops training with Ctrl-C after ``at`` optimizer steps."""
-
-    def __init__(self, at):
-        from transformers import TrainerCallback
-
-        class _CB(TrainerCallback):
-            def on_step_end(cb, args, state, control, **kw):  # noqa: N805
-                if state.global_step >= at:
-                    raise KeyboardInterrupt
-
-        self.cb = _CB()
-
-
 def test_moved_run_folder_resumes_predicts_exports_and_reports(tmp_path):
     """Interrupt a run, move the folder (copy + delete the original), then resume, predict, export and report from
     the copy. No text file in it names the old location."""
     original = tmp_path / "first" / "run"
     recipe = load_recipe(None, tiny_overrides(**{"train.epochs": 2}))
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, run_dir=original, extra_callbacks=[Interrupt(6).cb])
+        train(recipe, run_dir=original, extra_callbacks=[ctrl_c_after(6)])
     moved = tmp_path / "elsewhere" / "copy"
     shutil.copytree(original, moved)
     shutil.rmtree(tmp_path / "first")

@@ -23,7 +23,6 @@ from .methods.adalora import AdaLoraSection  # noqa: F401 - re-exported: the sec
 from .methods.lora import LoraSection  # noqa: F401
 from .methods.vera import VeraSection  # noqa: F401
 
-METHODS = methods.names()  # the methods newslora ships (newslora.methods; the registry is the authority)
 # short backbone names newslora accepts, with the hub id of the same model (model cards, adapter configs)
 BACKBONE_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
                     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}

@@ -49,9 +49,10 @@ class Teacher:
     tokenizer_path: Path
     files: list  # (relative name, size, mtime_ns) of everything that defines the weights
 
-    def describe(self) -> dict:
-        return {"path": self.path, "resolved": str(self.resolved), "kind": self.kind,
-                "max_length": self.max_length}
+    def describe(self, run) -> dict:
+        """What the student's run folder records: the teacher's path relative to that folder (so a moved pair of
+        folders still points at each other), its kind and max_length."""
+        return {"path": run.relative(self.resolved), "kind": self.kind, "max_length": self.max_length}
 
 
 def inspect_teacher(path: str | Path) -> Teacher:
@@ -284,20 +285,21 @@ class Distiller(TrainHook):
         cls.distill_temperature, cls.distill_alpha = self.temperature, self.alpha
         return cls
 
-    def record(self) -> dict:
-        return {"teachers": [t.path for t in self.teachers], "temperature": self.temperature, "alpha": self.alpha,
-                "teacher_details": [t.describe() for t in self.teachers]}
+    def record(self, run) -> dict:
+        """run.json's ``distill``: teacher paths relative to the student's run folder."""
+        return {"teachers": [run.relative(t.resolved) for t in self.teachers], "temperature": self.temperature,
+                "alpha": self.alpha, "teacher_details": [t.describe(run) for t in self.teachers]}
 
     def finish(self, result):
         """run.json gets ``distill``; distill.json gets teacher and student accuracy side by side."""
         from .run import Run
 
         run = Run.open(result.run_dir)
-        run.update_info(distill=self.record())
+        run.update_info(distill=self.record(run))
         student = {s: result.eval[s]["accuracy"] for s in ("validation", "test") if s in result.eval}
-        out = {k: v for k, v in self.record().items() if k != "teacher_details"}
+        out = {k: v for k, v in self.record(run).items() if k != "teacher_details"}
         try:
-            teacher, each = self.teacher_accuracy()
+            teacher, each = self.teacher_accuracy(run)
         except Exception as e:  # the student is trained and saved; a teacher evaluation must not fail the run
             from rich.console import Console
 
@@ -308,7 +310,7 @@ class Distiller(TrainHook):
         run.write_distill(out)
         return result
 
-    def teacher_accuracy(self) -> tuple[dict, list]:
+    def teacher_accuracy(self, run) -> tuple[dict, list]:
         """Accuracy on the student's validation/test splits: a run-folder teacher's own eval.json when its splits are
         the student's, otherwise its (cached) outputs on the student's splits. Several teachers: their ensemble."""
         from .evaluate import classification_metrics
@@ -319,7 +321,7 @@ class Distiller(TrainHook):
         need_logits = len(self.teachers) > 1
         for t in self.teachers:
             own = self._own_eval(t, splits)
-            row = {"path": t.path}
+            row = {"path": run.relative(t.resolved)}  # relative to the student's run folder
             for s, df in splits.items():
                 if own is not None and not need_logits:
                     row[s], row["source"] = own[s]["accuracy"], "teacher eval.json"

@@ -18,7 +18,7 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _file_ancestor(path: Path) -> Path | None:
+def file_ancestor(path: Path) -> Path | None:
     """The first existing ancestor of ``path`` that is not a folder (a file where a folder must go)."""
     for parent in path.parents:
         if parent.exists():
@@ -32,7 +32,7 @@ def check_output_file(path: str | Path, inputs=(), overwrite: bool = False, opti
     path = Path(path)
     if path.is_dir():
         raise NewsloraError(f"{option} {path} is a folder; give a file name, e.g. {option} {path / 'out.csv'}")
-    blocker = _file_ancestor(path)
+    blocker = file_ancestor(path)
     if blocker is not None:
         raise NewsloraError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
     for i in inputs:
@@ -84,7 +84,7 @@ def check_output_folder(path: str | Path, owned: Callable[[Path], bool], what: s
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NewsloraError(f"{option} {path} is a file; give a folder for the {what}")
-    blocker = _file_ancestor(path)
+    blocker = file_ancestor(path)
     if blocker is not None:
         raise NewsloraError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
     for p in protect:
