@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install, then run the demo end to end, offline: LoRA on the packaged MiniLM, trained on the shared
-# AG News sample, evaluated on the full 7,600-row test set, exported (merged) and predicted (ID,Label).
+# Install, then run the demo end to end, offline: LoRA on the packaged MiniLM, trained on 3,000 rows of the
+# shared AG News sample, evaluated on the full 7,600-row test set, exported (merged) and predicted (ID,Label).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
