@@ -280,8 +280,13 @@ def search(overrides: Optional[list[str]] = typer.Argument(None, help="base reci
            trials: int = typer.Option(20, "--trials", "-n", help="total trials in the study (a continued study "
                                                                  "counts its earlier trials)"),
            workers: int = typer.Option(1, "--workers", "-j", help="local worker processes sharing the study"),
-           storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default "
-                                                                         "sqlite:///<study folder>/study.db)"),
+           storage: Optional[str] = typer.Option(None, "--storage", help="study database shared by the workers of "
+                                                 "every machine running this search: postgresql://USER:PASSWORD@HOST"
+                                                 ":PORT/DB, or sqlite:///PATH (default sqlite:///<study folder>/"
+                                                 "study.db)"),
+           heartbeat: int = typer.Option(30, "--heartbeat", help="seconds between a running trial's heartbeats; "
+                                                                 "a trial silent for 3 heartbeats (its process "
+                                                                 "died) is failed and retried"),
            study: Optional[str] = typer.Option(None, "--study", help="study name (default: the recipe name); the "
                                                                      "same name continues the study"),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default "
@@ -297,7 +302,7 @@ def search(overrides: Optional[list[str]] = typer.Argument(None, help="base reci
 
     recipe = load_recipe(config, overrides or [])
     res = run_search(recipe, space, trials, workers=workers, storage=storage, study_name=study, output=output,
-                     pruner=pruner, seed=seed)
+                     pruner=pruner, seed=seed, heartbeat=heartbeat)
     print_summary(res, recipe.train.metric)
 
 

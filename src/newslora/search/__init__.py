@@ -2,7 +2,7 @@
 
 One study = one folder (``studies/<study>`` by default)::
 
-    study.db            SQLite storage (default; any Optuna storage URL works with --storage)
+    study.db            SQLite storage (default; --storage postgresql://... shares one study between machines)
     base.yaml           the base recipe every trial starts from;  space.yaml: the search space
     trials/<number>/    each trial's run folder (recipe.yaml, eval.json, ...) and trial.json
     trials.csv/.xlsx    one row per trial: number, state, value, params, trainable, duration, run dir
@@ -13,7 +13,9 @@ One study = one folder (``studies/<study>`` by default)::
 
 Rules: trials see the validation split only (the test set is neither read nor evaluated during the search);
 an over-budget trial is rejected on the meta device before any training (state PRUNED, ``trainable`` recorded);
-``--trials N`` is the total of the study, so running the same command again continues an interrupted study.
+``--trials N`` is the total of the study, so running the same command again continues an interrupted study;
+processes on several machines running the same search on one PostgreSQL storage together run exactly N trials,
+a dead worker's trial is retried (``storage.py``).
 
 Space file::
 
@@ -29,8 +31,9 @@ Space file::
 from .results import SearchResult, best_recipe, print_summary, trials_frame, write_results
 from .runner import Job, make_pruning_callback, run_worker, trial_recipe
 from .space import Param, Space, field_type, load_space, make_pruner, make_sampler
+from .storage import open_storage, storage_url, study_lock
 from .study import search
 
 __all__ = ["Job", "Param", "SearchResult", "Space", "best_recipe", "field_type", "load_space", "make_pruner",
-           "make_sampler", "make_pruning_callback", "print_summary", "run_worker", "search", "trial_recipe",
-           "trials_frame", "write_results"]
+           "make_sampler", "make_pruning_callback", "open_storage", "print_summary", "run_worker", "search",
+           "storage_url", "study_lock", "trial_recipe", "trials_frame", "write_results"]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ..config import Recipe, recipe_from_dict, set_key
 from ..run import Run, write_json
-from .runner import _console, open_storage
+from .runner import _console
 from .space import Space
+from .storage import open_storage, shown
 
 
 @dataclass
@@ -42,8 +43,16 @@ def trials_frame(study, space: Space | None = None):
     trials = study.get_trials(deepcopy=False)
     keys = [p.key for p in space.params] if space else []
     keys += sorted({k for t in trials for k in t.params} - set(keys))
+    # RetryHeartbeatStaleTrialCallback's retries: retry_history ends with the trial each one replaces
+    retry_of = {t.number: t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+    retried = {old: new for new, old in retry_of.items()}
     rows = []
     for t in trials:
+        note = t.user_attrs.get("reason", "")
+        if not note and t.number in retried:  # failed by the heartbeat: its process died
+            note = f"its worker stopped (no heartbeat); retried as trial {retried[t.number]}"
+        elif not note and t.number in retry_of:
+            note = f"retry of trial {retry_of[t.number]}"
         rows.append({"number": t.number, "state": t.state.name,
                      "value": t.value if t.values is not None else None,
                      **{k: t.params.get(k) for k in keys},
@@ -51,7 +60,7 @@ def trials_frame(study, space: Space | None = None):
                      "duration_s": round(t.duration.total_seconds(), 2) if t.duration else None,
                      "run_dir": t.user_attrs.get("run_dir"),
                      "baseline": bool(t.user_attrs.get("baseline", False)),
-                     "note": t.user_attrs.get("reason", "")})
+                     "note": note})
     return pd.DataFrame(rows, columns=["number", "state", "value", *keys, "trainable", "duration_s", "run_dir",
                                        "baseline", "note"])
 
@@ -104,7 +113,7 @@ def write_results(study_name: str, storage_url: str, out: Path, base: Recipe, sp
     counts = {s.name: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    result = SearchResult(study_name, out, storage_url, len(study.get_trials(deepcopy=False)), counts,
+    result = SearchResult(study_name, out, shown(storage_url), len(study.get_trials(deepcopy=False)), counts,
                           best.number if best else None, best.value if best else None,
                           baseline.number if baseline else None, baseline.value if baseline else None,
                           best_path, test, plots, notes)

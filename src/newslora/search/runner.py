@@ -2,7 +2,6 @@
 with a pruning callback, recorded in the trial's run folder; workers claim trials until the study is full."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
@@ -20,6 +19,7 @@ from ..config import Recipe, recipe_from_dict, set_key
 from ..errors import NewsloraError
 from ..run import Run
 from .space import Space, load_space, make_pruner, make_sampler
+from .storage import GRACE_FACTOR, HEARTBEAT_S, open_storage, study_lock
 
 
 MAX_FAILS_IN_A_ROW = 3
@@ -86,19 +86,13 @@ class Job:
     pruner: Any
     worker: int = 0
     threads: int | None = None
-
-
-def open_storage(url: str):
-    import optuna
-
-    if url.startswith("sqlite"):  # several processes on one file: wait for the lock instead of failing
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 300}})
-    return url
+    heartbeat: int = HEARTBEAT_S
 
 
 def counted(trial) -> bool:
-    """Trials that count towards --trials: all but those cut short by Ctrl-C or a crash (a failed trial that
-    reported its failure has a ``reason``; an interrupted one is marked ``interrupted``)."""
+    """Trials that count towards --trials: all but those cut short by Ctrl-C or a dead worker (a failed trial that
+    reported its failure has a ``reason``; an interrupted one is marked ``interrupted``; a worker that died leaves
+    its trial without either, failed by the heartbeat and retried). Running trials count: they will finish."""
     from optuna.trial import TrialState
 
     if trial.state == TrialState.WAITING:
@@ -108,33 +102,32 @@ def counted(trial) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Serialises 'count the trials, then ask for one' between local worker processes."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _claim(study, storage, job: Job):
+    """A trial for this worker, or None with the number of trials still running elsewhere (with a heartbeat).
 
+    Custom rather than Optuna's MaxTrialsCallback: that callback stops a worker only after its trial finished, so
+    K parallel workers overshoot --trials by up to K-1. Here failing stale trials (whose retries are enqueued),
+    counting and ``study.ask()`` (which takes a waiting trial first) run under one lock on the study, held in the
+    storage (see ``storage.study_lock``), so workers on any machine never claim more than --trials."""
+    import optuna
+    from optuna.trial import TrialState
 
-def _claim(study, job: Job):
-    # Custom rather than Optuna's MaxTrialsCallback: that callback stops a worker only after its trial finished, so
-    # K parallel workers would overshoot --trials by up to K-1; counting and asking under one lock keeps it exact.
-    with _file_lock(Path(job.output) / ".claim.lock"):
-        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= job.n_trials:
-            return None
-        trial = study.ask()
+    with study_lock(storage, job.study_name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # failed, with their retries enqueued by the storage's callback
+        trials = study.get_trials(deepcopy=False)
+        if sum(counted(t) for t in trials) >= job.n_trials:
+            return None, sum(t.state == TrialState.RUNNING and "heartbeat" in t.user_attrs for t in trials)
+        with warnings.catch_warnings():  # Optuna notes that heartbeats are meant for study.optimize: beats below
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        storage.record_heartbeat(trial._trial_id)  # from now on a dead worker's trial goes stale
+        trial.set_user_attr("heartbeat", job.heartbeat)
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("worker", job.worker)
-    return trial
+    return trial, 0
 
 
 def _console():
@@ -146,6 +139,8 @@ def _console():
 def run_worker(job: Job) -> int:
     """Claim and run trials until the study holds ``job.n_trials`` counted trials; returns how many ran here."""
     import optuna
+    # the thread Study.optimize runs beside each trial; ask/tell trials start it themselves
+    from optuna.storages._heartbeat import get_heartbeat_thread
 
     if job.threads:
         import torch
@@ -153,14 +148,28 @@ def run_worker(job: Job) -> int:
         torch.set_num_threads(job.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial's outcome is printed below
     space = load_space(job.space, recipe_from_dict(copy.deepcopy(job.base)))
-    storage = open_storage(job.storage)
+    storage = open_storage(job.storage, heartbeat=job.heartbeat)
     study = optuna.load_study(study_name=job.study_name, storage=storage, pruner=make_pruner(job.pruner))
     # a seed per worker and per continuation: parallel workers and a resumed study do not replay the same draws
     seed = None if job.seed is None else job.seed + 7919 * job.worker + len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(space, seed)
     ran = fails = 0
-    while (trial := _claim(study, job)) is not None:
-        state = _run_trial(study, trial, job, space)
+    waited = False
+    while True:
+        trial, running = _claim(study, storage, job)
+        if trial is None:
+            if not running:
+                break
+            # the study is full only if those trials finish: wait, to retry any whose worker died
+            if not waited:
+                _console().print(f"worker {job.worker}: waiting for {running} trial(s) running elsewhere",
+                                 highlight=False)
+                waited = True
+            time.sleep(min(job.heartbeat, 5))
+            continue
+        waited = False
+        with get_heartbeat_thread(trial._trial_id, storage):
+            state = _run_trial(study, trial, job, space)
         ran += 1
         fails = fails + 1 if state == "FAIL" else 0
         if fails >= MAX_FAILS_IN_A_ROW:
@@ -189,8 +198,6 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
     t0 = time.time()
 
     def finish(state, value=None, reason=None, recipe=None):
-        if reason:
-            trial.set_user_attr("reason", reason)
         run_dir.mkdir(parents=True, exist_ok=True)
         if recipe is not None and not run.file(Run.RECIPE).exists():
             run.write_recipe(recipe)
@@ -198,10 +205,17 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
                 "params": trial.params, "trainable": trial.user_attrs.get("trainable"), "reason": reason,
                 "duration_s": round(time.time() - t0, 3)}
         run.write_trial(info)
-        if state == TrialState.COMPLETE:
-            study.tell(trial, value)
-        else:
-            study.tell(trial, state=state)
+        try:
+            if reason:
+                trial.set_user_attr("reason", reason)
+            if state == TrialState.COMPLETE:
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # its heartbeat lapsed: failed, and its retry counts
+            con.print(f"[yellow]trial {trial.number}: another worker failed it (no heartbeat for "
+                      f"{GRACE_FACTOR * job.heartbeat} s) and enqueued a retry; its result is not recorded[/yellow]")
+            return "LAPSED"
         tag, word = {"COMPLETE": ("green", "complete"), "PRUNED": ("yellow", "pruned"), "FAIL": ("red", "failed")}[
             state.name]
         shown = f" validation {job.base['train']['metric']}={value:.4f}" if value is not None else ""

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import json
 import os
-import socket
 from pathlib import Path
 
 import yaml
@@ -14,20 +13,27 @@ import yaml
 from ..config import Recipe
 from ..errors import NewsloraError
 from .results import SearchResult, write_results
-from .runner import Job, _console, _run_processes, counted, open_storage, run_worker, trial_recipe
+from .runner import Job, _console, _run_processes, counted, run_worker, trial_recipe
 from .space import Space, _pruner_spec, load_space
+from .storage import HEARTBEAT_S, open_storage, shown, study_lock
+from .storage import storage_url as storage_url_of
 
 
 def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, workers: int = 1,
            storage: str | None = None, study_name: str | None = None, output: str | Path | None = None,
-           pruner: str | None = None, seed: int | None = None) -> SearchResult:
-    """Run (or continue) a study until it holds ``n_trials`` trials, then write the study folder."""
+           pruner: str | None = None, seed: int | None = None, heartbeat: int = HEARTBEAT_S) -> SearchResult:
+    """Run (or continue) a study until it holds ``n_trials`` trials, then write the study folder.
+
+    Several processes (on several machines, with a PostgreSQL ``storage``) may run the same search at once: together
+    they run exactly ``n_trials``; a trial whose process dies is retried after ``3 * heartbeat`` seconds."""
     import optuna
 
     if n_trials < 1:
         raise NewsloraError(f"--trials {n_trials}: give a total of at least 1 trial")
     if workers < 1:
         raise NewsloraError(f"--workers {workers}: give at least 1")
+    if heartbeat < 1:
+        raise NewsloraError(f"--heartbeat {heartbeat}: give a whole number of seconds, at least 1")
     space = space if isinstance(space, Space) else load_space(space, recipe)
     if pruner is not None:
         _pruner_spec(pruner, "--pruner")
@@ -36,7 +42,7 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
     if not study_name or "/" in study_name:
         raise NewsloraError(f"--study {study_name!r}: use a plain name such as 'minilm-lr'")
     out = (Path(output) if output is not None else Path("studies") / study_name).resolve()
-    storage_url = storage or f"sqlite:///{out / 'study.db'}"
+    storage_url = storage_url_of(storage) if storage else f"sqlite:///{out / 'study.db'}"
     seed = seed if seed is not None else (space.seed if space.seed is not None else recipe.train.seed)
     base = recipe.to_dict()
     direction = "minimize" if recipe.train.metric == "loss" else "maximize"
@@ -48,13 +54,12 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
     label_names = load_splits(probe.data).label_names
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    db = open_storage(storage_url)  # a bad URL or an unreachable server: nothing written
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction=direction,
-                                    load_if_exists=True)
-    except Exception as e:  # a bad URL, an unreachable server
-        raise NewsloraError(f"cannot open study storage {storage_url}: {str(e).splitlines()[0]}") from None
-    _check_same_study(study, base, space, direction, storage_url)
+    study = optuna.create_study(study_name=study_name, storage=db, direction=direction, load_if_exists=True)
+    _check_same_study(study, base, space, direction, shown(storage_url))
     con = _console()
     existing = study.get_trials(deepcopy=False)
     if not existing:
@@ -63,23 +68,24 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
         study.set_user_attr("metric", recipe.train.metric)
     else:
         con.print(f"continuing study {study_name!r}: {len(existing)} trials so far")
-    _fail_stale_trials(study)
-    existing = study.get_trials(deepcopy=False)
-    # the baseline (the base recipe's own values) runs once; again only if it was interrupted
-    if space.baseline and not any(t.user_attrs.get("baseline") and (counted(t) or t.state.name == "WAITING")
-                                  for t in existing):
-        enc = space.encode(base)
-        if enc is not None:
-            study.enqueue_trial(enc, user_attrs={"baseline": True})
-        elif not existing:
-            con.print("[yellow]note: the space cannot express the base recipe's values; no baseline trial[/yellow]")
+    with study_lock(db, study_name):  # processes starting together enqueue one baseline
+        existing = study.get_trials(deepcopy=False)
+        # the baseline (the base recipe's own values) runs once; again only if it was interrupted
+        if space.baseline and not any(t.user_attrs.get("baseline") and (counted(t) or t.state.name == "WAITING")
+                                      for t in existing):
+            enc = space.encode(base)
+            if enc is not None:
+                study.enqueue_trial(enc, user_attrs={"baseline": True})
+            elif not existing:
+                con.print("[yellow]note: the space cannot express the base recipe's values; no baseline "
+                          "trial[/yellow]")
     (out / "base.yaml").write_text(recipe.to_yaml())
     (out / "space.yaml").write_text(yaml.safe_dump(space.raw, sort_keys=False))
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers) if workers > 1 else None
     jobs = [Job(study_name, storage_url, str(out), base, space.raw, n_trials, label_names, seed, space.pruner, w,
-                threads) for w in range(workers)]
+                threads, heartbeat) for w in range(workers)]
     try:
         if workers == 1:
             run_worker(jobs[0])
@@ -127,31 +133,3 @@ def _check_same_study(study, base: dict, space: Space, direction: str, url: str)
     if old_space is not None and json.loads(old_space) != json.loads(json.dumps(space.raw, default=str)):
         _console().print("[yellow]note: the search space changed since this study started; earlier trials keep "
                          "their old parameters[/yellow]")
-
-
-def _fail_stale_trials(study) -> None:
-    """Trials left RUNNING by a crashed or killed process on this machine are failed (and not counted).
-
-    Custom: Optuna's heartbeat (``RDBStorage(heartbeat_interval=...)`` + ``fail_stale_trials``) is driven by the
-    thread ``study.optimize`` starts; trials here are ask/tell (so workers can share the exact --trials count), and
-    a trial's host and pid, recorded when it is claimed, tell whether its process still runs."""
-    from optuna.trial import TrialState
-
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and pid is not None and not _alive(pid):
-            _console().print(f"[yellow]trial {t.number}: its process ended without reporting; marked failed[/yellow]")
-            study.tell(t.number, state=TrialState.FAIL)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
