@@ -298,6 +298,7 @@ def predict(model: str | Path, input: str | Path, output: str | Path, text_colum
                 probs = clf.predict_proba(chunk["text"].tolist(), batch_size)
                 submission_frame(probs, clf.label_names, extra_columns, done).to_csv(f, index=False,
                                                                                    header=done == 0)
+                f.flush()  # the temp file holds every chunk classified so far
                 done += len(chunk)
                 if progress:
                     progress(done, total)
