@@ -3,8 +3,9 @@
 Local formats: the classic AG News CSV (no header; class 1-4, title, description), and CSV / TSV / JSONL /
 parquet with text and label columns. Label names come from the recipe, the hub's ClassLabel feature, a
 ``classes.txt`` next to the file, or string labels in the data; every label is checked against that label set.
-The module is a little over 400 lines: reading, label checking, splitting and the tokenization cache are the
-stage's four steps, each short, and they share the frame they pass along.
+Prediction reads its input in chunks instead (:func:`iter_texts`, same forms and rules), so that any size fits.
+The module is about 580 lines: reading (whole and in chunks), label checking, splitting and the tokenization cache
+are the stage's steps, each short, and they share the frame they pass along.
 """
 from __future__ import annotations
 
