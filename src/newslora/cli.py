@@ -6,11 +6,14 @@ import json
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft, not actionable
 
@@ -166,14 +169,50 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling (runs code from the file)"),
             extra_columns: bool = typer.Option(False, "--extra-columns", help="add label names and probabilities"),
             batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU"),
+            chunk_rows: int = typer.Option(None, "--chunk-rows", help="rows read, classified and written at a time "
+                                           "(default 10,000; memory stays flat whatever the input's size)"),
             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
             runtime: Optional[str] = RuntimeOpt):
-    """Write a Kaggle submission (ID,Label) for every text in a file."""
+    """Write a Kaggle submission (ID,Label) for every text in a file, streamed chunk by chunk, with a progress bar
+    on stderr; the output appears only once every row is written."""
     from .predict import predict as run_predict
 
-    path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,
-                       options=COLUMN_OPTIONS, runtime=runtime)
+    chunking = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    with rows_progress("predict") as progress:
+        path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,
+                           options=COLUMN_OPTIONS, runtime=runtime, progress=progress, **chunking)
     out.print(f"wrote {path}")
+
+
+class RowsColumn(ProgressColumn):
+    """``12,000/1,000,000 rows`` (``12,000 rows`` while the total is unknown) and the rate, ``8,450 rows/s``."""
+
+    def render(self, task) -> Text:
+        total = f"/{int(task.total):,}" if task.total is not None else ""
+        speed = task.finished_speed or task.speed
+        rate = f"{speed:,.0f} rows/s" if speed else "? rows/s"
+        return Text(f"{int(task.completed):,}{total} rows  {rate}", style="progress.download")
+
+
+@contextmanager
+def rows_progress(what: str):
+    """A rich progress bar on stderr, drawn from the first ``update(done, total)`` call of the block on (so that
+    an error before any work shows only its error line)."""
+    bar = Progress(TextColumn(what), BarColumn(), RowsColumn(), TimeElapsedColumn(), console=err)
+    task = None
+
+    def update(done: int, total: int | None) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(what, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 @command()

@@ -3,8 +3,9 @@
 Local formats: the classic AG News CSV (no header; class 1-4, title, description), and CSV / TSV / JSONL /
 parquet with text and label columns. Label names come from the recipe, the hub's ClassLabel feature, a
 ``classes.txt`` next to the file, or string labels in the data; every label is checked against that label set.
-The module is a little over 400 lines: reading, label checking, splitting and the tokenization cache are the
-stage's four steps, each short, and they share the frame they pass along.
+Prediction reads its input in chunks instead (:func:`iter_texts`, same forms and rules), so that any size fits.
+The module is about 580 lines: reading (whole and in chunks), label checking, splitting and the tokenization cache
+are the stage's steps, each short, and they share the frame they pass along.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -113,31 +115,45 @@ KAGGLE_AG_NEWS_HEADER = ["Class Index", "Title", "Description"]
 def _kaggle_ag_news(path: Path, sep: str, text_column: str, label_column: str | None) -> pd.DataFrame | None:
     """The Kaggle copy of AG News: header ``Class Index,Title,Description``, classes 1-4. Text is title +
     description (or the one of the two columns the caller names); labels are shifted to 0-3."""
-    first = _first_row(path, sep)
-    if not first or [c.strip() for c in first] != KAGGLE_AG_NEWS_HEADER:
+    if not _is_kaggle(_first_row(path, sep)):
         return None
     df = pd.read_csv(path, sep=sep, encoding="utf-8", keep_default_na=False, dtype=str)
-    df.columns = KAGGLE_AG_NEWS_HEADER
-    if text_column in ("Title", "Description"):
-        text = df[text_column].str.strip()
-    else:
-        text = (df["Title"].str.strip() + " " + df["Description"].str.strip()).str.strip()
-    out = pd.DataFrame({"text": text})
+    out = pd.DataFrame({"text": _kaggle_text(df, text_column)})
     if label_column is not None:
         out["label"] = _one_based(df["Class Index"], path, first_line=2)
     out.attrs["ag_news"] = True
     return out
 
 
+def _is_kaggle(first: list[str] | None) -> bool:
+    return bool(first) and [c.strip() for c in first] == KAGGLE_AG_NEWS_HEADER
+
+
+def _kaggle_text(df: pd.DataFrame, text_column: str) -> pd.Series:
+    df.columns = KAGGLE_AG_NEWS_HEADER
+    if text_column in ("Title", "Description"):
+        return df[text_column].str.strip()
+    return (df["Title"].str.strip() + " " + df["Description"].str.strip()).str.strip()
+
+
+CLASSIC_COLUMNS = ["cls", "title", "description"]
+
+
+def _is_classic(first: list[str] | None, text_column: str) -> bool:
+    return bool(first) and len(first) == 3 and text_column not in first and first[0].strip().isdigit()
+
+
+def _classic_text(df: pd.DataFrame) -> pd.Series:
+    return (df["title"].str.strip() + " " + df["description"].str.strip()).str.strip()
+
+
 def _classic_ag_news(path: Path, sep: str, text_column: str) -> pd.DataFrame | None:
     """The classic AG News form: no header, 3 columns (class 1-4, title, description)."""
-    first = _first_row(path, sep)
-    if not first or len(first) != 3 or text_column in first or not first[0].strip().isdigit():
+    if not _is_classic(_first_row(path, sep), text_column):
         return None
-    df = pd.read_csv(path, sep=sep, header=None, names=["cls", "title", "description"], encoding="utf-8",
+    df = pd.read_csv(path, sep=sep, header=None, names=CLASSIC_COLUMNS, encoding="utf-8",
                      keep_default_na=False, dtype=str)
-    text = (df["title"].str.strip() + " " + df["description"].str.strip()).str.strip()
-    out = pd.DataFrame({"text": text, "label": _one_based(df["cls"], path, first_line=1)})
+    out = pd.DataFrame({"text": _classic_text(df), "label": _one_based(df["cls"], path, first_line=1)})
     out.attrs["ag_news"] = True
     return out
 
@@ -149,7 +165,8 @@ def _select_columns(df: pd.DataFrame, path: Path, text_column: str, label_column
         key = options[0] if missing[0] == text_column else options[1]
         raise NewsloraError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(map(str, df.columns))}); "
                             f"set {key} to the right name")
-    out = pd.DataFrame({"text": df[text_column].astype(str)})
+    text = df[text_column]
+    out = pd.DataFrame({"text": text.astype(str).where(text.notna(), "")})  # a null text is missing, not "None"
     if label_column is not None:
         out["label"] = df[label_column].to_numpy()
     return out
@@ -252,12 +269,149 @@ def _check_every_class(df: pd.DataFrame, names: list[str], where: str, every_cla
                             f"learnt: add rows or {fix}")
 
 
-def check_texts(df: pd.DataFrame, where: str) -> pd.DataFrame:
+def check_texts(df: pd.DataFrame, where: str, first_row: int | None = None) -> pd.DataFrame:
+    """Refuse empty or blank texts, naming the first one's row (0-based, header excluded). ``first_row``: the
+    frame is a chunk of a file starting at that row; the message then names the chunk's rows."""
     empty = df["text"].isna() | (df["text"].astype(str).str.strip() == "")
     if empty.any():
         rows = np.flatnonzero(empty.to_numpy())
-        raise NewsloraError(f"{where}: {len(rows)} empty text(s), first at row {int(rows[0])}; drop or fill them")
+        start = first_row or 0
+        span = "" if first_row is None else f" in rows {start}-{start + len(df) - 1}"
+        raise NewsloraError(f"{where}: {len(rows)} empty text(s){span}, first at row {int(rows[0]) + start}; "
+                            "drop or fill them")
     return df
+
+
+# ----------------------------------------------------------------------------- reading in chunks
+
+STREAM_SUFFIXES = {".csv", ".tsv", ".jsonl", ".parquet", ".txt"}  # read chunk by chunk; .json is one document
+
+
+def iter_texts(path: str | Path, text_column: str = "text", chunk_rows: int = 10_000,
+               options: tuple[str, str] = RECIPE_OPTIONS) -> Iterator[pd.DataFrame]:
+    """The texts of a local file, lazily, as frames with one ``text`` column and at most ``chunk_rows`` rows, so
+    that memory stays flat whatever the file's size. The forms and rules of :func:`read_table` (the AG News CSV
+    forms, the column choice, UTF-8) and :func:`check_texts` (rows counted across chunks) apply; problems with the
+    file as a whole (not found, type, column) surface on the first chunk, a bad row when its chunk is read. A
+    ``.json`` document cannot be read in parts: it is read whole, then sliced."""
+    path = Path(path).expanduser()
+    if chunk_rows < 1:
+        raise NewsloraError(f"chunk_rows={chunk_rows}: read at least 1 row per chunk")
+    suffix = path.suffix.lower()
+    if not path.exists() or suffix not in STREAM_SUFFIXES:
+        df = read_table(path, text_column, None, options)  # its errors: not found, unsupported type
+        chunks = (df.iloc[i:i + chunk_rows] for i in range(0, len(df), chunk_rows))
+    else:
+        chunks = _raw_chunks(path, suffix, text_column, chunk_rows, options)
+    done = 0
+    for chunk in chunks:
+        if len(chunk):
+            check_texts(chunk, str(path), first_row=done)
+            yield chunk.reset_index(drop=True)
+            done += len(chunk)
+    if not done:
+        _non_empty(pd.DataFrame(), path)
+
+
+def count_rows(path: str | Path) -> int | None:
+    """The number of rows of a file when its metadata says so without reading it (parquet), else None."""
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError):
+        return None
+
+
+def _raw_chunks(path: Path, suffix: str, text_column: str, chunk_rows: int,
+                options: tuple[str, str]) -> Iterator[pd.DataFrame]:
+    """Chunks of ``text`` (unchecked), with :func:`read_table`'s messages for undecodable or unparsable data."""
+    try:
+        if suffix in (".csv", ".tsv"):
+            yield from _csv_chunks(path, "\t" if suffix == ".tsv" else ",", text_column, chunk_rows, options)
+        elif suffix == ".jsonl":
+            yield from _jsonl_chunks(path, text_column, chunk_rows, options)
+        elif suffix == ".parquet":
+            yield from _parquet_chunks(path, text_column, chunk_rows, options)
+        else:
+            yield from _txt_chunks(path, chunk_rows)
+    except UnicodeDecodeError as e:
+        raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+    except (ValueError, pd.errors.ParserError) as e:
+        raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+
+
+def _csv_chunks(path: Path, sep: str, text_column: str, chunk_rows: int, options) -> Iterator[pd.DataFrame]:
+    first = _first_row(path, sep)
+    classic, kaggle = _is_classic(first, text_column), _is_kaggle(first)
+    reader = pd.read_csv(path, sep=sep, encoding="utf-8", keep_default_na=False, dtype=str, chunksize=chunk_rows,
+                         **({"header": None, "names": CLASSIC_COLUMNS} if classic else {}))
+    line = 1 if classic else 2  # the file line of the chunk's first row
+    with reader:
+        for df in reader:
+            if classic:
+                _one_based(df["cls"], path, first_line=line)  # the classes are checked as read_table does
+                yield pd.DataFrame({"text": _classic_text(df)})
+            elif kaggle:
+                yield pd.DataFrame({"text": _kaggle_text(df, text_column)})
+            else:
+                yield _select_columns(df, path, text_column, None, options)
+            line += len(df)
+
+
+def _jsonl_chunks(path: Path, text_column: str, chunk_rows: int, options) -> Iterator[pd.DataFrame]:
+    # dtype=False: values keep their JSON types in every chunk, instead of a per-chunk guess
+    reader = pd.read_json(path, lines=True, chunksize=chunk_rows, encoding="utf-8", dtype=False)
+    line = 1
+    with reader:
+        while True:
+            try:
+                df = next(reader)
+            except StopIteration:
+                return
+            except ValueError as e:  # pandas names a position inside the chunk: name the chunk's lines
+                raise NewsloraError(f"{path} could not be parsed as jsonl in lines {line}-{line + chunk_rows - 1}: "
+                                    f"{str(e).splitlines()[0]}") from None
+            yield _select_columns(df, path, text_column, None, options)
+            line += chunk_rows  # a chunk is chunk_rows lines of the file, blank ones included
+
+
+def _parquet_chunks(path: Path, text_column: str, chunk_rows: int, options) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if text_column not in names:
+            _select_columns(pd.DataFrame(columns=names), path, text_column, None, options)  # its error message
+        for batch in pf.iter_batches(batch_size=chunk_rows, columns=[text_column]):
+            yield _select_columns(batch.to_pandas(), path, text_column, None, options)
+    except OSError as e:  # pyarrow's I/O errors (a truncated file) are OSErrors, its format errors ValueErrors
+        raise NewsloraError(f"{path} could not be parsed as parquet: {str(e).splitlines()[0]}") from None
+
+
+def _txt_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """One text per non-blank line, as ``read_text().splitlines()`` splits them; a decoding error names its byte
+    offset in the file."""
+    lines: list[str] = []
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise NewsloraError(f"{path} is not UTF-8 text (byte {offset + e.start}); re-save it as UTF-8") \
+                    from None
+            offset += len(raw)
+            lines.extend(ln for ln in text.splitlines() if ln.strip())
+            while len(lines) >= chunk_rows:
+                yield pd.DataFrame({"text": lines[:chunk_rows]})
+                del lines[:chunk_rows]
+    if lines:
+        yield pd.DataFrame({"text": lines})
 
 
 def _load_local(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None, str]:

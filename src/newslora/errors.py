@@ -1,4 +1,10 @@
-"""The one exception type users see: a single line naming the problem and the fix."""
+"""The one exception type users see: a single line naming the problem and the fix; SIGTERM turned into an exception
+so that the cleanup of an interrupted command runs."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
 
 
 class NewsloraError(Exception):
@@ -6,5 +12,24 @@ class NewsloraError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM during training, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs; its message
-    names the run folder and how to continue it."""
+    """SIGTERM during training or prediction, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs;
+    its message says what was left (the run folder and how to continue it; the output not written)."""
+
+
+@contextmanager
+def sigterm_raises(message: str):
+    """Inside the block SIGTERM raises :class:`Terminated` (handled like Ctrl-C) instead of killing the process
+    half-way (a run folder still saying ``running``, a temp file left behind); the previous handler is restored
+    after it. Signal handlers can only be set from the main thread: elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(message)
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

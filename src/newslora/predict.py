@@ -1,8 +1,10 @@
 """Predict stage: load a run folder or merged model, classify texts, write a Kaggle ``ID,Label`` submission."""
 from __future__ import annotations
 
+import itertools
 import pickle
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -199,22 +201,37 @@ def load_classifier(path: str | Path, device: str | None = None, runtime: str | 
 
 # ----------------------------------------------------------------------------- inputs and outputs
 
+CHUNK_ROWS = 10_000  # rows read, classified and written at a time: memory stays flat whatever the input's size
 
-def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False,
-               options: tuple[str, str] = ("text_column", "label_column")) -> list[str]:
-    """Texts to classify from CSV/TSV/JSONL/parquet/plain text, or a pickled HF ``Dataset`` (``trust_pickle``)."""
-    from .data import check_texts, read_table
+
+def iter_input(path: str | Path, text_column: str = "text", trust_pickle: bool = False,
+               chunk_rows: int = CHUNK_ROWS, options: tuple[str, str] = ("text_column", "label_column"),
+               ) -> tuple[Iterator[pd.DataFrame], int | None]:
+    """(chunks, total): the texts to classify as frames with a ``text`` column, read lazily from
+    CSV/TSV/JSONL/parquet/plain text (see :func:`newslora.data.iter_texts`), and the number of rows when known
+    without reading the file (parquet metadata), else None. A pickled HF ``Dataset`` (``trust_pickle``) is
+    unpickled whole, then sliced."""
+    from .data import check_texts, count_rows, iter_texts
 
     path = Path(path)
     if not path.exists():
         raise NewsloraError(f"input not found: {path}")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        df = _read_pickle(path, text_column, trust_pickle)
-    else:
-        df = read_table(path, text_column, label_column=None, options=options)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return iter_texts(path, text_column, chunk_rows, options), count_rows(path)
+    if chunk_rows < 1:
+        raise NewsloraError(f"chunk_rows={chunk_rows}: read at least 1 row per chunk")
+    df = _read_pickle(path, text_column, trust_pickle)
     if df.empty:
         raise NewsloraError(f"{path} has no rows to classify")
-    return check_texts(df, str(path))["text"].tolist()
+    check_texts(df, str(path))
+    return (df.iloc[i:i + chunk_rows].reset_index(drop=True) for i in range(0, len(df), chunk_rows)), len(df)
+
+
+def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False,
+               options: tuple[str, str] = ("text_column", "label_column")) -> list[str]:
+    """All texts of a file at once (see :func:`iter_input`)."""
+    chunks, _ = iter_input(path, text_column, trust_pickle, CHUNK_ROWS, options)
+    return [t for chunk in chunks for t in chunk["text"].tolist()]
 
 
 def _read_pickle(path: Path, text_column: str, trust: bool) -> pd.DataFrame:
@@ -233,29 +250,58 @@ def _read_pickle(path: Path, text_column: str, trust: bool) -> pd.DataFrame:
     return pd.DataFrame({"text": obj[text_column].astype(str)})
 
 
-def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str], extra: bool = False) -> Path:
-    """Kaggle format: ``ID,Label`` with IDs 0..N-1 and integer labels; ``extra`` adds names and probabilities."""
-    from .outputs import write_file_atomic
-
+def submission_frame(probs: np.ndarray, label_names: list[str], extra: bool = False, first_id: int = 0
+                     ) -> pd.DataFrame:
+    """Kaggle rows ``ID,Label`` (IDs from ``first_id``, integer labels); ``extra`` adds names and probabilities."""
     pred = probs.argmax(-1)
-    df = pd.DataFrame({"ID": np.arange(len(pred)), "Label": pred.astype(int)})
+    df = pd.DataFrame({"ID": np.arange(first_id, first_id + len(pred)), "Label": pred.astype(int)})
     if extra:
         df["label_name"] = [label_names[i] for i in pred]
         for i, n in enumerate(label_names):
             df[f"p_{n}"] = probs[:, i].round(6)
+    return df
+
+
+def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str], extra: bool = False) -> Path:
+    """Kaggle format: ``ID,Label`` with IDs 0..N-1 and integer labels; ``extra`` adds names and probabilities."""
+    from .outputs import write_file_atomic
+
+    df = submission_frame(probs, label_names, extra)
     return write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str = "text",
             trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None,
             overwrite: bool = False, options: tuple[str, str] = ("text_column", "label_column"),
-            runtime: str | None = None) -> Path:
+            runtime: str | None = None, chunk_rows: int = CHUNK_ROWS,
+            progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Classify every text of ``input`` into the submission file ``output`` (never the input itself; an existing
-    file only with ``overwrite``). ``options``: the caller's names for the column settings, for error messages.
-    ``runtime``: torch or onnx (default: chosen by what the folder holds)."""
-    from .outputs import check_output_file
+    file only with ``overwrite``), ``chunk_rows`` rows at a time: read, classify, append to a temp file next to
+    ``output`` that replaces it once every row is written (on any error, Ctrl-C or SIGTERM it is removed and
+    ``output`` is left as it was). ``progress(rows_done, total_or_None)`` is called once the model is loaded and
+    after each chunk. ``options``: the caller's names for the column settings, for error messages. ``runtime``:
+    torch or onnx (default: chosen by what the folder holds)."""
+    from .errors import sigterm_raises
+    from .outputs import check_output_file, write_file_atomic
 
     check_output_file(output, [input], overwrite)
-    texts = read_texts(input, text_column, trust_pickle, options)  # input problems surface before the model loads
+    chunks, total = iter_input(input, text_column, trust_pickle, chunk_rows, options)
+    first = next(chunks)  # problems with the input as a whole surface before the model loads
     clf = load_classifier(model, runtime=runtime)
-    return write_submission(output, clf.predict_proba(texts, batch_size), clf.label_names, extra_columns)
+
+    def write(tmp: Path) -> None:
+        done = 0
+        if progress:
+            progress(done, total)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            for chunk in itertools.chain([first], chunks):
+                probs = clf.predict_proba(chunk["text"].tolist(), batch_size)
+                submission_frame(probs, clf.label_names, extra_columns, done).to_csv(f, index=False,
+                                                                                   header=done == 0)
+                f.flush()  # the temp file holds every chunk classified so far
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+
+    with sigterm_raises(f"terminated (SIGTERM); nothing written to {output}"):
+        return write_file_atomic(output, write)

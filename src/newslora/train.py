@@ -9,10 +9,7 @@ run folder. ``train(recipe)`` is both. Distillation, search trials, benches and 
 from __future__ import annotations
 
 import shutil
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from . import methods
 from .config import Recipe
 from .data import Splits, load_splits, tokenize
 from .distill import Distiller
-from .errors import NewsloraError, Terminated
+from .errors import NewsloraError, Terminated, sigterm_raises
 from .evaluate import classification_metrics, summary
 from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
                     count_trainable, load_tokenizer)
@@ -270,25 +267,6 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
     trainer.add_callback(ReadableProgress())
     return Setup(recipe, run, splits, tokenizer, train_ds, val_ds, test_ds, model, b, trainer, callbacks,
                  total_steps, precision, resuming, info, hooks)
-
-
-@contextmanager
-def sigterm_raises(message: str):
-    """Inside the block SIGTERM raises :class:`Terminated` (handled like Ctrl-C) instead of killing the process
-    with the run folder still saying ``running``; the previous handler is restored after it. Signal handlers can
-    only be set from the main thread: elsewhere the block changes nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(message)
-
-    before = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def one_line(exc: BaseException) -> str:
