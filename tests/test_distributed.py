@@ -23,8 +23,6 @@ import pytest
 
 from conftest import TINY, tiny_overrides
 
-pytestmark = pytest.mark.slow
-
 # Tolerance on every logged training loss, the epoch's training loss and the validation loss (absolute, losses
 # ~1.4). What may differ between the runs: DDP averages the two halves' gradients (two means of 4, then a mean of 2
 # instead of one mean of 8), and each process pads its 4 rows to their own longest row. Both only change the
@@ -93,6 +91,7 @@ def ddp(tmp_path_factory):
     return run_dir, r
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_folder_equal_to_one_process(single, ddp):
     run_dir, r = ddp
     assert layout(run_dir) == layout(single)
@@ -116,6 +115,7 @@ def test_two_processes_write_one_run_folder_equal_to_one_process(single, ddp):
     assert r.stdout.count("run folder:") == 1, r.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_global_batch(single, ddp):
     run_dir, _ = ddp
     close(losses(run_dir), losses(single))
@@ -146,6 +146,7 @@ train(load_recipe(None, overrides), run_dir=run_dir, extra_callbacks=[StopAfterC
 """
 
 
+@pytest.mark.slow
 def test_resume_finishes_a_two_process_run_stopped_after_a_checkpoint(tmp_path, ddp):
     script = tmp_path / "stop.py"
     script.write_text(STOP_AFTER_SAVE)
@@ -155,6 +156,12 @@ def test_resume_finishes_a_two_process_run_stopped_after_a_checkpoint(tmp_path, 
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "interrupted" and info["attempts"][0]["steps"] == 8, info["attempts"]
     assert not (run_dir / "adapter").exists()
+
+    # one process cannot continue it: the global batch, so the data order and the step count, would change
+    r = subprocess.run([sys.executable, "-m", "newslora", "train", "--resume", run_dir], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "the run trained on 2 processes, this launch has 1 process" in r.stderr, r.stderr[-3000:]
+    assert json.loads((run_dir / "run.json").read_text()) == info
 
     r = torchrun("-m", "newslora", "train", "--resume", run_dir)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -167,3 +174,40 @@ def test_resume_finishes_a_two_process_run_stopped_after_a_checkpoint(tmp_path, 
     assert len(steps) == len(set(steps))
     close(losses(run_dir), losses(ddp[0]))
     assert r.stdout.count("run folder:") == 1
+
+
+def test_a_run_that_only_reads_writes_nothing(tmp_path):
+    """What the ranks other than 0 hold: every write of the run folder is skipped, the attempt is kept in memory."""
+    from newslora.run import Run
+
+    reader = Run(tmp_path / "run", writes=False).mkdir()
+    info = reader.start_attempt({"label_names": ["a", "b"]})
+    reader.heartbeat(info, 3)
+    reader.write_metric_csvs([{"step": 1, "epoch": 0.5, "loss": 1.0}])
+    reader.append_ranks(1, {"m": 2})
+    reader.write_eval({"validation": {}})
+    reader.end_attempt(info, "completed", 4)
+    assert not (tmp_path / "run").exists()
+    assert info["status"] == "completed" and info["attempts"][0]["steps"] == 4
+
+    writer = Run(tmp_path / "run").mkdir()
+    writer.write_info({"status": "completed"})
+    assert Run(writer.path, writes=False).read_info()["status"] == "completed"
+
+
+def test_steps_per_process_follow_the_trainers_sharding():
+    """Each of N processes takes every N-th batch, the last round filled up from the start (accelerate's even
+    batches): the step count the schedule (and AdaLoRA's budget) is built for."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from newslora.config import TrainConfig
+    from newslora.trainer import optimizer_steps
+
+    for rows, batch, procs, accum in [(256, 4, 2, 1), (250, 4, 2, 1), (250, 4, 3, 2), (7, 4, 2, 1)]:
+        t = TrainConfig(batch_size=batch, grad_accum=accum, epochs=1)
+        shard = BatchSamplerShard(BatchSampler(SequentialSampler(range(rows)), batch, False), procs, 0)
+        per_process = len(shard)
+        expected = per_process // accum + int(per_process % accum > 0)
+        assert optimizer_steps(rows, t, processes=procs) == max(expected, 1), (rows, batch, procs, accum)
+    assert optimizer_steps(250, TrainConfig(batch_size=8, epochs=1)) == 32  # one process without a launcher

@@ -113,6 +113,12 @@ def open_resumable(resume: str | Path) -> Run:
                             "wait for it, or stop it first (Ctrl-C or kill)")
     if not run.checkpoints():
         raise NewsloraError(f"--resume {resume}: no checkpoint saved yet; start the run again instead")
+    procs, here = run.read_info().get("processes") or 1, distributed.world_size()
+    if procs != here:  # the global batch, and so the data order and the step count, depend on it
+        launch = f"torchrun --nproc_per_node {procs} -m newslora train" if procs > 1 else "newslora train"
+        n = lambda k: f"{k} process{'es' if k != 1 else ''}"  # noqa: E731
+        raise NewsloraError(f"--resume {resume}: the run trained on {n(procs)}, this launch has {n(here)}; "
+                            f"resume it as it started: {launch} --resume {resume}")
     drop_unfinished_checkpoint(run)
     check_checkpoint(run.checkpoints()[-1], run.path)  # the one the Trainer resumes from
     run.rebase_checkpoints()  # the folder may have been moved or copied since it was interrupted
