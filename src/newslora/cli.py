@@ -62,6 +62,7 @@ def train(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = C
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run folder")):
     """Train a recipe into a run folder: adapter, metrics, eval.json, plots."""
     from .config import load_recipe
+    from .distributed import is_main
     from .train import train as run_train
 
     if resume is not None and (config or overrides):
@@ -70,7 +71,8 @@ def train(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = C
         raise NewsloraError("--resume continues RUN_DIR in place; drop --run-dir")
     recipe = None if resume else load_recipe(config, overrides or [])
     res = run_train(recipe, run_dir=run_dir, resume=resume)
-    _print_result(res.run_dir, res.eval)
+    if is_main():  # several processes (torchrun): one prints
+        _print_result(res.run_dir, res.eval)
 
 
 def _print_result(run_dir: Path, ev: dict):

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -561,9 +562,12 @@ def tokenize(df: pd.DataFrame, tokenizer, max_length: int, cache: bool = True):
         tmp = path.with_name(key + f".tmp{os.getpid()}")
         try:
             ds.save_to_disk(str(tmp))
-            os.replace(tmp, path) if not path.exists() else None
+            if not path.exists():  # another process may have put the same entry there meanwhile
+                os.replace(tmp, path)
         except OSError:
-            pass  # read-only or full cache dir: tokenizing again next time is fine
+            pass  # read-only or full cache dir, or the same entry just renamed into place by another process
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         if path.exists():
             return datasets.load_from_disk(str(path))
     return ds

@@ -487,12 +487,12 @@ def build_model(recipe: Recipe, label_names: list[str], total_steps: int | None 
 
 
 def _keep_init_weights(base, recipe: Recipe, run, resuming: bool) -> None:
-    if recipe.model.random_init and not resuming:  # random weights cannot be fetched again: keep them
+    if recipe.model.random_init and not resuming and run.writes:  # random weights cannot be fetched again: keep them
         base.save_pretrained(run.backbone_dir)
     if recipe.head.type == "lora" and head_dense_name(base):  # the LoRA head's frozen, freshly drawn base weights
         if resuming and run.head_init.is_file():
             load_head_state(base, run.head_init)
-        elif not resuming:
+        elif not resuming and run.writes:
             from safetensors.torch import save_file
 
             save_file(head_state(base), str(run.head_init))

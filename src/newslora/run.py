@@ -29,6 +29,7 @@ give the run folder two owners again.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -94,6 +95,18 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return path
 
 
+def _writes(method):
+    """A write of the run folder: skipped by a :class:`Run` that only reads (``writes=False``)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.writes:
+            return method(self, *args, **kwargs)
+        return None
+
+    return wrapper
+
+
 def read_json(path: Path) -> dict:
     """A JSON mapping, or {} when the file is missing, damaged or not a mapping (interrupted runs)."""
     try:
@@ -104,7 +117,11 @@ def read_json(path: Path) -> dict:
 
 
 class Run:
-    """One run folder. ``Run.create(path)`` for a new run, ``Run.open(path)`` for an existing one."""
+    """One run folder. ``Run.create(path)`` for a new run, ``Run.open(path)`` for an existing one.
+
+    ``writes=False``: a view that reads the folder but never writes it -- what the processes other than rank 0 of a
+    run launched on several processes hold (:mod:`newslora.distributed`), so that one process writes each file.
+    Its attempt bookkeeping still updates the ``info`` mapping it is given, in memory."""
 
     RECIPE = "recipe.yaml"
     INFO = "run.json"
@@ -127,8 +144,9 @@ class Run:
     MERGED = "merged"
     ONNX, ONNX_INT8 = "onnx", "onnx-int8"  # newslora export --onnx [--int8]
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, writes: bool = True):
         self.path = Path(path)
+        self.writes = writes
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -188,7 +206,8 @@ class Run:
         return self.adapter_dir.is_dir() and self.file(self.INFO).is_file()
 
     def mkdir(self) -> "Run":
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.writes:
+            self.path.mkdir(parents=True, exist_ok=True)
         return self
 
     # ------------------------------------------------------------------ paths
@@ -239,6 +258,7 @@ class Run:
 
     # ------------------------------------------------------------------ recipe
 
+    @_writes
     def write_recipe(self, recipe) -> None:
         tmp = self.file(self.RECIPE + ".tmp")
         tmp.write_text(recipe.to_yaml())
@@ -265,6 +285,7 @@ class Run:
     def read_info(self) -> dict:
         return read_json(self.file(self.INFO))
 
+    @_writes
     def write_info(self, info: dict) -> None:
         write_json(self.file(self.INFO), {"schema": SCHEMA_VERSION, **info})
 
@@ -352,24 +373,30 @@ class Run:
     def read_eval(self) -> dict:
         return read_json(self.file(self.EVAL))
 
+    @_writes
     def write_eval(self, results: dict) -> None:
         write_json(self.file(self.EVAL), results)
 
     def read_distill(self) -> dict:
         return read_json(self.file(self.DISTILL))
 
+    @_writes
     def write_distill(self, record: dict) -> None:
         write_json(self.file(self.DISTILL), record)
 
+    @_writes
     def write_rank_pattern(self, summary: dict) -> None:
         write_json(self.file(self.RANK_PATTERN), summary)
 
+    @_writes
     def write_trial(self, record: dict) -> None:
         write_json(self.file(self.TRIAL), record)
 
+    @_writes
     def write_error(self, text: str) -> None:
         self.file(self.ERROR).write_text(text)
 
+    @_writes
     def mark_stopped(self, status: str, finished: str, **extra) -> None:
         """A run that stopped early (a pruned or failed search trial): status recorded, checkpoints dropped."""
         if not self.file(self.INFO).is_file():
@@ -379,6 +406,7 @@ class Run:
 
     # ------------------------------------------------------------------ metric CSVs
 
+    @_writes
     def write_metric_csvs(self, log_history: list[dict]) -> None:
         """metrics_steps.csv (one row per log event) and metrics_epochs.csv (one row per epoch) from a Trainer log.
 
@@ -449,15 +477,18 @@ class Run:
         with open(path, newline="") as f:
             return [r for r in csv.DictReader(f) if until is None or int(r["step"]) <= until]
 
+    @_writes
     def write_rank_rows(self, rows: list[dict]) -> None:
         with open(self.file(self.RANKS), "w", newline="") as f:
             w = csv.DictWriter(f, RANK_COLUMNS)
             w.writeheader()
             w.writerows(rows)
 
+    @_writes
     def rank_rows_reset(self) -> None:
         self.file(self.RANKS).unlink(missing_ok=True)
 
+    @_writes
     def append_ranks(self, step: int, ranks: dict[str, int]) -> None:
         path = self.file(self.RANKS)
         new = not path.is_file()
@@ -485,6 +516,7 @@ class Run:
         """Store ``best_model_checkpoint`` relative to the run folder (``checkpoints/checkpoint-N``)."""
         self._rewrite_best(lambda name: f"{self.CHECKPOINTS}/{name}")
 
+    @_writes
     def _rewrite_best(self, where) -> None:
         for ckpt in self.checkpoints():
             state_file = ckpt / "trainer_state.json"
@@ -496,6 +528,7 @@ class Run:
 
     # ------------------------------------------------------------------ adapter
 
+    @_writes
     def finish_adapter(self, adapter_card: str | None = None) -> None:
         """Make the saved adapter folder portable: ``adapter_config.json`` names the backbone by hub id (or
         nothing for a local folder) instead of an absolute path, and PEFT's empty README template is replaced

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArguments, set_seed
 
-from . import methods
+from . import distributed, methods
 from .config import Recipe
 from .data import Splits, load_splits, tokenize
 from .distill import Distiller
@@ -91,7 +91,8 @@ def prepare(recipe: Recipe):
     b = count_trainable(recipe, splits.label_names, fit=False)
     if fit is not None:
         b.fit = fit.to_dict()
-        console.print(fit.describe())
+        if distributed.is_main():
+            console.print(fit.describe())
     check_budget(b, recipe)
     return tokenizer, splits, b
 
@@ -109,6 +110,12 @@ def open_resumable(resume: str | Path) -> Run:
                             "wait for it, or stop it first (Ctrl-C or kill)")
     if not run.checkpoints():
         raise NewsloraError(f"--resume {resume}: no checkpoint saved yet; start the run again instead")
+    procs, here = run.read_info().get("processes") or 1, distributed.world_size()
+    if procs != here:  # the global batch, and so the data order and the step count, depend on it
+        launch = f"torchrun --nproc_per_node {procs} -m newslora train" if procs > 1 else "newslora train"
+        n = lambda k: f"{k} process{'es' if k != 1 else ''}"  # noqa: E731
+        raise NewsloraError(f"--resume {resume}: the run trained on {n(procs)}, this launch has {n(here)}; "
+                            f"resume it as it started: {launch} --resume {resume}")
     drop_unfinished_checkpoint(run)
     check_checkpoint(run.checkpoints()[-1], run.path)  # the one the Trainer resumes from
     run.rebase_checkpoints()  # the folder may have been moved or copied since it was interrupted
@@ -169,12 +176,18 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
     """Validate ``recipe``, create its run folder (``run``: a folder path or :class:`Run`; default
     ``runs/<name>``) and build what trains. ``resume``: continue an interrupted run folder with its own recipe.
 
+    Launched on several processes (``torchrun``, ``accelerate launch``), every rank validates and builds the same
+    things; rank 0 alone chooses (or, with ``resume``, checks) the run folder and writes it, the others get its path
+    and a :class:`Run` that only reads.
+
     ``callbacks``: extra TrainerCallbacks. ``hooks``: :class:`~newslora.trainer.TrainHook` objects that may change
     the Trainer's class and arguments and the final result. ``trainer_cls``: the Trainer class (default
     :class:`NewsloraTrainer`). ``evaluate_test=False``: validation only (search trials never see the test split).
     """
-    if resume is not None:
-        run = open_resumable(resume)
+    distributed.init()
+    main = distributed.is_main()
+    if resume is not None:  # rank 0 checks the folder (and may drop an unfinished checkpoint) before anyone reads it
+        run = Run(distributed.share(lambda: open_resumable(resume).path), writes=main)
         recipe = run.read_recipe()
     recipe = recipe or Recipe()
     if recipe.train.threads:
@@ -183,13 +196,19 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
     tokenizer, splits, b = prepare(recipe)
     if not evaluate_test:
         splits.test = None
-    print_breakdown(b, recipe)
-    if resume is None:
-        run = run if isinstance(run, Run) else Run.create(run, recipe.name)
+    if main:
+        print_breakdown(b, recipe)
+    if resume is None and isinstance(run, Run):
+        run.writes = run.writes and main
+    elif resume is None:  # rank 0 chooses the folder (runs/<name>-2 when taken) and tells the others
+        where = run
+        run = Run(distributed.share(lambda: Run.create(where, recipe.name).path), writes=main)
     hooks = list(hooks)
     if recipe.distill.teachers:  # teachers checked, their train outputs cached, before the run folder exists
-        hooks.append(Distiller(recipe, splits))
+        with distributed.local_main_first():
+            hooks.append(Distiller(recipe, splits))
     run.mkdir()
+    distributed.barrier()  # the folder exists before any rank goes on
     return _build(recipe, run, tokenizer, splits, resume is not None, list(callbacks), hooks,
                   trainer_cls or NewsloraTrainer, b.fit)
 
@@ -199,9 +218,10 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
     t, method = recipe.train, methods.get(recipe.method)
     run.write_recipe(recipe)
     ml = recipe.model.max_length
-    train_ds = tokenize(splits.train, tokenizer, ml)
-    val_ds = tokenize(splits.validation, tokenizer, ml)
-    test_ds = tokenize(splits.test, tokenizer, ml) if splits.test is not None else None
+    with distributed.local_main_first():  # one process per machine fills the tokenization cache, the others read it
+        train_ds = tokenize(splits.train, tokenizer, ml)
+        val_ds = tokenize(splits.validation, tokenizer, ml)
+        test_ds = tokenize(splits.test, tokenizer, ml) if splits.test is not None else None
     total_steps = optimizer_steps(len(train_ds), t)
 
     set_seed(t.seed)
@@ -218,7 +238,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
             "target_modules": recipe.lora.target_modules, "rank": method.get_rank(recipe),
             "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0},
             "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
-            "precision": precision, "train_runtime_s": None, "train_samples_per_second": None}
+            "precision": precision, "processes": distributed.world_size(), "train_runtime_s": None,
+            "train_samples_per_second": None}
     # the attempt (pid, host, heartbeat) is recorded before training starts; earlier attempts are kept on resume
     run.start_attempt(info, int(run.checkpoints()[-1].name.split("-")[1]) if resuming else 0)
 
@@ -244,7 +265,7 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         # The NaN/inf filter reads the loss as a Python bool every step: a device sync that stops the CPU from
         # queueing the next step while the GPU works. A diverged run logs nan instead of a smoothed-over value.
         logging_nan_inf_filter=False,
-        disable_tqdm=False, **precision_flags(precision))
+        disable_tqdm=False, **launch_flags(precision_flags(precision)))
 
     def compute_metrics(p):
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -293,7 +314,7 @@ def fit(s: Setup) -> RunResult:
         for cb in trainer.callback_handler.callbacks:
             if isinstance(cb, ReadableProgress):
                 cb.close()
-        if outcome == "interrupted":
+        if outcome == "interrupted" and run.writes:
             console.print(f"[yellow]interrupted; {hint}[/yellow]")
         raise
     result = RunResult(run.path, results, s.breakdown)
@@ -316,8 +337,10 @@ def _fit(s: Setup) -> dict:
     if extra is not None:
         info[method.name] = extra
 
-    save_adapter(s.model, s.recipe, run)
-    s.tokenizer.save_pretrained(run.adapter_dir)
+    if run.writes:
+        save_adapter(s.model, s.recipe, run)
+        s.tokenizer.save_pretrained(run.adapter_dir)
+    # every rank takes part: the Trainer splits the rows between the processes and gathers the predictions
     with tf32_matmuls(s.precision == "tf32"):  # evaluated as validated during training
         results = {"validation": split_metrics(trainer, s.eval_dataset, label_names)}
         if s.test_dataset is not None:
@@ -326,7 +349,9 @@ def _fit(s: Setup) -> dict:
     info["best_checkpoint"] = run.relative(trainer.state.best_model_checkpoint)
     run.end_attempt(info, "completed", trainer.state.global_step)
     run.relativize_checkpoints()
-    finalize(run.path)
+    if run.writes:
+        finalize(run.path)
+    distributed.barrier()  # the run folder is complete before any process returns
     return results
 
 
@@ -334,12 +359,22 @@ def train(recipe: Recipe | None = None, run_dir: str | Path | None = None, resum
           extra_callbacks=(), evaluate_test: bool = True, hooks=(), trainer_cls: type | None = None) -> RunResult:
     """Train one recipe into one run folder (or continue ``resume``, an interrupted run folder): ``fit(setup(...))``.
     A ``resume`` of a completed run changes nothing and returns its results."""
+    distributed.init()
     if resume is not None and Run.is_run(resume) and completed(Run(resume)):
-        console.print(f"{resume}: the run already completed; nothing to resume, nothing changed", highlight=False,
-                      soft_wrap=True)
+        if distributed.is_main():
+                console.print(f"{resume}: the run already completed; nothing to resume, nothing changed",
+                          highlight=False, soft_wrap=True)
         return RunResult(Run(resume).path, Run(resume).read_eval(), None)
     return fit(setup(recipe, run_dir, resume=resume, callbacks=extra_callbacks, hooks=hooks, trainer_cls=trainer_cls,
                      evaluate_test=evaluate_test))
+
+
+def launch_flags(flags: dict) -> dict:
+    """TrainingArguments flags with, on several CPU processes, ``use_cpu``: without it accelerate sets up no process
+    group on a machine without a GPU, and each process would train alone."""
+    if distributed.launched() and not torch.cuda.is_available():
+        return {**flags, "use_cpu": True}
+    return flags
 
 
 def split_metrics(trainer, ds, label_names) -> dict:

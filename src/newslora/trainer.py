@@ -13,7 +13,7 @@ import torch
 from transformers import DataCollatorWithPadding, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from . import __version__
+from . import __version__, distributed
 from .data import pad_batch, pads_right
 from .errors import NewsloraError
 
@@ -31,11 +31,14 @@ class TrainHook:
         return result
 
 
-def optimizer_steps(n_train: int, t) -> int:
-    """The number of optimizer steps the Trainer will take (same formula as ``Trainer.set_initial_training_values``)."""
+def optimizer_steps(n_train: int, t, processes: int | None = None) -> int:
+    """The number of optimizer steps the Trainer will take (same formula as ``Trainer.set_initial_training_values``).
+    ``processes`` (default: this launch's): each takes every ``processes``-th batch of ``t.batch_size`` rows, the
+    last round filled up from the start (accelerate's even batches)."""
     if t.max_steps > 0:
         return t.max_steps
-    batches = math.ceil(n_train / t.batch_size)
+    processes = distributed.world_size() if processes is None else processes
+    batches = math.ceil(math.ceil(n_train / t.batch_size) / processes)
     per_epoch = max(batches // t.grad_accum + int(batches % t.grad_accum > 0), 1)
     return math.ceil(t.epochs * per_epoch)
 
@@ -135,11 +138,16 @@ class TrainTally(TrainerCallback, ExportableState):
     ``epoch_train_loss``/``epoch_train_accuracy`` entry in the log history: exact means over the epoch's rows, where
     a mean of the logged windows would count the one-step first window as a whole window and miss the steps after
     the epoch's last log). The sums are saved in checkpoints (``ExportableState``: trainer_state.json) and read back
-    when a run resumes, so a resumed epoch and window are still exact."""
+    when a run resumes, so a resumed epoch and window are still exact.
+
+    On several processes each rank sums its own share of the rows; a read sums them over all ranks (every rank
+    reads at the same log and epoch end), and before a checkpoint is saved (rank 0 alone writes it) the sums are
+    moved onto rank 0, so the checkpoint holds the totals and a resumed run restores them on rank 0 only."""
 
     def __init__(self):
         self.window = [0.0, 0.0, 0]  # loss x rows, correct, rows
         self.epoch = [0.0, 0.0, 0]
+        self.device = None  # the model's device: where the sums are reduced over ranks
 
     def add(self, loss, logits, labels) -> None:
         n = labels.numel()
@@ -150,11 +158,21 @@ class TrainTally(TrainerCallback, ExportableState):
             acc[1] = acc[1] + correct
             acc[2] += n
 
-    @staticmethod
-    def _read(acc: list) -> tuple[float, float] | None:
+    def _read(self, acc: list) -> tuple[float, float] | None:
+        if distributed.active():
+            acc = distributed.all_sum(acc, self.device)
         if not acc[2]:
             return None
         return float(acc[0]) / acc[2], float(acc[1]) / acc[2]
+
+    def _fold(self) -> None:
+        """Several processes: the sums over all ranks onto rank 0, zeros elsewhere (the totals are unchanged)."""
+        if not distributed.active():
+            return
+        tot = distributed.all_sum([*self.window, *self.epoch], self.device)
+        main = distributed.is_main()
+        self.window = [tot[0], tot[1], int(tot[2])] if main else [0.0, 0.0, 0]
+        self.epoch = [tot[3], tot[4], int(tot[5])] if main else [0.0, 0.0, 0]
 
     def window_accuracy(self) -> float | None:
         """Accuracy of the rows since the last call; starts a new window."""
@@ -163,9 +181,14 @@ class TrainTally(TrainerCallback, ExportableState):
         return None if got is None else got[1]
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.device = args.device
         saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
-        if isinstance(saved, dict):  # resumed: the sums up to the checkpoint (see state())
+        if isinstance(saved, dict) and distributed.is_main():  # resumed: the sums up to the checkpoint (state())
             self.window, self.epoch = (list(saved["attributes"][k]) for k in ("window", "epoch"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # decided by the Trainer's flow callback, which runs first
+            self._fold()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         got = self._read(self.epoch)
@@ -173,6 +196,8 @@ class TrainTally(TrainerCallback, ExportableState):
         if got is not None:
             state.log_history.append({"epoch": state.epoch, "step": state.global_step,
                                       "epoch_train_loss": round(got[0], 6), "epoch_train_accuracy": round(got[1], 6)})
+        if control.should_save:
+            self._fold()
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"window": [float(self.window[0]), float(self.window[1]), self.window[2]],

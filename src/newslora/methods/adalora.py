@@ -187,7 +187,7 @@ def allocator_callback_class():
 
         def on_save(self, args, state, control, model=None, **kwargs):
             ckpt = self.run.checkpoint(state.global_step)
-            if ckpt.is_dir():
+            if ckpt.is_dir() and self.run.writes:
                 alloc = model.base_model.rankallocator
                 torch.save({"pattern": self.pattern, "calls": self.calls, "steps": self.steps, "ipt": alloc.ipt,
                             "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc}, ckpt / self.STATE)

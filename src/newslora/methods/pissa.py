@@ -14,7 +14,7 @@ class Pissa(Lora):
         return True if for_count else "pissa"  # no SVD of meta tensors when only counting
 
     def before_train(self, model, run, resuming):
-        if resuming:
+        if resuming or not run.writes:  # rank 0 alone writes the run folder (several processes)
             return
         model.peft_config["default"].init_lora_weights = True  # saved as a plain LoRA start for conversion
         model.save_pretrained(run.pissa_init)
