@@ -123,12 +123,13 @@ async def load(url: str, bodies: list[dict], concurrency: int, timeout: float = 
     """Send every body once with ``concurrency`` workers; latencies of the 200s, status counts, errors."""
     import httpx
 
-    latencies, statuses, retry_after, errors, kinds = [], {}, 0, 0, {}
+    latencies, statuses, retry_after, errors, kinds, idle = [], {}, 0, 0, {}, []
     nxt = iter(bodies)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async def worker(client):
         nonlocal retry_after, errors
+        last = None  # a worker's first request opens its connection
         for body in nxt:
             t = time.perf_counter()
             try:
@@ -136,7 +137,11 @@ async def load(url: str, bodies: list[dict], concurrency: int, timeout: float = 
             except httpx.HTTPError as e:
                 errors += 1
                 kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
+                # how long this worker's connection sat unused before the request ("new": it was opening)
+                idle.append("new" if last is None else round(t - last, 3))
+                last = time.perf_counter()
                 continue
+            last = time.perf_counter()
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t)
@@ -151,6 +156,7 @@ async def load(url: str, bodies: list[dict], concurrency: int, timeout: float = 
     lat = sorted(latencies) or [float("nan")]
     return {"requests": len(bodies), "ok": ok, "statuses": statuses, "latencies": latencies,
             "transport_errors": errors, "transport_error_kinds": kinds,
+            "transport_error_idle_s": idle,
             "errors": len(bodies) - ok, "retry_after_503": retry_after, "seconds": wall,
             "requests_per_s": ok / wall, "texts_per_s": ok * len(bodies[0]["texts"]) / wall,
             "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
@@ -269,7 +275,8 @@ def main() -> None:
             r.update(healthy_after=healthy, ok_after=after["ok"], alive=server.proc.poll() is None)
             results["overload"] = r
             print(f"overload: {a.overload} requests at c=64, queue 4: statuses {r['statuses']}, transport errors "
-                  f"{r['transport_errors']} {r['transport_error_kinds'] or ''}, 503 with Retry-After "
+                  f"{r['transport_errors']} {r['transport_error_kinds'] or ''} (connection idle before: "
+                  f"{r['transport_error_idle_s']} s), 503 with Retry-After "
                   f"{r['retry_after_503']}, {r['seconds']:.1f} s; "
                   f"healthy after: {healthy}, {after['ok']}/50 ok after", flush=True)
         finally:
