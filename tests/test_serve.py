@@ -109,6 +109,38 @@ def test_no_batching_is_one_forward_per_request(tiny_model_dir, clf):
     assert metric(metrics, "newslora_batch_requests_count") == len(TEXTS)
 
 
+def test_merged_batch_is_padded_to_its_longest_text(tiny_model_dir):
+    """Requests queued while the worker is busy go into one forward pass, padded to the longest of their texts
+    (not to max_length): padding is work the model does for nothing."""
+    clf = load_classifier(tiny_model_dir)  # its own instance: the hook below must not outlive this test
+    shapes = []
+    clf.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                        with_kwargs=True)
+    gated = Gated(clf)
+    app = create_app(tiny_model_dir, classifier=gated, options=ServeOptions(max_batch=64, batch_wait_ms=0))
+    merged = [["Oil"], ["Cup final tonight", "Rates held steady"], ["Chipmaker unveils faster laptop processor"]]
+    tokens = [len(clf.tokenizer(t, truncation=True, max_length=clf.max_length)["input_ids"])
+              for texts in merged for t in texts]
+
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            first = asyncio.create_task(c.post("/classify", json={"texts": ["held at the gate"]}))
+            while not gated.entered.is_set():
+                await asyncio.sleep(0.01)
+            rest = [asyncio.create_task(c.post("/classify", json={"texts": t})) for t in merged]
+            while app.state.worker.queue.qsize() < len(merged):
+                await asyncio.sleep(0.01)
+            gated.gate.set()
+            return [await first] + [await r for r in rest]
+
+    with running(app) as (url, _):
+        responses = asyncio.run(scenario(url))
+    assert all(r.status_code == 200 for r in responses)
+    assert [len(r.json()["results"]) for r in responses[1:]] == [len(t) for t in merged]
+    assert len(shapes) == 2  # the gated request, then the three queued ones in one forward pass
+    assert shapes[1] == (4, max(tokens)) and max(tokens) < clf.max_length
+
+
 def test_queue_full_gives_503_then_recovers(tiny_model_dir, clf):
     gated = Gated(clf)
     app = create_app(tiny_model_dir, classifier=gated, options=ServeOptions(max_queue=1, batching=False))
