@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,7 @@ from conftest import TINY, tiny_overrides
 # instead of one mean of 8), and each process pads its 4 rows to their own longest row. Both only change the
 # order of float32 additions: ~1e-7 relative per operation, a few 1e-6 after 32 steps. A real fault -- other rows
 # in a global batch, a gradient not averaged over ranks, a lost step -- moves the losses by more than 1e-2 within a
-# few steps at this learning rate (the logged loss swings by 0.05-0.1 between windows). Fixed before the first
-# comparison run.
+# few steps at this learning rate (the logged loss swings by 0.05-0.1 between windows).
 TOL = 1e-3
 
 GLOBAL_BATCH = 8
@@ -45,8 +45,18 @@ def overrides(batch_size: int) -> list[str]:
 
 
 def torchrun(*args: str | Path, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run torchrun in its own process group: on a timeout the whole group (torchrun and its workers) is killed,
+    so no worker is left waiting in gloo."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, errs = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, errs)
 
 
 def layout(run_dir: Path) -> set[str]:

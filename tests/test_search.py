@@ -179,7 +179,6 @@ def test_over_budget_trials_are_rejected_without_training(tmp_path, monkeypatch)
     assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"] and res.best_trial is None
     for t in trials:
         assert t.user_attrs["trainable"] > 20000 and "over budget" in t.user_attrs["reason"]
-        assert t.duration.total_seconds() < 2.5  # the budget check only (the claim itself is a few database writes)
         folder = out / "trials" / str(t.number)
         assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml", "trial.json"]  # no run, no checkpoints
     assert not (out / "best.yaml").exists()

@@ -62,9 +62,16 @@ def _search(pg, tmp_path: Path, study: str, n: int, tag: str, heartbeat: int, pr
     return procs[-1]
 
 
-def _wait(procs, tmp_path: Path, timeout: float = 1200) -> None:
+def _wait(procs, tmp_path: Path, timeout: float = 900) -> None:
+    """Wait for every process under one overall deadline; on expiry kill them all, so none outlives the test."""
+    deadline = time.time() + timeout
     for tag, p in procs.items():
-        code = p.wait(timeout=timeout)
+        try:
+            code = p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise
         assert code == 0, f"{tag} exited {code}:\n{(tmp_path / f'{tag}.log').read_text()[-3000:]}"
 
 
@@ -152,22 +159,23 @@ def storage_url(request, tmp_path):
 
 
 def test_claims_stop_at_n_and_a_stale_trial_is_retried_with_its_parameters(storage_url):
-    """The claim step alone (no training), on both storages: --trials 2, heartbeat 1 s (stale after 3 s)."""
+    """The claim step alone (no training), on both storages: --trials 2, heartbeat 3 s (stale after 9 s, so the
+    claims before the sleep fit in that window even on a loaded machine)."""
     import optuna
 
     from newslora.search.runner import Job, _claim
     from newslora.search.storage import open_storage
 
-    storage = open_storage(storage_url, heartbeat=1)
+    storage = open_storage(storage_url, heartbeat=3)
     study = optuna.create_study(study_name="claims", storage=storage, direction="maximize")
-    job = Job("claims", storage_url, "unused", {}, {}, 2, [], 0, "none", heartbeat=1)
+    job = Job("claims", storage_url, "unused", {}, {}, 2, [], 0, "none", heartbeat=3)
     first, _ = _claim(study, storage, job)
     x = first.suggest_float("x", 0.0, 1.0)  # then its worker dies: no more heartbeats, never told
     second, _ = _claim(study, storage, job)
     assert _claim(study, storage, job) == (None, 2)  # full: 2 running
     study.tell(second, 0.5)
     assert _claim(study, storage, job) == (None, 1)  # the first is not stale yet
-    time.sleep(3.5)
+    time.sleep(9.5)
     retry, _ = _claim(study, storage, job)
     assert retry is not None and retry.number == 2 and retry.suggest_float("x", 0.0, 1.0) == x
     assert study.get_trials()[first.number].state.name == "FAIL"

@@ -124,11 +124,14 @@ def test_merged_batch_is_padded_to_its_longest_text(tiny_model_dir):
 
     async def scenario(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            deadline = time.monotonic() + 60
             first = asyncio.create_task(c.post("/classify", json={"texts": ["held at the gate"]}))
             while not gated.entered.is_set():
+                assert time.monotonic() < deadline, "the first request never reached the model"
                 await asyncio.sleep(0.01)
             rest = [asyncio.create_task(c.post("/classify", json={"texts": t})) for t in merged]
             while app.state.worker.queue.qsize() < len(merged):
+                assert time.monotonic() < deadline, "the other requests were never queued"
                 await asyncio.sleep(0.01)
             gated.gate.set()
             return [await first] + [await r for r in rest]

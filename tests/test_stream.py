@@ -252,7 +252,7 @@ def test_api_sigterm_raises_terminated(tiny_model_dir, tmp_path, rows, monkeypat
 def test_chunk_rows_must_be_positive(tiny_model_dir, tmp_path, rows, chunk):
     data = write_input(tmp_path, "csv", rows)
     r = cli("predict", tiny_model_dir, "-i", data, "-o", tmp_path / "sub.csv", "--chunk-rows", chunk)
-    assert r.exit_code == 2 and f"chunk_rows={chunk}" in r.output, r.output
+    assert r.exit_code == 2 and f"--chunk-rows {chunk}" in r.output, r.output
     assert not (tmp_path / "sub.csv").exists()
 
 

@@ -37,13 +37,16 @@ def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        say = os.environ.get("RANK", "0") == "0"  # under torchrun every rank fails alike; rank 0 says it once
         try:
             return fn(*args, **kwargs)
         except NewsloraError as e:
-            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            if say:
+                err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except Terminated as e:  # SIGTERM during training: the run folder records it, the message says how to resume
-            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            if say:
+                err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(128 + 15)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
@@ -299,6 +302,10 @@ def distill(teacher: str = typer.Option(..., "--teacher", "-t",
     recipe.distill.teachers = teachers
     recipe.check()
     res = run_train(recipe, run_dir=run_dir)
+    from .distributed import is_main
+
+    if not is_main():  # several processes (torchrun): rank 0 wrote distill.json and prints the summary
+        return
     d = Run(res.run_dir).read_distill()
     t, student = d.get("teacher") or {}, d.get("student") or {}
     for split in ("validation", "test"):

@@ -297,7 +297,7 @@ def iter_texts(path: str | Path, text_column: str = "text", chunk_rows: int = 10
     ``.json`` document cannot be read in parts: it is read whole, then sliced."""
     path = Path(path).expanduser()
     if chunk_rows < 1:
-        raise NewsloraError(f"chunk_rows={chunk_rows}: read at least 1 row per chunk")
+        raise NewsloraError(f"--chunk-rows {chunk_rows}: read at least 1 row per chunk (e.g. --chunk-rows 10000)")
     suffix = path.suffix.lower()
     if not path.exists() or suffix not in STREAM_SUFFIXES:
         df = read_table(path, text_column, None, options)  # its errors: not found, unsupported type

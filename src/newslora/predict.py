@@ -219,19 +219,12 @@ def iter_input(path: str | Path, text_column: str = "text", trust_pickle: bool =
     if path.suffix.lower() not in PICKLE_SUFFIXES:
         return iter_texts(path, text_column, chunk_rows, options), count_rows(path)
     if chunk_rows < 1:
-        raise NewsloraError(f"chunk_rows={chunk_rows}: read at least 1 row per chunk")
+        raise NewsloraError(f"--chunk-rows {chunk_rows}: read at least 1 row per chunk (e.g. --chunk-rows 10000)")
     df = _read_pickle(path, text_column, trust_pickle)
     if df.empty:
         raise NewsloraError(f"{path} has no rows to classify")
     check_texts(df, str(path))
     return (df.iloc[i:i + chunk_rows].reset_index(drop=True) for i in range(0, len(df), chunk_rows)), len(df)
-
-
-def read_texts(path: str | Path, text_column: str = "text", trust_pickle: bool = False,
-               options: tuple[str, str] = ("text_column", "label_column")) -> list[str]:
-    """All texts of a file at once (see :func:`iter_input`)."""
-    chunks, _ = iter_input(path, text_column, trust_pickle, CHUNK_ROWS, options)
-    return [t for chunk in chunks for t in chunk["text"].tolist()]
 
 
 def _read_pickle(path: Path, text_column: str, trust: bool) -> pd.DataFrame:

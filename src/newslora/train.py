@@ -318,8 +318,9 @@ def fit(s: Setup) -> RunResult:
             console.print(f"[yellow]interrupted; {hint}[/yellow]")
         raise
     result = RunResult(run.path, results, s.breakdown)
-    for hook in s.hooks:
-        result = hook.finish(result)
+    if run.writes:  # hooks write into the run folder (distill.json, run.json): rank 0 only under torchrun
+        for hook in s.hooks:
+            result = hook.finish(result)
     return result
 
 

@@ -215,6 +215,8 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
         except optuna.exceptions.UpdateFinishedTrialError:  # its heartbeat lapsed: failed, and its retry counts
             con.print(f"[yellow]trial {trial.number}: another worker failed it (no heartbeat for "
                       f"{GRACE_FACTOR * job.heartbeat} s) and enqueued a retry; its result is not recorded[/yellow]")
+            run.write_trial({**info, "state": "LAPSED", "reason": "failed by another worker (heartbeat lapsed); "
+                             "its retry counts instead"})
             return "LAPSED"
         tag, word = {"COMPLETE": ("green", "complete"), "PRUNED": ("yellow", "pruned"), "FAIL": ("red", "failed")}[
             state.name]
