@@ -76,17 +76,23 @@ def remove_created(folders: list[Path]) -> None:
             pass
 
 
-def check_output_folder(path: str | Path, owned: Callable[[Path], bool], what: str, overwrite: bool = False,
-                        option: str = "--output", protect=()) -> Path:
-    """Refuse an output folder that is a file, a non-empty folder that ``owned`` does not recognise as this
-    command's earlier output (never replaced, even with ``overwrite``), an earlier output without ``overwrite``,
-    or a folder holding one of ``protect`` (e.g. the run folder being exported)."""
+def check_folder_place(path: str | Path, what: str, option: str = "--output") -> Path:
+    """Refuse a folder path that is a file, or lies under one (a file where a folder must go)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NewsloraError(f"{option} {path} is a file; give a folder for the {what}")
     blocker = file_ancestor(path)
     if blocker is not None:
         raise NewsloraError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
+    return path
+
+
+def check_output_folder(path: str | Path, owned: Callable[[Path], bool], what: str, overwrite: bool = False,
+                        option: str = "--output", protect=()) -> Path:
+    """Refuse an output folder that is a file, a non-empty folder that ``owned`` does not recognise as this
+    command's earlier output (never replaced, even with ``overwrite``), an earlier output without ``overwrite``,
+    or a folder holding one of ``protect`` (e.g. the run folder being exported)."""
+    path = check_folder_place(path, what, option)
     for p in protect:
         p = Path(p).resolve()
         if path.resolve() == p or path.resolve() in p.parents:

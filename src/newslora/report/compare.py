@@ -11,8 +11,7 @@ from typing import Any, Iterable
 from openpyxl import Workbook
 
 from .. import methods
-from ..errors import NewsloraError
-from ..outputs import file_ancestor
+from ..outputs import check_folder_place
 from ..run import Run
 from .common import KEY_PLOTS, _atomic_write, _fmt, _get, _load, _Run, _write_text
 from .plots import plot_run
@@ -101,12 +100,7 @@ def compare_runs(run_dirs: Iterable[str | os.PathLike],
                  output_dir: str | os.PathLike) -> dict[str, Path]:
     """Compare runs in one table; write report.md, report.html and report.xlsx."""
     paths = [Path(d) for d in run_dirs]
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise NewsloraError(f"--output {output_dir} is a file; give a folder for report.md, report.html and "
-                            "report.xlsx")
-    blocker = file_ancestor(Path(output_dir))
-    if blocker is not None:
-        raise NewsloraError(f"--output {output_dir}: {blocker} is a file, not a folder; choose another --output")
+    check_folder_place(output_dir, "report.md, report.html and report.xlsx")
     for path in paths:
         Run.open(path, need="any")  # every folder checked before anything is written
     runs = [_load(p) for p in paths]
