@@ -138,6 +138,20 @@ def test_readme_lists_the_exact_counts(seed_counts):
         assert f"{seed_counts[name]['trainable']:,}" in line, (name, line)
 
 
+def test_roberta_best_spends_the_head_budget_on_adapters():
+    """configs/roberta-best.yaml: LoRA on all six linear kinds with a LoRA head, the rank chosen by auto_fit."""
+    r = cli("budget", "--config", REPO / "configs" / "roberta-best.yaml", RB, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    per_layer = lambda rank: rank * sum(a + b for a, b in SHAPES.values())  # noqa: E731
+    lora_head = 8 * (H + H) + H * LABELS + LABELS  # head.r=8 on the dense layer, out_proj in full
+    assert d["rank"] == {"lora.r": 5} and d["trainable"] == LAYERS * per_layer(5) + lora_head == 844_804
+    assert d["auto_fit"]["next_trainable"] == LAYERS * per_layer(6) + lora_head > 1_000_000  # r=5 is the largest
+    assert d["head"] == lora_head
+    line = next(ln for ln in (REPO / "configs" / "README.md").read_text().splitlines() if "roberta-best.yaml" in ln)
+    assert "844,804" in line and "844,804" in (REPO / "configs" / "roberta-best.yaml").read_text()
+
+
 def test_seed_recipe_settings():
     r = load_recipe(REPO / "configs" / "lora-r10.yaml", [RB])
     assert (r.lora.r, r.lora.alpha, r.train.grad_accum, r.train.weight_decay, r.train.eval_steps) == (10, 64, 4, 0, 400)
