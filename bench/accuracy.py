@@ -142,7 +142,8 @@ def prepare_data(workdir: Path, source: Path, test: Path, rows: int | None, val_
     """Write the protocol's three files once; later calls with the same options reuse them."""
     from sklearn.model_selection import train_test_split
 
-    from newslora.data import encode_labels, read_table
+    from newslora.data import encode_labels
+    from newslora.readers import read_table
 
     out = workdir / "data"
     key = {"source": str(source.resolve()), "test": str(test.resolve()), "rows": rows, "val_rows": val_rows,

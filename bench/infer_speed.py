@@ -77,7 +77,8 @@ def main() -> None:
     import torch
     from transformers import pipeline
 
-    from newslora.data import encode_labels, read_table
+    from newslora.data import encode_labels
+    from newslora.readers import read_table
     from newslora.export import export
     from newslora.export_onnx import export_onnx, is_onnx_folder
     from newslora.predict import load_classifier

@@ -177,7 +177,7 @@ def main() -> None:
     a = p.parse_args()
     levels = [int(x) for x in a.concurrency.split(",")]
 
-    from newslora.data import read_table
+    from newslora.readers import read_table
 
     headlines = read_table(TEST_CSV)["text"].tolist()
 

@@ -492,7 +492,8 @@ def test_kaggle_header_is_read_like_the_classic_form(tmp_path):
     """The Kaggle copy of AG News (header ``Class Index,Title,Description``, classes 1-4) reads as title +
     description with labels 0-3 and the AG News names; pointed at one of its columns, labels still shift."""
     from newslora.config import DataConfig
-    from newslora.data import load_splits, read_table
+    from newslora.data import load_splits
+    from newslora.readers import read_table
 
     df = balanced()
     f = write_csv(tmp_path / "train.csv", pd.DataFrame({"Class Index": df["label"] + 1, "Title": "T",
@@ -508,7 +509,7 @@ def test_kaggle_header_is_read_like_the_classic_form(tmp_path):
 
 
 def test_classic_ag_news_still_reads(tmp_path):
-    from newslora.data import read_table
+    from newslora.readers import read_table
 
     df = read_table(TEST_CSV)
     assert len(df) == 7600 and sorted(df["label"].unique()) == [0, 1, 2, 3]

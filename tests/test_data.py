@@ -6,7 +6,8 @@ import pytest
 
 from conftest import TEST_CSV, TRAIN_CSV
 from newslora.config import DataConfig
-from newslora.data import AG_NEWS_LABELS, load_splits, read_table, tokenize
+from newslora.data import AG_NEWS_LABELS, load_splits, tokenize
+from newslora.readers import read_table
 from newslora.errors import NewsloraError
 
 

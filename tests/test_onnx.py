@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import TEST_CSV, TRAIN_CSV, minilm_path
 from newslora.cli import app
-from newslora.data import read_table
+from newslora.readers import read_table
 from newslora.errors import NewsloraError
 from newslora.predict import load_classifier
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import ROBERTA, TEST_CSV, TRAIN_CSV, ctrl_c_after, tiny_overrides
 from newslora.cli import app
 from newslora.config import load_recipe
-from newslora.data import read_table
+from newslora.readers import read_table
 from newslora.predict import load_classifier
 from newslora.train import resolve_precision, train
 

@@ -19,7 +19,7 @@ def newslora_trainer(tmp_path, **overrides):
 
 
 def texts_of_varied_length(n: int) -> list[str]:
-    from newslora.data import read_table
+    from newslora.readers import read_table
 
     df = read_table(TEST_CSV).head(400)
     lengths = df["text"].str.len()

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import TEST_CSV
 from newslora.cli import app
-from newslora.data import iter_texts, read_table
+from newslora.readers import iter_texts, read_table
 from newslora.errors import NewsloraError, Terminated
 from newslora.predict import Classifier, load_classifier, predict, write_submission
 

@@ -40,7 +40,8 @@ def evaluate(model_path: str | Path, data: str | Path, text_column: str = "text"
     the data file; over an existing file only with ``overwrite``). ``options``: the caller's names for the column
     settings, for error messages. The labels must be the model's classes (ids 0..K-1 or its label names).
     ``runtime``: torch or onnx (default: chosen by what the folder holds)."""
-    from .data import check_texts, encode_labels, read_table
+    from .data import encode_labels
+    from .readers import check_texts, read_table
     from .outputs import check_output_file, write_file_atomic
     from .predict import load_classifier
 

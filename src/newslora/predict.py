@@ -208,10 +208,10 @@ def iter_input(path: str | Path, text_column: str = "text", trust_pickle: bool =
                chunk_rows: int = CHUNK_ROWS, options: tuple[str, str] = ("text_column", "label_column"),
                ) -> tuple[Iterator[pd.DataFrame], int | None]:
     """(chunks, total): the texts to classify as frames with a ``text`` column, read lazily from
-    CSV/TSV/JSONL/parquet/plain text (see :func:`newslora.data.iter_texts`), and the number of rows when known
+    CSV/TSV/JSONL/parquet/plain text (see :func:`newslora.readers.iter_texts`), and the number of rows when known
     without reading the file (parquet metadata), else None. A pickled HF ``Dataset`` (``trust_pickle``) is
     unpickled whole, then sliced."""
-    from .data import check_texts, count_rows, iter_texts
+    from .readers import check_texts, count_rows, iter_texts
 
     path = Path(path)
     if not path.exists():
