@@ -194,6 +194,21 @@ def test_claims_stop_at_n_and_a_stale_trial_is_retried_with_its_parameters(stora
     assert [t.state.name for t in study.get_trials()] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
+def test_a_worker_with_another_heartbeat_is_refused_while_trials_run(tmp_path):
+    import optuna
+
+    from newslora.search.study import _check_heartbeat
+
+    study = optuna.create_study(study_name="beats", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    running = study.ask()
+    running.set_user_attr("heartbeat", 30)
+    with pytest.raises(NewsloraError, match=r"--heartbeat 5: .*running with --heartbeat 30.*use --heartbeat 30"):
+        _check_heartbeat(study, 5)
+    _check_heartbeat(study, 30)  # the same interval joins
+    study.tell(running, 1.0)
+    _check_heartbeat(study, 5)  # nothing running: a new interval is free
+
+
 def test_unreachable_server_and_missing_driver_are_one_line_errors(tmp_path, monkeypatch):
     from newslora.search.storage import open_storage
 
