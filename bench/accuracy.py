@@ -4,7 +4,7 @@
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,all-r24 --seeds 2
     HF_HUB_OFFLINE=1 python bench/accuracy.py --list                  # the recipes it knows
     # base size (after `bash scripts/install_mpnet.sh`), its own rows and table:
-    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpnet-qv-r8,mpnet-all-lorahead,mpnet-qkv-r6 --rows 6000 \
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpnet-qv-r8,mpnet-all-lorahead,mpnet-qkv-r6,mpnet-all-r2 --rows 6000 \
         --val-rows 1000 --workdir runs/accuracy-mpnet --reference mpnet-qv-r8 --table mpnet
 
 Protocol (the same rows for every recipe, baselines included):
@@ -109,8 +109,9 @@ RECIPES: dict[str, dict] = {
                                                                 "budget.auto_fit=true"],
                    "what": "query/value only, rank auto-fitted"},
     # mpnet-base (all-mpnet-base-v2: 12 layers x 768, head of roberta-base's exact shape, so every count is
-    # roberta-base's): the seeds' query/value recipe, q/k/v, and all six linear kinds with the head's 593,668
-    # parameters freed for the adapters. Same schedule for all three; run with --rows 6000 --table mpnet.
+    # roberta-base's): the seeds' query/value recipe, q/k/v, and all six linear kinds with the full head (r=2, the
+    # largest that fits beside it) or with the head's 593,668 parameters freed for the adapters (LoRA head, r=5).
+    # One schedule for all; run with --rows 6000 --table mpnet.
     "mpnet-qv-r8": {"config": "configs/demo.yaml", "final": True, "overrides": [*MP, "lora.target_modules=[q,v]",
                     "lora.r=8", "lora.alpha=16"], "what": "mpnet-base, the seeds' LoRA r=8 on q,v, full head"},
     "mpnet-qkv-r6": {"config": "configs/demo.yaml", "final": True, "overrides": [*MP, "lora.target_modules=[q,k,v]",
@@ -119,6 +120,9 @@ RECIPES: dict[str, dict] = {
                            "overrides": [*MP, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=5",
                                          "lora.alpha=10", "head.type=lora"],
                            "what": "mpnet-base, LoRA r=5 (largest that fits) on all six linear kinds, LoRA head"},
+    "mpnet-all-r2": {"config": "configs/demo.yaml", "final": True,
+                     "overrides": [*MP, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=2", "lora.alpha=4"],
+                     "what": "mpnet-base, LoRA r=2 on all six linear kinds, full head"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
              "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
                            "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
