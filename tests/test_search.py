@@ -55,6 +55,7 @@ def study(tmp_path_factory):
     Every read of a data file during both searches is recorded, with the time it happened.
     """
     import newslora.data
+    import newslora.readers
     import newslora.train
     from newslora.search import search
 
@@ -73,6 +74,7 @@ def study(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(newslora.data, "read_table", spy_read)
+        mp.setattr(newslora.readers, "read_table", spy_read)
         mp.setattr(newslora.train, "finalize", lambda run_dir: None)  # per-run plots: report's business, slow here
         mp.setattr(newslora.train, "train", interrupting_train)
         with pytest.raises(KeyboardInterrupt):

@@ -194,19 +194,30 @@ def test_claims_stop_at_n_and_a_stale_trial_is_retried_with_its_parameters(stora
     assert [t.state.name for t in study.get_trials()] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
-def test_a_worker_with_another_heartbeat_is_refused_while_trials_run(tmp_path):
+def test_a_worker_with_another_heartbeat_is_refused_while_trials_run(storage_url):
+    """A worker beating every 3 s would fail a 30 s worker's live trial after 9 s: its claim is refused, under the
+    study lock, and the other trial keeps running."""
     import optuna
 
-    from newslora.search.study import _check_heartbeat
+    from newslora.search.runner import Job, _claim, check_heartbeat
+    from newslora.search.storage import open_storage
 
-    study = optuna.create_study(study_name="beats", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    running = study.ask()
-    running.set_user_attr("heartbeat", 30)
-    with pytest.raises(NewsloraError, match=r"--heartbeat 5: .*running with --heartbeat 30.*use --heartbeat 30"):
-        _check_heartbeat(study, 5)
-    _check_heartbeat(study, 30)  # the same interval joins
-    study.tell(running, 1.0)
-    _check_heartbeat(study, 5)  # nothing running: a new interval is free
+    storage = open_storage(storage_url, heartbeat=30)
+    study = optuna.create_study(study_name="beats", storage=storage, direction="maximize")
+    slow = Job("beats", storage_url, "unused", {}, {}, 3, [], 0, "none", heartbeat=30)
+    live, _ = _claim(study, storage, slow)
+    time.sleep(10)  # a 30 s worker beats that rarely; by a 3 s worker's grace (9 s) its trial looks dead now
+    fast = Job("beats", storage_url, "unused", {}, {}, 3, [], 1, "none", heartbeat=3)
+    fast_storage = open_storage(storage_url, heartbeat=3)  # the other worker's own storage and study
+    fast_study = optuna.load_study(study_name="beats", storage=fast_storage)
+    with pytest.raises(NewsloraError, match=r"--heartbeat 3: .*running .*with --heartbeat 30.*use --heartbeat 30$"):
+        _claim(fast_study, fast_storage, fast)
+    assert study.get_trials()[live.number].state.name == "RUNNING" and len(study.get_trials()) == 1
+    same, _ = _claim(study, storage, slow)  # the same interval joins
+    assert same is not None
+    study.tell(live, 1.0)
+    study.tell(same, 0.5)
+    check_heartbeat(study, 3)  # nothing running: another interval is free
 
 
 def test_unreachable_server_and_missing_driver_are_one_line_errors(tmp_path, monkeypatch):

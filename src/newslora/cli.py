@@ -334,7 +334,8 @@ def search(overrides: Optional[list[str]] = typer.Argument(None, help="base reci
                                                  "study.db)"),
            heartbeat: int = typer.Option(30, "--heartbeat", help="seconds between a running trial's heartbeats; "
                                                                  "a trial silent for 3 heartbeats (its process "
-                                                                 "died) is failed and retried"),
+                                                                 "died) is failed and retried; every worker of a "
+                                                                 "study uses the same value"),
            study: Optional[str] = typer.Option(None, "--study", help="study name (default: the recipe name); the "
                                                                      "same name continues the study"),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default "

@@ -31,7 +31,7 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str | 
                options: tuple[str, str] = RECIPE_OPTIONS) -> pd.DataFrame:
     """Read one local file into a DataFrame with ``text`` (and ``label`` when label_column is given).
 
-    Labels are returned as found (ints or strings); :func:`encode_labels` maps them to ids. The two AG News CSV
+    Labels are returned as found (ints or strings); :func:`newslora.data.encode_labels` maps them to ids. The two AG News CSV
     forms (classic: no header; Kaggle: ``Class Index,Title,Description``) give title + description and labels
     0-3, and set ``df.attrs["ag_news"]``. ``options``: the names of the text/label column settings in the
     caller's interface (recipe keys, or a command's ``--text-column``/``--label-column``) for error messages.

@@ -102,6 +102,22 @@ def counted(trial) -> bool:
     return True
 
 
+def check_heartbeat(study, heartbeat: int) -> None:
+    """Workers of one study beat at one interval: a worker whose interval is shorter than another's would fail that
+    worker's live trials as stale. Refused while trials with another interval are running (or were left running by
+    a worker that died: only a worker with their interval fails those)."""
+    from optuna.trial import TrialState
+
+    others = sorted({t.user_attrs["heartbeat"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                     if t.user_attrs.get("heartbeat", heartbeat) != heartbeat})
+    if others:
+        shown = ", ".join(str(h) for h in others)
+        fix = f"use --heartbeat {others[0]}" if len(others) == 1 else "let them end first"
+        raise NewsloraError(f"--heartbeat {heartbeat}: study {study.study_name!r} has trials running (or left running "
+                            f"by a worker that died) with --heartbeat {shown}; a worker with a shorter interval fails "
+                            f"the others' live trials as stale: {fix}")
+
+
 def _claim(study, storage, job: Job):
     """A trial for this worker, or None with the number of trials still running elsewhere (with a heartbeat).
 
@@ -113,6 +129,7 @@ def _claim(study, storage, job: Job):
     from optuna.trial import TrialState
 
     with study_lock(storage, job.study_name):
+        check_heartbeat(study, job.heartbeat)  # before failing any trial as stale by this worker's interval
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # failed, with their retries enqueued by the storage's callback

@@ -13,7 +13,7 @@ import yaml
 from ..config import Recipe
 from ..errors import NewsloraError
 from .results import SearchResult, write_results
-from .runner import Job, _console, _run_processes, counted, run_worker, trial_recipe
+from .runner import Job, _console, _run_processes, check_heartbeat, counted, run_worker, trial_recipe
 from .space import Space, _pruner_spec, load_space
 from .storage import HEARTBEAT_S, open_storage, shown, study_lock
 from .storage import storage_url as storage_url_of
@@ -69,7 +69,7 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
     else:
         con.print(f"continuing study {study_name!r}: {len(existing)} trials so far")
     with study_lock(db, study_name):  # processes starting together enqueue one baseline
-        _check_heartbeat(study, heartbeat)
+        check_heartbeat(study, heartbeat)  # early; every claim checks it again
         existing = study.get_trials(deepcopy=False)
         # the baseline (the base recipe's own values) runs once; again only if it was interrupted
         if space.baseline and not any(t.user_attrs.get("baseline") and (counted(t) or t.state.name == "WAITING")
@@ -114,19 +114,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _check_heartbeat(study, heartbeat: int) -> None:
-    """Workers of one study beat at one interval: a worker that expects beats more often than another sends them
-    would fail that worker's live trials as stale. Refused while trials with another interval are running."""
-    from optuna.trial import TrialState
-
-    others = sorted({t.user_attrs["heartbeat"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                     if t.user_attrs.get("heartbeat", heartbeat) != heartbeat})
-    if others:
-        raise NewsloraError(f"--heartbeat {heartbeat}: study {study.study_name!r} has trials running with --heartbeat "
-                            f"{others[0]}; workers with another interval would fail each other's live trials: use "
-                            f"--heartbeat {others[0]}")
 
 
 def _check_same_study(study, base: dict, space: Space, direction: str, url: str) -> None:
