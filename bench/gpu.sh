@@ -24,6 +24,12 @@
 #            (precision auto = TF32 on Ampere+, length-grouped batches, fused AdamW), random-init roberta-base.
 #   compile  newslora with train.torch_compile=true (default mode, then reduce-overhead: CUDA graphs), same steps as
 #            train.
+#   target   issue 19's figures in one prepared run: (1) a full 120,000-row epoch at batch 128 with CUDA graphs
+#            (CG: regional torch.compile, dynamic shapes, mode reduce-overhead, 2 DataLoader workers); (2) plain vs
+#            newslora (eager) vs CG at batch 32, then at batch 128, over TARGET_STEPS32 / TARGET_STEPS128 steps,
+#            with steady-state samples/s after the first WARM steps; (3) the same epoch with CG and bf16
+#            autocast. Each part has its own time limit (TARGET_LIMITS, seconds: "200 130 130 100"), so a slow
+#            compile costs the parts after it, not the figures before it.
 # Knobs (environment): BACKBONE (roberta-random), PROFILE_BATCHES ("128 512"), EPOCH_ROWS (120000), EPOCH_BATCH
 # (128), EPOCH_VARIANTS (space-separated NAME=key=value,... as train_speed.py --variant; "" for none), STEPS (200),
 # REPEATS (1), INFER_ROWS (all), INFER_REPEATS (1), STAGE_TIMEOUT (seconds per stage, 0 = none), ALLOW_CPU=1
@@ -84,7 +90,19 @@ for stage in $STAGES; do
                --variant compile=train.torch_compile=true \
                --variant compile-cudagraphs=train.torch_compile=true,train.compile_mode=reduce-overhead \
                --json "$OUT/compile.json" ;;
-    *) echo "bench/gpu.sh: unknown stage '$stage' (profile, epoch, infer, train, compile)"; exit 2 ;;
+    target) CG=train.torch_compile=true,train.compile_mode=reduce-overhead,train.dataloader_workers=2
+            read -r L1 L2 L3 L4 <<<"${TARGET_LIMITS:-200 130 130 100}"
+            W=${WARM:-30}
+            STAGE_TIMEOUT=$L1 run target-epoch $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" \
+                --only variants --batch-size 128 --val-rows 256 --warm-steps "$W" --variant "cg=$CG" --json "$OUT/target-epoch.json" --log "$OUT/target-epoch.log"
+            STAGE_TIMEOUT=$L2 run target-b32 $PY bench/train_speed.py --backbone "$BACKBONE" --steps "${TARGET_STEPS32:-300}" \
+                --batch-size 32 --val-rows 256 --warm-steps "$W" --variant "cg=$CG" --json "$OUT/target-b32.json" --log "$OUT/target-b32.log"
+            STAGE_TIMEOUT=$L3 run target-b128 $PY bench/train_speed.py --backbone "$BACKBONE" --steps "${TARGET_STEPS128:-150}" \
+                --batch-size 128 --val-rows 256 --warm-steps "$W" --variant "cg=$CG" --json "$OUT/target-b128.json" --log "$OUT/target-b128.log"
+            STAGE_TIMEOUT=$L4 run target-epoch-bf16 $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" \
+                --only variants --batch-size 128 --val-rows 256 --warm-steps "$W" --variant "cg-bf16=$CG,train.precision=bf16" \
+                --json "$OUT/target-epoch-bf16.json" --log "$OUT/target-epoch-bf16.log" ;;
+    *) echo "bench/gpu.sh: unknown stage '$stage' (profile, epoch, infer, train, compile, target)"; exit 2 ;;
     esac
 done
 echo "results in $OUT"

@@ -69,20 +69,24 @@ def recipe_overrides(a, run_name: str) -> list[str]:
 
 
 class Counting:
-    """Wraps a collator: records (real tokens, padded tokens, rows) of every batch while ``active``."""
+    """Records (real tokens, padded tokens, rows) of every training batch while ``active``: as a collator wrapper
+    (the plain recipe), or from the Trainer's ``training_step`` (newslora: its DataLoader workers, if any, run the
+    collator in other processes). Real tokens are summed where the mask lives, without a device sync per batch."""
 
     def __init__(self, inner):
         self.inner, self.active, self.batches = inner, False, []
 
+    def add(self, mask) -> None:
+        if self.active:
+            self.batches.append((mask.sum(), mask.numel(), mask.shape[0]))
+
     def __call__(self, features):
         batch = self.inner(features)
-        if self.active:
-            m = batch["attention_mask"]
-            self.batches.append((int(m.sum()), int(m.numel()), int(m.shape[0])))
+        self.add(batch["attention_mask"])
         return batch
 
 
-def meter_callback(counter: Counting):
+def meter_callback(counter: Counting, warm_steps: int = 0, batches_per_step: int = 1):
     import torch
     from transformers import TrainerCallback
 
@@ -97,12 +101,18 @@ def meter_callback(counter: Counting):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
+            if warm_steps and state.global_step == warm_steps and state.max_steps >= 2 * warm_steps:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.tw, self.batches_w = time.perf_counter(), len(counter.batches)
             if state.global_step >= state.max_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.t1, self.c1 = time.perf_counter(), time.process_time()
                 counter.active = False
                 self.steps = state.global_step
+                # the loop's figures now, so they survive a failure in the evaluation or saving that follows
+                print("LOOP " + json.dumps(loop_stats(self, counter, batches_per_step)), flush=True)
 
     return Meter()
 
@@ -111,11 +121,15 @@ def loop_stats(meter, counter: Counting, batches_per_step: int) -> dict:
     import torch
 
     used = counter.batches[: meter.steps * batches_per_step]  # the DataLoader may have fetched one batch ahead
-    real, padded, rows = (sum(x[i] for x in used) for i in range(3))
+    real, padded, rows = (int(sum(x[i] for x in used)) for i in range(3))
     secs = meter.t1 - meter.t0
     out = {"steps": meter.steps, "rows_seen": rows, "loop_s": secs, "loop_cpu_s": meter.c1 - meter.c0,
            "samples_per_s": rows / secs, "tokens_per_s": real / secs, "pad_fraction": 1 - real / padded,
            "real_tokens": real, "padded_tokens": padded}
+    if hasattr(meter, "tw"):  # after the warm-up steps (compilation, CUDA graph recording, allocator growth)
+        warm_rows = sum(x[2] for x in used[meter.batches_w:])
+        out["steady_samples_per_s"] = warm_rows / (meter.t1 - meter.tw)
+        out["warm_s"] = meter.tw - meter.t0
     if torch.cuda.is_available():
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_mem_kind"] = "cuda max_memory_allocated"
@@ -162,7 +176,7 @@ def run_plain(a, workdir: Path) -> dict:
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                                              target_modules=["query", "value"]))
     counter = Counting(DataCollatorWithPadding(tok))
-    meter = meter_callback(counter)
+    meter = meter_callback(counter, a.warm_steps)
     args = TrainingArguments(
         output_dir=str(workdir / "plain"), max_steps=-1 if a.full_epoch else a.steps, num_train_epochs=1,
         per_device_train_batch_size=a.batch_size,
@@ -201,20 +215,24 @@ def run_newslora(a, workdir: Path, overrides: list[str]) -> dict:
     recipe = load_recipe(None, recipe_overrides(a, "newslora") + extra)
     seen = {}
 
-    class CountBatches(TrainHook):  # wraps the run's collator to count and time the batches it pads
+    class CountBatches(TrainHook):  # counts the batches each training step gets
         def configure(self, trainer_cls, kwargs):
             collator = kwargs["data_collator"]
             if pad_multiple is not None:
                 collator.pad_to_multiple_of = pad_multiple
             seen["pad_to_multiple_of"] = collator.pad_to_multiple_of
-            counter.inner = collator
-            kwargs["data_collator"] = counter
             seen["optim"] = kwargs["args"].optim
             seen["sampling"] = kwargs["args"].train_sampling_strategy
-            return trainer_cls
+
+            class Counted(trainer_cls):
+                def training_step(self, model, inputs, *args, **kw):
+                    counter.add(inputs["attention_mask"])
+                    return super().training_step(model, inputs, *args, **kw)
+
+            return Counted
 
     counter = Counting(None)
-    meter = meter_callback(counter)
+    meter = meter_callback(counter, a.warm_steps, recipe.train.grad_accum)
     t_start = time.perf_counter()
     result = train(recipe, run_dir=workdir / "newslora", hooks=[CountBatches()], extra_callbacks=[meter])
     wall = time.perf_counter() - t_start
@@ -253,17 +271,24 @@ def run_child(a, kind: str, overrides: list[str], workdir: Path, log: Path) -> d
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:  # one failed variant must not cost the others' figures
         last = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or [""]
-        return {"failed": f"exit {proc.returncode}: {last[0].strip()[:200]}"}
+        why = f"exit {proc.returncode}: {last[0].strip()[:200]}"
+        loop = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOOP ")]
+        if loop:  # the training loop finished: keep its figures, say what failed after it
+            print(f"  ({kind} {overrides}: failed after the training loop: {why})", flush=True)
+            return {**json.loads(loop[-1][len("LOOP "):]), "wall_s": float("nan"), "val_accuracy": float("nan"),
+                    "failed_after_loop": why}
+        return {"failed": why}
     return json.loads(lines[-1][len("RESULT "):])
 
 
 def fmt_row(name: str, r: dict) -> str:
-    return (f"{name:<22} {r['samples_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} {100 * r['pad_fraction']:>6.1f}% "
+    steady = f"{r['steady_samples_per_s']:>9.1f}" if "steady_samples_per_s" in r else f"{'-':>9}"
+    return (f"{name:<22} {r['samples_per_s']:>9.1f} {steady} {r['tokens_per_s']:>10.0f} {100 * r['pad_fraction']:>6.1f}% "
             f"{r['peak_mem_mb']:>9.0f} {r['loop_s']:>8.1f} {r['loop_cpu_s']:>8.1f} {r['wall_s']:>8.1f} "
             f"{100 * r['val_accuracy']:>8.2f}")
 
 
-HEADER = (f"{'run':<22} {'samples/s':>9} {'tokens/s':>10} {'pad':>7} {'peak MB':>9} {'loop s':>8} {'cpu s':>8} "
+HEADER = (f"{'run':<22} {'samples/s':>9} {'steady':>9} {'tokens/s':>10} {'pad':>7} {'peak MB':>9} {'loop s':>8} {'cpu s':>8} "
           f"{'wall s':>8} {'val acc':>8}")
 
 
@@ -282,16 +307,21 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (minilm) / 5e-4 (roberta)")
     p.add_argument("--logging-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--warm-steps", type=int, default=20,
+                   help="also report samples/s after this many optimizer steps (steady state: compilation and CUDA "
+                        "graph recording excluded); 0: off")
     p.add_argument("--repeats", type=int, default=1, help="a/b pairs, alternating order")
     p.add_argument("--threads", type=int, default=None, help="torch threads in both runs (default: torch's)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
                    help="an extra newslora run with recipe overrides (repeatable)")
-    p.add_argument("--only", choices=["plain", "newslora"], default=None, help="skip the other recipe")
+    p.add_argument("--only", choices=["plain", "newslora", "variants"], default=None,
+                   help="skip the other recipe (variants: only the --variant runs)")
     p.add_argument("--full-epoch", type=int, default=None, metavar="ROWS",
                    help="one full epoch over ROWS train rows (the sample repeated to ROWS + val rows) instead of "
                         "--steps; speed only (repeated rows leak into validation)")
     p.add_argument("--data", default=str(TRAIN_CSV))
     p.add_argument("--json", default=None, help="also write all results here")
+    p.add_argument("--log", default=None, help="the runs' stderr (progress bars, warnings) here (default: a temp file)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     a.lr = a.lr or (1e-3 if a.backbone == "minilm" else 5e-4)
@@ -305,7 +335,7 @@ def main() -> None:
 
     variants = [("plain", "plain", []), ("newslora", "newslora", [])]
     if a.only:
-        variants = [v for v in variants if v[0] == a.only]
+        variants = [v for v in variants if v[0] == a.only]  # "variants": neither plain nor default newslora
     for v in a.variant:
         name, _, rest = v.partition("=")
         variants.append((name, "newslora", [x for x in rest.split(",") if x]))
@@ -327,7 +357,7 @@ def main() -> None:
         pd.concat(copies).head(need).to_csv(tmp / "repeated.csv", index=False)
         a.data = str(tmp / "repeated.csv")
         sys.argv += ["--data", a.data]  # the workers read the same file
-    log = tmp / "bench.log"
+    log = Path(a.log) if a.log else tmp / "bench.log"
     results: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     failed: dict[str, str] = {}
     for rep in range(a.repeats):
@@ -356,10 +386,16 @@ def main() -> None:
             acc = 100 * (med[name]["val_accuracy"] - med["plain"]["val_accuracy"])
             print(f"speed ratio {name}/plain (samples/s): {med[name]['samples_per_s'] / med['plain']['samples_per_s']:.2f}x"
                   f" (per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); validation accuracy {acc:+.2f} pt")
+            if "steady_samples_per_s" in med[name] and "steady_samples_per_s" in med["plain"]:
+                print(f"  steady state (after {a.warm_steps} steps) {name}/plain: "
+                      f"{med[name]['steady_samples_per_s'] / med['plain']['steady_samples_per_s']:.2f}x")
     if a.full_epoch:
         for name, m in med.items():
+            steady = (f"; after the first {a.warm_steps} steps ({m['warm_s']:.1f} s, compilation included) "
+                      f"{m['steady_samples_per_s']:.0f} samples/s, i.e. {a.rows / m['steady_samples_per_s']:.1f} s "
+                      f"per epoch at that rate" if "steady_samples_per_s" in m else "")
             print(f"{name}: {m['loop_s']:.1f} s per epoch of {a.rows} rows ({m['steps']:.0f} steps), "
-                  f"peak memory {m['peak_mem_mb']:.0f} MB")
+                  f"peak memory {m['peak_mem_mb']:.0f} MB{steady}")
     for name, why in failed.items():
         print(f"{name}: FAILED ({why})")
     if a.json:

@@ -30,7 +30,8 @@ from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_
 from .run import Run
 # the training loop's parts, importable from here as before
 from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
-                      TrainTally, cpu_has_bf16, device_name, optimizer_steps, precision_flags, resolve_precision, tf32_matmuls,
+                      TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps, precision_flags,
+                      resolve_precision, tf32_matmuls,
                       versions)
 
 console = Console(stderr=True)
@@ -280,7 +281,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                   optimizers=(method.optimizer(model, recipe), None))
     for hook in hooks:
         trainer_cls = hook.configure(trainer_cls, kwargs)
-    trainer = trainer_cls(**kwargs)
+    with compile_settings(t.torch_compile, regions=t.compile_regions):
+        trainer = trainer_cls(**kwargs)  # the Trainer's Accelerator reads its compile settings when it is built
     # Sequence classifiers accept **kwargs but ignore num_items_in_batch; without this the Trainer would skip
     # averaging over gradient-accumulation steps and the loss (and gradients) would be grad_accum times too large.
     trainer.model_accepts_loss_kwargs = False

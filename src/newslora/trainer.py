@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from contextlib import contextmanager
 
 import torch
+from torch.utils._pytree import tree_map
 from transformers import DataCollatorWithPadding, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -97,6 +99,32 @@ def tf32_matmuls(enabled: bool):
         yield
     finally:
         setattr(matmul, name, before)
+
+
+@contextmanager
+def compile_settings(enabled: bool, regions: bool):
+    """torch.compile settings for a Trainer built inside the block. The Trainer builds its own
+    ``TorchDynamoPlugin`` with ``dynamic`` and ``use_regional_compilation`` unset, which accelerate then reads from
+    its environment variables; they are restored after the block.
+
+    ``dynamic``: batches are padded to their own longest row, so sequence lengths vary from batch to batch (and the
+    last batch is smaller): one graph with symbolic sizes instead of a static compile, then a recompile once the
+    second shape comes. ``regions``: accelerate's regional compilation, each repeated encoder block compiled once
+    and reused for every layer, the rest of the model apart."""
+    if not enabled:
+        yield
+        return
+    values = {"ACCELERATE_DYNAMO_USE_DYNAMIC": "true", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": str(regions).lower()}
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def device_name() -> str:
@@ -242,6 +270,14 @@ class NewsloraTrainer(Trainer):
             if acc is not None:
                 logs["train_accuracy"] = round(acc, 4)
         super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if self.args.torch_compile_mode == "reduce-overhead":
+            # CUDA graph outputs live in the graph's memory and the next replay overwrites them, while the evaluation
+            # loop keeps each batch's logits until it concatenates them
+            loss, logits = (tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, v) for v in (loss, logits))
+        return loss, logits, labels
 
     def floating_point_ops(self, inputs) -> int:
         main = getattr(self.model, "main_input_name", "input_ids")
