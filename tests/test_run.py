@@ -92,3 +92,29 @@ def test_create_and_open_refuse_what_they_cannot_use(tmp_path):
     ("", None)])
 def test_hub_id_of_a_backbone(backbone, expected):
     assert hub_id(backbone) == expected
+
+
+def test_a_resume_after_training_keeps_the_training_seconds_of_the_attempt_that_trained(tmp_path, monkeypatch):
+    """Training finished, then the process stopped before the run was complete (here: Ctrl-C while the adapter is
+    saved). The resumed attempt trains no step, and run.json still reports the first attempt's training time."""
+    import newslora.train as train_module
+
+    run_dir = tmp_path / "run"
+    real_save = train_module.save_adapter
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_adapter", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe(None, tiny_overrides()), run_dir=run_dir)
+    first = Run.open(run_dir).read_info()
+    assert first["attempts"][-1]["outcome"] == "interrupted" and first["train_runtime_s"] > 0
+
+    monkeypatch.setattr(train_module, "save_adapter", real_save)
+    r = cli("train", "--resume", run_dir)
+    assert r.exit_code == 0, r.output
+    info = Run.open(run_dir).read_info()
+    assert info["status"] == "completed" and len(info["attempts"]) == 2
+    assert first["train_runtime_s"] <= info["train_runtime_s"] < first["train_runtime_s"] + 60
+    assert info["train_samples_per_second"] == first["train_samples_per_second"]

@@ -2,8 +2,11 @@
 training batches cover every row once per epoch, reshuffle each epoch and hold rows of similar length."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
+
 import pytest
 import torch
 
@@ -193,6 +196,12 @@ def test_compile_mode_reaches_the_trainer_only_with_compile_on(tmp_path):
     assert off.args.torch_compile is False and off.args.torch_compile_mode is None
     on = newslora_trainer(tmp_path / "on", **{"train.torch_compile": "true", "train.compile_mode": "reduce-overhead"})
     assert on.args.torch_compile is True and on.args.torch_compile_mode == "reduce-overhead"
+    # regional compilation (each encoder block compiled once) with symbolic sizes, scoped to that Trainer
+    plugin = on.accelerator.state.dynamo_plugin
+    assert plugin.use_regional_compilation is True and plugin.dynamic is True and plugin.mode == "reduce-overhead"
+    assert not any(k.startswith("ACCELERATE_DYNAMO_") for k in os.environ)
+    whole = newslora_trainer(tmp_path / "whole", **{"train.torch_compile": "true", "train.compile_regions": "false"})
+    assert whole.accelerator.state.dynamo_plugin.use_regional_compilation is False
     with pytest.raises(NewsloraError, match="train.compile_mode='fast' is not valid; choose one of: default"):
         load_recipe(None, ["train.compile_mode=fast"])
 
