@@ -138,18 +138,18 @@ def test_readme_lists_the_exact_counts(seed_counts):
         assert f"{seed_counts[name]['trainable']:,}" in line, (name, line)
 
 
-def test_roberta_best_spends_the_head_budget_on_adapters():
-    """configs/roberta-best.yaml: LoRA on all six linear kinds with a LoRA head, the rank chosen by auto_fit."""
+def test_roberta_best_is_all_six_kinds_at_the_largest_rank_that_fits_beside_the_full_head():
+    """configs/roberta-best.yaml: LoRA on all six linear kinds with the full head, the rank chosen by auto_fit."""
     r = cli("budget", "--config", REPO / "configs" / "roberta-best.yaml", RB, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     per_layer = lambda rank: rank * sum(a + b for a, b in SHAPES.values())  # noqa: E731
-    lora_head = 8 * (H + H) + H * LABELS + LABELS  # head.r=8 on the dense layer, out_proj in full
-    assert d["rank"] == {"lora.r": 5} and d["trainable"] == LAYERS * per_layer(5) + lora_head == 844_804
-    assert d["auto_fit"]["next_trainable"] == LAYERS * per_layer(6) + lora_head > 1_000_000  # r=5 is the largest
-    assert d["head"] == lora_head
+    full_head = H * H + H + H * LABELS + LABELS  # dense 768x768 and out_proj, biases included
+    assert d["rank"] == {"lora.r": 2} and d["trainable"] == LAYERS * per_layer(2) + full_head == 925_444
+    assert d["auto_fit"]["next_trainable"] == LAYERS * per_layer(3) + full_head > 1_000_000  # r=2 is the largest
+    assert d["head"] == full_head == 593_668
     line = next(ln for ln in (REPO / "configs" / "README.md").read_text().splitlines() if "roberta-best.yaml" in ln)
-    assert "844,804" in line and "844,804" in (REPO / "configs" / "roberta-best.yaml").read_text()
+    assert "925,444" in line and "925,444" in (REPO / "configs" / "roberta-best.yaml").read_text()
 
 
 def test_seed_recipe_settings():
