@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import Recipe, recipe_from_dict, set_key
+from ..outputs import write_file_atomic
 from ..run import Run, write_json
 from .runner import _console
 from .space import Space
@@ -91,7 +92,7 @@ def write_results(study_name: str, storage_url: str, out: Path, base: Recipe, sp
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     con, notes, plots = _console(), [], []
     df = trials_frame(study, space)
-    df.to_csv(out / "trials.csv", index=False)
+    write_file_atomic(out / "trials.csv", lambda tmp: df.to_csv(tmp, index=False))
     _write_xlsx(df, out / "trials.xlsx")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = study.best_trial if complete else None
@@ -102,7 +103,7 @@ def write_results(study_name: str, storage_url: str, out: Path, base: Recipe, sp
         recipe = best_recipe(base, space, best.params, f"{study_name}-best")
         header = (f"# best trial {best.number} of study {study_name}: validation {base.train.metric} "
                   f"{best.value:.6f}\n# run it: newslora train --config {_rel(best_path)}\n")
-        best_path.write_text(header + recipe.to_yaml())
+        write_file_atomic(best_path, lambda tmp: tmp.write_text(header + recipe.to_yaml()))
     else:
         notes.append("no completed trial yet: no best.yaml")
     if final:

@@ -12,6 +12,7 @@ import yaml
 
 from ..config import Recipe
 from ..errors import NewsloraError
+from ..outputs import write_file_atomic
 from .results import SearchResult, write_results
 from .runner import Job, _console, _run_processes, check_heartbeat, counted, run_worker, trial_recipe
 from .space import Space, _pruner_spec, load_space
@@ -80,8 +81,8 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
             elif not existing:
                 con.print("[yellow]note: the space cannot express the base recipe's values; no baseline "
                           "trial[/yellow]")
-    (out / "base.yaml").write_text(recipe.to_yaml())
-    (out / "space.yaml").write_text(yaml.safe_dump(space.raw, sort_keys=False))
+    write_file_atomic(out / "base.yaml", lambda tmp: tmp.write_text(recipe.to_yaml()))
+    write_file_atomic(out / "space.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(space.raw, sort_keys=False)))
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers) if workers > 1 else None
