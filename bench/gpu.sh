@@ -26,9 +26,9 @@
 #            train.
 #   target   issue 19's figures in one prepared run: (1) a full 120,000-row epoch at batch 128 with CUDA graphs
 #            (CG: regional torch.compile, dynamic shapes, mode reduce-overhead, 2 DataLoader workers); (2) plain vs
-#            newslora (eager) vs CG at batch 32, then at batch 128, over TARGET_STEPS32 / TARGET_STEPS128 steps,
-#            with steady-state samples/s after the first WARM steps; (3) the same epoch with CG and bf16
-#            autocast. Each part has its own time limit (TARGET_LIMITS, seconds: "200 130 130 100"), so a slow
+#            newslora (eager) vs CG at batch 32 over TARGET_STEPS32 steps, (3) the same at batch 128 over
+#            TARGET_STEPS128 steps, with steady-state samples/s after the first WARM steps; (4) the epoch of (1)
+#            with bf16 autocast. Each part has its own time limit (TARGET_LIMITS, seconds: "200 130 130 100"), so a slow
 #            compile costs the parts after it, not the figures before it.
 # Knobs (environment): BACKBONE (roberta-random), PROFILE_BATCHES ("128 512"), EPOCH_ROWS (120000), EPOCH_BATCH
 # (128), EPOCH_VARIANTS (space-separated NAME=key=value,... as train_speed.py --variant; "" for none), STEPS (200),
@@ -91,7 +91,8 @@ for stage in $STAGES; do
                --variant compile-cudagraphs=train.torch_compile=true,train.compile_mode=reduce-overhead \
                --json "$OUT/compile.json" ;;
     target) CG=train.torch_compile=true,train.compile_mode=reduce-overhead,train.dataloader_workers=2
-            read -r L1 L2 L3 L4 <<<"${TARGET_LIMITS:-200 130 130 100}"
+            read -r L1 L2 L3 L4 <<<"${TARGET_LIMITS:-}"
+            L1=${L1:-200} L2=${L2:-130} L3=${L3:-130} L4=${L4:-100}
             W=${WARM:-30}
             STAGE_TIMEOUT=$L1 run target-epoch $PY bench/train_speed.py --backbone "$BACKBONE" --full-epoch "$EPOCH_ROWS" \
                 --only variants --batch-size 128 --val-rows 256 --warm-steps "$W" --variant "cg=$CG" --json "$OUT/target-epoch.json" --log "$OUT/target-epoch.log"

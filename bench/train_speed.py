@@ -104,15 +104,20 @@ def meter_callback(counter: Counting, warm_steps: int = 0, batches_per_step: int
             if warm_steps and state.global_step == warm_steps and state.max_steps >= 2 * warm_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                self.tw, self.batches_w = time.perf_counter(), len(counter.batches)
+                # rows after this step: the batches of the steps after it (a collator-side count may hold one
+                # batch the DataLoader fetched ahead)
+                self.tw, self.batches_w = time.perf_counter(), warm_steps * batches_per_step
             if state.global_step >= state.max_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.t1, self.c1 = time.perf_counter(), time.process_time()
                 counter.active = False
                 self.steps = state.global_step
-                # the loop's figures now, so they survive a failure in the evaluation or saving that follows
-                print("LOOP " + json.dumps(loop_stats(self, counter, batches_per_step)), flush=True)
+                # the loop's figures now, so they survive a failure in the evaluation or saving that follows (stdout,
+                # for the driver) or a time limit that kills the driver too (stderr: the --log file)
+                line = "LOOP " + json.dumps(loop_stats(self, counter, batches_per_step))
+                print(line, flush=True)
+                print(line, file=sys.stderr, flush=True)
 
     return Meter()
 
@@ -120,7 +125,8 @@ def meter_callback(counter: Counting, warm_steps: int = 0, batches_per_step: int
 def loop_stats(meter, counter: Counting, batches_per_step: int) -> dict:
     import torch
 
-    used = counter.batches[: meter.steps * batches_per_step]  # the DataLoader may have fetched one batch ahead
+    # a collator-side count (the plain recipe) may hold one batch the DataLoader fetched ahead
+    used = counter.batches[: meter.steps * batches_per_step]
     real, padded, rows = (int(sum(x[i] for x in used)) for i in range(3))
     secs = meter.t1 - meter.t0
     out = {"steps": meter.steps, "rows_seen": rows, "loop_s": secs, "loop_cpu_s": meter.c1 - meter.c0,
@@ -274,7 +280,7 @@ def run_child(a, kind: str, overrides: list[str], workdir: Path, log: Path) -> d
         why = f"exit {proc.returncode}: {last[0].strip()[:200]}"
         loop = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOOP ")]
         if loop:  # the training loop finished: keep its figures, say what failed after it
-            print(f"  ({kind} {overrides}: failed after the training loop: {why})", flush=True)
+            print(f"  ({kind} {overrides}: failed after the training loop, its figures kept: {why})", flush=True)
             return {**json.loads(loop[-1][len("LOOP "):]), "wall_s": float("nan"), "val_accuracy": float("nan"),
                     "failed_after_loop": why}
         return {"failed": why}
@@ -336,6 +342,8 @@ def main() -> None:
     variants = [("plain", "plain", []), ("newslora", "newslora", [])]
     if a.only:
         variants = [v for v in variants if v[0] == a.only]  # "variants": neither plain nor default newslora
+    if a.only == "variants" and not a.variant:
+        p.error("--only variants needs at least one --variant")
     for v in a.variant:
         name, _, rest = v.partition("=")
         variants.append((name, "newslora", [x for x in rest.split(",") if x]))
@@ -369,8 +377,13 @@ def main() -> None:
                 print(f"  repeat {rep + 1}: {name:<22} FAILED ({r['failed']})", flush=True)
                 continue
             results[name].append(r)
+            if "failed_after_loop" in r:
+                failed[name] = "after the training loop: " + r["failed_after_loop"]
             print(f"  repeat {rep + 1}: {fmt_row(name, r)}", flush=True)
-    results = {name: rs for name, rs in results.items() if name not in failed}
+            if a.json:  # after every run, so a time limit on the whole bench keeps the runs before it
+                Path(a.json).write_text(json.dumps({"args": vars(a), "device": device, "results": results,
+                                                    "failed": failed}, indent=2))
+    results = {name: rs for name, rs in results.items() if rs}
     print("\nmedians over repeats" if a.repeats > 1 else "")
     print(HEADER)
     med = {}

@@ -128,8 +128,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     group_by_length: bool = True  # shuffled length buckets: less padding, still random
     torch_compile: bool = False
-    # compile each repeated encoder block once and reuse it for every layer (accelerate's regional compilation),
-    # instead of the whole model as one graph: the same kernels, about a layer count less compile time
+    # compile one encoder block and reuse it for every layer (accelerate's regional compilation), the embeddings
+    # and head apart, instead of tracing and compiling the whole model as one graph
     compile_regions: bool = True
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     threads: int | None = None  # CPU threads (default: torch's choice)

@@ -10,6 +10,9 @@ from typing import Callable
 
 from .errors import NewsloraError
 
+UMASK = os.umask(0o022)  # the process's umask, read once (reading it means setting it), for files made by mkstemp
+os.umask(UMASK)
+
 
 def _same(a: Path, b: Path) -> bool:
     try:
@@ -52,6 +55,7 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's file is owner-only; the result gets a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -273,9 +273,10 @@ class NewsloraTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        if self.args.torch_compile_mode == "reduce-overhead":
-            # CUDA graph outputs live in the graph's memory and the next replay overwrites them, while the evaluation
-            # loop keeps each batch's logits until it concatenates them
+        if self.args.torch_compile and self.args.torch_compile_mode in ("reduce-overhead", "max-autotune"):
+            # A Trainer that evaluates before it ever trains compiles its model for evaluation; in these modes its
+            # outputs live in CUDA graph memory that the next replay overwrites, while the evaluation loop keeps
+            # each batch's logits until it concatenates them. (After training, evaluation runs the eager model.)
             loss, logits = (tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, v) for v in (loss, logits))
         return loss, logits, labels
 

@@ -1,0 +1,31 @@
+"""newslora.outputs: files written through a temp file keep a new file's usual mode and never outlive a failure."""
+import os
+import stat
+
+import pytest
+
+from newslora.outputs import write_file_atomic
+
+
+def test_an_atomic_write_has_the_mode_of_a_plain_write_and_leaves_no_temp_file(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    out = write_file_atomic(tmp_path / "sub" / "trials.csv", lambda tmp: tmp.write_text("a,b\n1,2\n"))
+    assert out.read_text() == "a,b\n1,2\n"
+    assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)  # not mkstemp's 0600
+    assert sorted(p.name for p in out.parent.iterdir()) == ["trials.csv"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_new_folder(tmp_path):
+    old = tmp_path / "best.yaml"
+    old.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_file_atomic(old, fail)
+    with pytest.raises(RuntimeError):
+        write_file_atomic(tmp_path / "new" / "deeper" / "x.csv", fail)
+    assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]
