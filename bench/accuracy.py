@@ -129,6 +129,7 @@ RECIPES: dict[str, dict] = {
                            "num_attention_heads: 2}", "model.max_length=32", "train.max_steps=4",
                            "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
                            "train.batch_size=8", "train.eval_batch_size=64"]},
+    "tiny-chosen": {"test_of": "tiny", "final": True, "what": "protocol smoke test: tiny's run, read on the test set"},
 }
 DEFAULT = ["tfidf", "plain", "all-r24", "all-lr1e-3", "all-loraplus", "all-rslora", "all-ep2", "all-ls0.1",
            "all-dora", "all-ml64", "qv-r8"]
@@ -196,6 +197,23 @@ def check_disjoint(train, val, test) -> None:
 def newslora_cli() -> list[str]:
     exe = Path(sys.executable).with_name("newslora")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "newslora.cli"]
+
+
+def run_chosen(name: str, spec: dict, seed: int, data: Path, workdir: Path, log) -> dict:
+    """A recipe chosen on validation among the lever runs: the finished run of ``spec["test_of"]`` (same seed) is
+    evaluated on the test set, once (the result is kept), instead of being trained again."""
+    from newslora.run import Run
+
+    src = workdir / "runs" / f"{spec['test_of']}-s{seed}"
+    if not (src.is_dir() and Run(src).status() == "completed"):
+        raise RuntimeError(f"{name} is the test of {spec['test_of']}'s run, which is not finished: run --recipes "
+                           f"{spec['test_of']} first")
+    out = workdir / "results" / f"{name}-s{seed}.test.json"
+    if not out.is_file():
+        call([*newslora_cli(), "evaluate", str(src), "--data", str(data / "test.csv"), "--output", str(out),
+              "--overwrite"], log)
+    res = run_newslora(spec["test_of"], RECIPES[spec["test_of"]], seed, data, workdir, log)
+    return {**res, "recipe": name, "test": brief(json.loads(out.read_text()))}
 
 
 def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, log) -> dict:
@@ -449,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                         res = run_tfidf(seed, data, log)
                     elif spec.get("kind") == "plain":
                         res = run_plain(seed, data, a.workdir, log)
+                    elif spec.get("test_of"):
+                        res = run_chosen(name, spec, seed, data, a.workdir, log)
                     else:
                         res = run_newslora(name, spec, seed, data, a.workdir, log)
                 except RuntimeError as e:  # one failed recipe must not cost the others' figures

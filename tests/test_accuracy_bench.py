@@ -59,7 +59,7 @@ def test_a_leak_stops_the_bench(bench, files):
 def test_baselines_and_newslora_see_the_same_rows_and_finished_recipes_are_reused(bench, files, tmp_path):
     pool, test, _ = files
     work = tmp_path / "work"
-    args = ["--recipes", "tfidf,tiny", "--rows", "48", "--val-rows", "40", "--source", str(pool), "--test", str(test),
+    args = ["--recipes", "tfidf,tiny,tiny-chosen", "--rows", "48", "--val-rows", "40", "--source", str(pool), "--test", str(test),
             "--workdir", str(work), "--reference", "tiny", "--output", str(tmp_path / "ACCURACY.md")]
     assert bench.main(args) == 0
     tfidf = json.loads((work / "results" / "tfidf-s42.json").read_text())
@@ -71,6 +71,10 @@ def test_baselines_and_newslora_see_the_same_rows_and_finished_recipes_are_reuse
     assert len(tiny["val_pred"]) == len(tfidf["val_pred"]) == 40
     md = (tmp_path / "ACCURACY.md").read_text()
     assert "| tfidf |" in md and "| tiny |" in md
+    # the recipe chosen on validation: the same run (not trained again), read once on the test set
+    chosen = json.loads((work / "results" / "tiny-chosen-s42.json").read_text())
+    assert chosen["run_dir"] == tiny["run_dir"] and chosen["validation"] == tiny["validation"]
+    assert chosen["test"]["n"] == 40 and not (work / "runs" / "tiny-chosen-s42").exists()
 
     stamp = (work / "runs" / "tiny-s42" / "run.json").stat().st_mtime_ns
     log_size = (work / "bench.log").stat().st_size
