@@ -105,6 +105,9 @@ RECIPES: dict[str, dict] = {
     "all-ml64": {"config": "configs/demo.yaml", "overrides": [*ALL, "model.max_length=64"], "what": "max_length 64"},
     "all-ep2": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=2"], "what": "2 epochs"},
     "all-ep3": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=3"], "what": "3 epochs"},
+    # configs/minilm-best.yaml: the lever run with the best validation accuracy, read once on the test set
+    "minilm-best": {"test_of": "all-ep2", "final": True,
+                    "what": "configs/minilm-best.yaml: all six linear kinds, r=24, 2 epochs (the all-ep2 run)"},
     "qv-autofit": {"config": "configs/demo.yaml", "overrides": [*ALL, "lora.target_modules=[query,value]",
                                                                 "budget.auto_fit=true"],
                    "what": "query/value only, rank auto-fitted"},
