@@ -215,7 +215,9 @@ def run_chosen(name: str, spec: dict, seed: int, data: Path, workdir: Path, log)
     if not out.is_file():
         call([*newslora_cli(), "evaluate", str(src), "--data", str(data / "test.csv"), "--output", str(out),
               "--overwrite"], log)
-    res = run_newslora(spec["test_of"], RECIPES[spec["test_of"]], seed, data, workdir, log)
+    stored = workdir / "results" / f"{spec['test_of']}-s{seed}.json"  # the lever's row, if the sweep wrote it
+    res = (json.loads(stored.read_text()) if stored.is_file()
+           else run_newslora(spec["test_of"], RECIPES[spec["test_of"]], seed, data, workdir, log))
     return {**res, "recipe": name, "test": brief(json.loads(out.read_text()))}
 
 

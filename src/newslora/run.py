@@ -299,7 +299,8 @@ class Run:
 
     def start_attempt(self, info: dict, step: int = 0) -> dict:
         """Begin one attempt (a ``train`` or a ``--resume``): ``info`` (the run.json the attempt writes) keeps the
-        earlier attempts and the first start time of the run folder; an earlier attempt that never ended (its process
+        earlier attempts, the first start time of the run folder and the training seconds and speed that an earlier
+        attempt recorded when it finished training (one killed before that recorded none); an earlier attempt that never ended (its process
         was killed) is closed as ``dead`` at its last heartbeat. Writes run.json; returns ``info``."""
         old = self.read_info()
         attempts = [a for a in old.get("attempts") or [] if isinstance(a, dict)]
@@ -313,6 +314,9 @@ class Run:
                          "heartbeat": started})
         info.update(started=old.get("started") or info.get("started") or started, finished=None, status="running",
                     error=None, attempts=attempts, total_runtime_s=self._total_runtime(attempts))
+        for k in ("train_runtime_s", "train_samples_per_second"):
+            if info.get(k) is None:
+                info[k] = old.get(k)
         self._clock = time.monotonic()  # the attempt's runtime is measured, not taken from wall-clock times
         self.write_info(info)
         return info

@@ -233,19 +233,16 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
     method.before_train(model, run, resuming)
 
     precision = resolve_precision(t.precision)
-    # a resumed run keeps the training seconds and speed that earlier attempts recorded (an attempt killed before the
-    # end of training recorded none: its time is in its attempt's runtime_s)
-    earlier = run.read_info() if resuming else {}
     info = {"name": recipe.name, "method": recipe.method, "backbone": recipe.model.backbone,
             "label_names": splits.label_names, "trainable": {"total": b.total, "head": b.head, "adapter": b.adapter,
                                                              "budget": b.budget},
             "target_modules": recipe.lora.target_modules, "rank": method.get_rank(recipe),
             "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0},
             "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
-            "precision": precision, "processes": distributed.world_size(),
-            "train_runtime_s": earlier.get("train_runtime_s"),
-            "train_samples_per_second": earlier.get("train_samples_per_second")}
-    # the attempt (pid, host, heartbeat) is recorded before training starts; earlier attempts are kept on resume
+            "precision": precision, "processes": distributed.world_size(), "train_runtime_s": None,
+            "train_samples_per_second": None}
+    # the attempt (pid, host, heartbeat) is recorded before training starts; on resume the earlier attempts and the
+    # training seconds they recorded are kept
     run.start_attempt(info, int(run.checkpoints()[-1].name.split("-")[1]) if resuming else 0)
 
     eval_strategy = "steps" if t.eval_steps else "epoch"
