@@ -75,6 +75,13 @@ MP = ["model.backbone=mpnet-base", "model.max_length=128", "lora.dropout=0.1", "
       "train.batch_size=16", "train.eval_batch_size=128", "train.eval_steps=125", "train.early_stopping_patience=null",
       "train.logging_steps=25"]
 
+ALL3 = [*ALL, "train.epochs=3"]
+
+# mpnet-base on a GPU: 3 epochs at batch 32 over the whole training split, validation twice an epoch
+MPG = ["model.backbone=mpnet-base", "model.max_length=128", "lora.dropout=0.1", "train.lr=5e-4", "train.epochs=3",
+       "train.batch_size=32", "train.eval_batch_size=256", "train.eval_steps=320",
+       "train.early_stopping_patience=null", "train.logging_steps=50"]
+
 RECIPES: dict[str, dict] = {
     "tfidf": {"kind": "tfidf", "final": True, "what": "TF-IDF words 1-2 + chars 2-5, logistic regression"},
     "plain": {"kind": "plain", "final": True, "what": "HF Trainer + PEFT: LoRA r=8 query/value, lr 1e-3, 1 epoch"},
@@ -126,6 +133,55 @@ RECIPES: dict[str, dict] = {
     "mpnet-all-r2": {"config": "configs/demo.yaml", "final": True,
                      "overrides": [*MP, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=2", "lora.alpha=4"],
                      "what": "mpnet-base, LoRA r=2 on all six linear kinds, full head"},
+    # GPU sweep (bench/gpu_accuracy.py, workdir runs/accuracy-gpu, reference all-ep3): every lever on top of the
+    # 3-epoch recipe, one change at a time, so a lever is judged at the schedule it would ship with.
+    "all-ep5": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=5"], "what": "5 epochs"},
+    "ep3-loraplus": {"config": "configs/demo.yaml", "overrides": [*ALL3, "method=loraplus"],
+                     "what": "3 epochs, LoRA+ (lr of B = 16 x lr of A)"},
+    "ep3-dora": {"config": "configs/demo.yaml", "overrides": [*ALL3, "method=dora", "budget.auto_fit=true"],
+                 "what": "3 epochs, DoRA (rank auto-fitted)"},
+    "ep3-rslora": {"config": "configs/demo.yaml", "overrides": [*ALL3, "method=rslora"],
+                   "what": "3 epochs, rsLoRA (scale alpha/sqrt(r))"},
+    "ep3-ls0.1": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.label_smoothing=0.1"],
+                  "what": "3 epochs, label smoothing 0.1"},
+    "ep3-lr1e-3": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.lr=1e-3"], "what": "3 epochs, lr 1e-3"},
+    "ep3-lr2.5e-4": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.lr=2.5e-4"],
+                     "what": "3 epochs, lr 2.5e-4"},
+    "ep3-cosine": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.scheduler=cosine", "train.warmup=0.1"],
+                   "what": "3 epochs, 10% warmup, cosine decay"},
+    "ep3-alpha96": {"config": "configs/demo.yaml", "overrides": [*ALL3, "lora.alpha=96"],
+                    "what": "3 epochs, alpha 96 (4 r)"},
+    "ep3-bias": {"config": "configs/demo.yaml", "overrides": [*ALL3, "lora.bias=all", "budget.auto_fit=true"],
+                 "what": "3 epochs, biases trained (rank auto-fitted)"},
+    # the recipe with the best validation accuracy among the MiniLM runs of the GPU sweep, read on the test set
+    "minilm-best-gpu": {"best_of": ["all-r24", "all-ep2", "all-ep3", "all-ep5", "ep3-loraplus", "ep3-dora",
+                                    "ep3-rslora", "ep3-ls0.1", "ep3-lr1e-3", "ep3-lr2.5e-4", "ep3-cosine",
+                                    "ep3-alpha96", "ep3-bias"], "final": True,
+                        "what": "the GPU sweep's best MiniLM recipe on validation, read once on the test set"},
+    # distillation: the 3-epoch recipe taught by mpg-all-r2 (an mpnet-base run, seed 42, of the same workdir);
+    # the setting is chosen on the mean validation accuracy of seeds 42-44, and compared with all-ep3 on test
+    "kd-t2-a0.5": {"config": "configs/demo.yaml", "teacher": "mpg-all-r2",
+                   "overrides": [*ALL3, "distill.temperature=2", "distill.alpha=0.5"],
+                   "what": "3 epochs, distilled from mpg-all-r2, T=2, alpha 0.5"},
+    "kd-t2-a0.2": {"config": "configs/demo.yaml", "teacher": "mpg-all-r2",
+                   "overrides": [*ALL3, "distill.temperature=2", "distill.alpha=0.2"],
+                   "what": "3 epochs, distilled from mpg-all-r2, T=2, alpha 0.2"},
+    "kd-chosen": {"best_of": ["kd-t2-a0.5", "kd-t2-a0.2"], "choose_seeds": 3, "final": True,
+                  "what": "the distillation setting with the best mean validation (seeds 42-44), on the test set"},
+    "ep3-test": {"test_of": "all-ep3", "final": True,
+                 "what": "all-ep3 (no distillation) on the test set, beside kd-chosen"},
+    # mpnet-base on the whole training split, 3 epochs at batch 32 (a GPU's work: about 8x MiniLM per row)
+    "mpg-qv-r8": {"config": "configs/demo.yaml", "final": True, "overrides": [*MPG, "lora.target_modules=[q,v]",
+                  "lora.r=8", "lora.alpha=16"], "what": "mpnet-base, the seeds' LoRA r=8 on q,v, full head"},
+    "mpg-qkv-r6": {"config": "configs/demo.yaml", "final": True, "overrides": [*MPG, "lora.target_modules=[q,k,v]",
+                   "lora.r=6", "lora.alpha=12"], "what": "mpnet-base, LoRA r=6 on q,k,v, full head"},
+    "mpg-all-r2": {"config": "configs/demo.yaml", "final": True,
+                   "overrides": [*MPG, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=2", "lora.alpha=4"],
+                   "what": "mpnet-base, LoRA r=2 on all six linear kinds, full head"},
+    "mpg-all-lorahead": {"config": "configs/demo.yaml", "final": True,
+                         "overrides": [*MPG, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=5",
+                                       "lora.alpha=10", "head.type=lora"],
+                         "what": "mpnet-base, LoRA r=5 on all six linear kinds, LoRA head"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
              "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
                            "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
@@ -133,6 +189,20 @@ RECIPES: dict[str, dict] = {
                            "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
                            "train.batch_size=8", "train.eval_batch_size=64"]},
     "tiny-chosen": {"test_of": "tiny", "final": True, "what": "protocol smoke test: tiny's run, read on the test set"},
+    "tiny-lr": {"config": "configs/demo.yaml", "what": "protocol smoke test: tiny at lr 1e-3",
+                "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
+                              "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
+                              "num_attention_heads: 2}", "model.max_length=32", "train.max_steps=4",
+                              "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
+                              "train.batch_size=8", "train.eval_batch_size=64", "train.lr=1e-3"]},
+    "tiny-best": {"best_of": ["tiny", "tiny-lr"], "final": True,
+                  "what": "protocol smoke test: the better of tiny and tiny-lr on validation, on the test set"},
+    "tiny-kd": {"config": "configs/demo.yaml", "teacher": "tiny", "what": "protocol smoke test: tiny taught by tiny",
+                "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
+                              "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
+                              "num_attention_heads: 2}", "model.max_length=32", "train.max_steps=4",
+                              "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
+                              "train.batch_size=8", "train.eval_batch_size=64"]},
 }
 DEFAULT = ["tfidf", "plain", "all-r24", "all-lr1e-3", "all-loraplus", "all-rslora", "all-ep2", "all-ls0.1",
            "all-dora", "all-ml64", "qv-r8"]
@@ -202,23 +272,39 @@ def newslora_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "newslora.cli"]
 
 
+def choose(spec: dict, workdir: Path) -> tuple[str, dict]:
+    """The candidate of ``spec["best_of"]`` with the highest mean validation accuracy over seeds 42 ..
+    42 + ``choose_seeds`` - 1 (ties: the first listed), from the stored results; every candidate must be finished."""
+    n, means = spec.get("choose_seeds", 1), {}
+    for cand in spec["best_of"]:
+        files = [workdir / "results" / f"{cand}-s{s}.json" for s in range(42, 42 + n)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise RuntimeError(f"cannot choose among {spec['best_of']}: {', '.join(missing)} not finished")
+        means[cand] = statistics.mean(json.loads(f.read_text())["validation"]["accuracy"] for f in files)
+    return max(means, key=lambda c: (means[c], -spec["best_of"].index(c))), means
+
+
 def run_chosen(name: str, spec: dict, seed: int, data: Path, workdir: Path, log) -> dict:
-    """A recipe chosen on validation among the lever runs: the finished run of ``spec["test_of"]`` (same seed) is
-    evaluated on the test set, once (the result is kept), instead of being trained again."""
+    """A recipe chosen on validation among the lever runs: the finished run of ``spec["test_of"]`` (or of the
+    best of ``spec["best_of"]``, see :func:`choose`), same seed, is evaluated on the test set once (the result is
+    kept), instead of being trained again."""
     from newslora.run import Run
 
-    src = workdir / "runs" / f"{spec['test_of']}-s{seed}"
+    chosen, means = (choose(spec, workdir) if spec.get("best_of") else (spec["test_of"], None))
+    src = workdir / "runs" / f"{chosen}-s{seed}"
     if not (src.is_dir() and Run(src).status() == "completed"):
-        raise RuntimeError(f"{name} is the test of {spec['test_of']}'s run, which is not finished: run --recipes "
-                           f"{spec['test_of']} first")
+        raise RuntimeError(f"{name} is the test of {chosen}'s run, which is not finished: run --recipes "
+                           f"{chosen} first")
     out = workdir / "results" / f"{name}-s{seed}.test.json"
     if not out.is_file():
         call([*newslora_cli(), "evaluate", str(src), "--data", str(data / "test.csv"), "--output", str(out),
               "--overwrite"], log)
-    stored = workdir / "results" / f"{spec['test_of']}-s{seed}.json"  # the lever's row, if the sweep wrote it
+    stored = workdir / "results" / f"{chosen}-s{seed}.json"  # the lever's row, if the sweep wrote it
     res = (json.loads(stored.read_text()) if stored.is_file()
-           else run_newslora(spec["test_of"], RECIPES[spec["test_of"]], seed, data, workdir, log))
-    return {**res, "recipe": name, "test": brief(json.loads(out.read_text()))}
+           else run_newslora(chosen, RECIPES[chosen], seed, data, workdir, log))
+    return {**res, "recipe": name, "chosen": chosen, **({"choice_validation": means} if means else {}),
+            "test": brief(json.loads(out.read_text()))}
 
 
 def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, log) -> dict:
@@ -229,6 +315,13 @@ def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, lo
                  f"data.test={data / 'test.csv'}" if final else "data.test=null",
                  "data.max_train_samples=null", "data.max_test_samples=null", f"train.seed={seed}"]
     from newslora.run import Run
+
+    if spec.get("teacher"):  # another recipe's seed-42 run of this workdir
+        teacher = workdir / "runs" / f"{spec['teacher']}-s42"
+        if not (teacher.is_dir() and Run(teacher).status() == "completed"):
+            raise RuntimeError(f"{name} is taught by {spec['teacher']}'s run, which is not finished: run --recipes "
+                               f"{spec['teacher']} first")
+        overrides.append(f"distill.teachers=[{teacher}]")
 
     run = Run(run_dir)
     if run.path.is_dir() and run.status() == "completed" and run.read_eval():
@@ -411,7 +504,9 @@ def commit() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipes", default=",".join(DEFAULT), help="comma-separated names (see --list)")
-    p.add_argument("--seeds", type=int, default=1, help="training seeds 42, 43, ... per recipe")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per recipe: --first-seed, +1, ...")
+    p.add_argument("--first-seed", type=int, default=42)
+    p.add_argument("--log", type=Path, default=None, help="subprocess output (default WORKDIR/bench.log)")
     p.add_argument("--rows", type=int, default=None, help="training rows (stratified subset; default all)")
     p.add_argument("--val-rows", type=int, default=2000)
     p.add_argument("--test-rows", type=int, default=None, help="test rows (default: all 7,600)")
@@ -447,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def publish() -> str:  # after every finished recipe, so an interrupted sweep still leaves its rows
         body = (f"Command: `python bench/accuracy.py --recipes {','.join(names)} --seeds {a.seeds}"
+                + (f" --first-seed {a.first_seed}" if a.first_seed != 42 else "")
                 + (f" --rows {a.rows}" if a.rows else "") + (f" --val-rows {a.val_rows}" if a.val_rows != 2000 else "")
                 + (f" --workdir {a.workdir.relative_to(REPO) if a.workdir.is_relative_to(REPO) else a.workdir}"
                    if a.workdir != REPO / "runs" / "accuracy" else "")
@@ -458,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
             write_markdown(a.output, body, a.table)
         return body
 
-    with open(a.workdir / "bench.log", "a") as log:
-        for seed in range(42, 42 + a.seeds):
+    log_path = a.log or a.workdir / "bench.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             for name in names:
                 spec, res_path = RECIPES[name], a.workdir / "results" / f"{name}-s{seed}.json"
                 if res_path.is_file():
@@ -472,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                         res = run_tfidf(seed, data, log)
                     elif spec.get("kind") == "plain":
                         res = run_plain(seed, data, a.workdir, log)
-                    elif spec.get("test_of"):
+                    elif spec.get("test_of") or spec.get("best_of"):
                         res = run_chosen(name, spec, seed, data, a.workdir, log)
                     else:
                         res = run_newslora(name, spec, seed, data, a.workdir, log)

@@ -86,3 +86,60 @@ def test_baselines_and_newslora_see_the_same_rows_and_finished_recipes_are_reuse
 def test_an_unknown_recipe_is_refused(bench, tmp_path, capsys):
     assert bench.main(["--recipes", "nope", "--workdir", str(tmp_path / "w"), "--output", "-"]) == 2
     assert "unknown recipe" in capsys.readouterr().err
+
+
+def _stored(work: Path, name: str, seed: int, accuracy: float) -> None:
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    (work / "results" / f"{name}-s{seed}.json").write_text(json.dumps({"recipe": name, "seed": seed,
+                                                                       "validation": {"accuracy": accuracy}}))
+
+
+def test_a_best_of_recipe_chooses_on_the_mean_validation_of_its_seeds(bench, tmp_path):
+    spec = {"best_of": ["a", "b", "c"], "choose_seeds": 2}
+    for name, accs in {"a": (0.80, 0.90), "b": (0.86, 0.85), "c": (0.85, 0.86)}.items():
+        for seed, acc in zip((42, 43), accs):
+            _stored(tmp_path, name, seed, acc)
+    chosen, means = bench.choose(spec, tmp_path)
+    assert chosen == "b" and means == pytest.approx({"a": 0.85, "b": 0.855, "c": 0.855})  # tie: the first listed
+    assert bench.choose({"best_of": ["a", "c"]}, tmp_path)[0] == "c"  # one seed: 42 alone
+    (tmp_path / "results" / "c-s43.json").unlink()
+    with pytest.raises(RuntimeError, match="c-s43.json not finished"):
+        bench.choose(spec, tmp_path)
+
+
+def _driver(args: list[str]) -> int:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO / "bench" / "gpu_accuracy.py"), *args], cwd=REPO).returncode
+
+
+def test_the_parallel_sweep_skips_a_job_whose_teacher_is_not_in_it(files, tmp_path):
+    pool, test, _ = files
+    work, out = tmp_path / "work", tmp_path / "out"
+    rc = _driver(["--workdir", str(work), "--out", str(out), "--sweep", "tiny-kd:42", "--rows", "48", "--val-rows",
+                  "40", "--source", str(pool), "--test", str(test), "--deadline", "60"])
+    assert rc == 1 and not (work / "runs").exists()  # nothing trained
+    assert (out / "results.tgz").is_file()
+
+
+@pytest.mark.slow  # four tiny trainings, two at a time, the last two waiting for the first two
+def test_the_parallel_sweep_runs_teachers_and_choices_after_the_runs_they_need(files, tmp_path):
+    import tarfile
+
+    pool, test, _ = files
+    work, out = tmp_path / "work", tmp_path / "out"
+    rc = _driver(["--workdir", str(work), "--out", str(out), "--sweep", "tiny-kd:42,tiny-best:42,tiny:42,tiny-lr:42",
+                  "--jobs", "2", "--rows", "48", "--val-rows", "40", "--source", str(pool), "--test", str(test),
+                  "--reference", "tiny", "--deadline", "400"])
+    assert rc == 0
+    res = {n: json.loads((work / "results" / f"{n}-s42.json").read_text()) for n in ("tiny", "tiny-lr", "tiny-best")}
+    best = res["tiny-best"]
+    assert best["chosen"] == max(("tiny", "tiny-lr"), key=lambda n: (res[n]["validation"]["accuracy"], n == "tiny"))
+    assert best["test"]["n"] == 40 and res["tiny"]["test"] is None  # the choice alone reads the test set
+    distill = json.loads((work / "runs" / "tiny-kd-s42" / "distill.json").read_text())
+    assert Path(distill["teachers"][0]).name == "tiny-s42"
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+    assert "work/results/tiny-kd-s42.json" in names and not [n for n in names if "checkpoints" in n]
+    assert (out / f"adapter-{best['chosen']}-s42.tgz").is_file()
