@@ -82,6 +82,44 @@ MPG = ["model.backbone=mpnet-base", "model.max_length=128", "lora.dropout=0.1", 
        "train.batch_size=32", "train.eval_batch_size=256", "train.eval_steps=320",
        "train.early_stopping_patience=null", "train.logging_steps=50"]
 
+# protocol smoke tests (tests/test_accuracy_bench.py): a 2-layer random-init roberta, 4 steps
+TINY = ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
+        "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2}",
+        "model.max_length=32", "train.max_steps=4", "train.eval_steps=null", "train.early_stopping_patience=null",
+        "train.logging_steps=2", "train.batch_size=8", "train.eval_batch_size=64"]
+
+# one change each, applied to the 1-epoch reference (``all-<lever>``, against all-r24) and to the 3-epoch recipe
+# (``ep3-<lever>``, against all-ep3: the GPU sweep's levers, judged at the schedule they would ship with)
+LEVERS = {
+    "lr1e-3": (["train.lr=1e-3"], "lr 1e-3"),
+    "lr2e-3": (["train.lr=2e-3"], "lr 2e-3"),
+    "lr2.5e-4": (["train.lr=2.5e-4"], "lr 2.5e-4"),
+    "loraplus": (["method=loraplus"], "LoRA+ (lr of B = 16 x lr of A)"),
+    "rslora": (["method=rslora"], "rsLoRA (scale alpha/sqrt(r))"),
+    "dora": (["method=dora", "budget.auto_fit=true"], "DoRA (magnitude vectors; rank auto-fitted)"),
+    "pissa": (["method=pissa"], "PiSSA init"),
+    "bias": (["lora.bias=all", "budget.auto_fit=true"], "biases trained (rank auto-fitted)"),
+    "alpha96": (["lora.alpha=96"], "alpha 96 (4 r)"),
+    "ls0.1": (["train.label_smoothing=0.1"], "label smoothing 0.1"),
+    "warmup0.1": (["train.warmup=0.1"], "10% warmup"),
+    "cosine": (["train.scheduler=cosine"], "cosine decay"),
+    "ml64": (["model.max_length=64"], "max_length 64"),
+}
+
+# mpnet-base (all-mpnet-base-v2: 12 layers x 768, head of roberta-base's exact shape, so every count is
+# roberta-base's): the seeds' query/value recipe, q/k/v, and all six linear kinds with the full head (r=2, the
+# largest that fits beside it) or with the head's 593,668 parameters freed for the adapters (LoRA head, r=5).
+# ``mpnet-<layout>``: the CPU schedule (MP, run with --rows 6000 --val-rows 1000 --table mpnet);
+# ``mpg-<layout>``: the GPU schedule on the whole training split (MPG).
+LAYOUTS = {
+    "qv-r8": (["lora.target_modules=[q,v]", "lora.r=8", "lora.alpha=16"], "the seeds' LoRA r=8 on q,v, full head"),
+    "qkv-r6": (["lora.target_modules=[q,k,v]", "lora.r=6", "lora.alpha=12"], "LoRA r=6 on q,k,v, full head"),
+    "all-lorahead": (["lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=5", "lora.alpha=10", "head.type=lora"],
+                     "LoRA r=5 (largest that fits) on all six linear kinds, LoRA head"),
+    "all-r2": (["lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=2", "lora.alpha=4"],
+               "LoRA r=2 on all six linear kinds, full head"),
+}
+
 RECIPES: dict[str, dict] = {
     "tfidf": {"kind": "tfidf", "final": True, "what": "TF-IDF words 1-2 + chars 2-5, logistic regression"},
     "plain": {"kind": "plain", "final": True, "what": "HF Trainer + PEFT: LoRA r=8 query/value, lr 1e-3, 1 epoch"},
@@ -93,23 +131,6 @@ RECIPES: dict[str, dict] = {
                             "train.eval_batch_size=256", "train.logging_steps=50"]},
     "all-r24": {"config": "configs/demo.yaml", "overrides": ALL, "what": "all six linear kinds, r=24, alpha 48, "
                 "lr 5e-4, 1 epoch"},
-    "all-lr1e-3": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.lr=1e-3"], "what": "lr 1e-3"},
-    "all-lr2e-3": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.lr=2e-3"], "what": "lr 2e-3"},
-    "all-loraplus": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=loraplus"],
-                     "what": "LoRA+ (lr of B = 16 x lr of A)"},
-    "all-rslora": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=rslora"],
-                   "what": "rsLoRA (scale alpha/sqrt(r))"},
-    "all-dora": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=dora", "budget.auto_fit=true"],
-                 "what": "DoRA (magnitude vectors; rank auto-fitted)"},
-    "all-pissa": {"config": "configs/demo.yaml", "overrides": [*ALL, "method=pissa"], "what": "PiSSA init"},
-    "all-bias": {"config": "configs/demo.yaml", "overrides": [*ALL, "lora.bias=all", "budget.auto_fit=true"],
-                 "what": "biases trained (rank auto-fitted)"},
-    "all-ls0.1": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.label_smoothing=0.1"],
-                  "what": "label smoothing 0.1"},
-    "all-warmup0.1": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.warmup=0.1"], "what": "10% warmup"},
-    "all-cosine": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.scheduler=cosine"],
-                   "what": "cosine decay"},
-    "all-ml64": {"config": "configs/demo.yaml", "overrides": [*ALL, "model.max_length=64"], "what": "max_length 64"},
     "all-ep2": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=2"], "what": "2 epochs"},
     "all-ep3": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=3"], "what": "3 epochs"},
     # configs/minilm-best.yaml: the lever run with the best validation accuracy, read once on the test set
@@ -118,41 +139,7 @@ RECIPES: dict[str, dict] = {
     "qv-autofit": {"config": "configs/demo.yaml", "overrides": [*ALL, "lora.target_modules=[query,value]",
                                                                 "budget.auto_fit=true"],
                    "what": "query/value only, rank auto-fitted"},
-    # mpnet-base (all-mpnet-base-v2: 12 layers x 768, head of roberta-base's exact shape, so every count is
-    # roberta-base's): the seeds' query/value recipe, q/k/v, and all six linear kinds with the full head (r=2, the
-    # largest that fits beside it) or with the head's 593,668 parameters freed for the adapters (LoRA head, r=5).
-    # One schedule for all; run with --rows 6000 --table mpnet.
-    "mpnet-qv-r8": {"config": "configs/demo.yaml", "final": True, "overrides": [*MP, "lora.target_modules=[q,v]",
-                    "lora.r=8", "lora.alpha=16"], "what": "mpnet-base, the seeds' LoRA r=8 on q,v, full head"},
-    "mpnet-qkv-r6": {"config": "configs/demo.yaml", "final": True, "overrides": [*MP, "lora.target_modules=[q,k,v]",
-                     "lora.r=6", "lora.alpha=12"], "what": "mpnet-base, LoRA r=6 on q,k,v, full head"},
-    "mpnet-all-lorahead": {"config": "configs/demo.yaml", "final": True,
-                           "overrides": [*MP, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=5",
-                                         "lora.alpha=10", "head.type=lora"],
-                           "what": "mpnet-base, LoRA r=5 (largest that fits) on all six linear kinds, LoRA head"},
-    "mpnet-all-r2": {"config": "configs/demo.yaml", "final": True,
-                     "overrides": [*MP, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=2", "lora.alpha=4"],
-                     "what": "mpnet-base, LoRA r=2 on all six linear kinds, full head"},
-    # GPU sweep (bench/gpu_accuracy.py, workdir runs/accuracy-gpu, reference all-ep3): every lever on top of the
-    # 3-epoch recipe, one change at a time, so a lever is judged at the schedule it would ship with.
     "all-ep5": {"config": "configs/demo.yaml", "overrides": [*ALL, "train.epochs=5"], "what": "5 epochs"},
-    "ep3-loraplus": {"config": "configs/demo.yaml", "overrides": [*ALL3, "method=loraplus"],
-                     "what": "3 epochs, LoRA+ (lr of B = 16 x lr of A)"},
-    "ep3-dora": {"config": "configs/demo.yaml", "overrides": [*ALL3, "method=dora", "budget.auto_fit=true"],
-                 "what": "3 epochs, DoRA (rank auto-fitted)"},
-    "ep3-rslora": {"config": "configs/demo.yaml", "overrides": [*ALL3, "method=rslora"],
-                   "what": "3 epochs, rsLoRA (scale alpha/sqrt(r))"},
-    "ep3-ls0.1": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.label_smoothing=0.1"],
-                  "what": "3 epochs, label smoothing 0.1"},
-    "ep3-lr1e-3": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.lr=1e-3"], "what": "3 epochs, lr 1e-3"},
-    "ep3-lr2.5e-4": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.lr=2.5e-4"],
-                     "what": "3 epochs, lr 2.5e-4"},
-    "ep3-cosine": {"config": "configs/demo.yaml", "overrides": [*ALL3, "train.scheduler=cosine", "train.warmup=0.1"],
-                   "what": "3 epochs, 10% warmup, cosine decay"},
-    "ep3-alpha96": {"config": "configs/demo.yaml", "overrides": [*ALL3, "lora.alpha=96"],
-                    "what": "3 epochs, alpha 96 (4 r)"},
-    "ep3-bias": {"config": "configs/demo.yaml", "overrides": [*ALL3, "lora.bias=all", "budget.auto_fit=true"],
-                 "what": "3 epochs, biases trained (rank auto-fitted)"},
     # the recipe with the best validation accuracy among the MiniLM runs of the GPU sweep, read on the test set
     "minilm-best-gpu": {"best_of": ["all-r24", "all-ep2", "all-ep3", "all-ep5", "ep3-loraplus", "ep3-dora",
                                     "ep3-rslora", "ep3-ls0.1", "ep3-lr1e-3", "ep3-lr2.5e-4", "ep3-cosine",
@@ -170,42 +157,27 @@ RECIPES: dict[str, dict] = {
                   "what": "the distillation setting with the best mean validation (seeds 42-44), on the test set"},
     "ep3-test": {"test_of": "all-ep3", "final": True,
                  "what": "all-ep3 (no distillation) on the test set, beside kd-chosen"},
-    # mpnet-base on the whole training split, 3 epochs at batch 32 (a GPU's work: about 8x MiniLM per row)
-    "mpg-qv-r8": {"config": "configs/demo.yaml", "final": True, "overrides": [*MPG, "lora.target_modules=[q,v]",
-                  "lora.r=8", "lora.alpha=16"], "what": "mpnet-base, the seeds' LoRA r=8 on q,v, full head"},
-    "mpg-qkv-r6": {"config": "configs/demo.yaml", "final": True, "overrides": [*MPG, "lora.target_modules=[q,k,v]",
-                   "lora.r=6", "lora.alpha=12"], "what": "mpnet-base, LoRA r=6 on q,k,v, full head"},
-    "mpg-all-r2": {"config": "configs/demo.yaml", "final": True,
-                   "overrides": [*MPG, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=2", "lora.alpha=4"],
-                   "what": "mpnet-base, LoRA r=2 on all six linear kinds, full head"},
-    "mpg-all-lorahead": {"config": "configs/demo.yaml", "final": True,
-                         "overrides": [*MPG, "lora.target_modules=[q,k,v,o,ffn_in,ffn_out]", "lora.r=5",
-                                       "lora.alpha=10", "head.type=lora"],
-                         "what": "mpnet-base, LoRA r=5 on all six linear kinds, LoRA head"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
-             "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
-                           "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
-                           "num_attention_heads: 2}", "model.max_length=32", "train.max_steps=4",
-                           "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
-                           "train.batch_size=8", "train.eval_batch_size=64"]},
+             "overrides": TINY},
     "tiny-chosen": {"test_of": "tiny", "final": True, "what": "protocol smoke test: tiny's run, read on the test set"},
     "tiny-lr": {"config": "configs/demo.yaml", "what": "protocol smoke test: tiny at lr 1e-3",
-                "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
-                              "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
-                              "num_attention_heads: 2}", "model.max_length=32", "train.max_steps=4",
-                              "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
-                              "train.batch_size=8", "train.eval_batch_size=64", "train.lr=1e-3"]},
+                "overrides": [*TINY, "train.lr=1e-3"]},
     "tiny-best": {"best_of": ["tiny", "tiny-lr"], "final": True,
                   "what": "protocol smoke test: the better of tiny and tiny-lr on validation, on the test set"},
-    "tiny-kd": {"config": "configs/demo.yaml", "teacher": "tiny", "what": "protocol smoke test: tiny taught by tiny",
-                "overrides": ["model.backbone=../shared/models/roberta-base", "model.random_init=true",
-                              "model.config_overrides={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
-                              "num_attention_heads: 2}", "model.max_length=32", "train.max_steps=4",
-                              "train.eval_steps=null", "train.early_stopping_patience=null", "train.logging_steps=2",
-                              "train.batch_size=8", "train.eval_batch_size=64"]},
+    "tiny-kd": {"config": "configs/demo.yaml", "teacher": "tiny", "overrides": TINY,
+                "what": "protocol smoke test: tiny taught by tiny"},
 }
+for _layout, (_changes, _what) in LAYOUTS.items():
+    for _prefix, _schedule in (("mpnet", MP), ("mpg", MPG)):
+        RECIPES[f"{_prefix}-{_layout}"] = {"config": "configs/demo.yaml", "final": True,
+                                           "overrides": [*_schedule, *_changes], "what": f"mpnet-base, {_what}"}
+for _lever, (_changes, _what) in LEVERS.items():
+    RECIPES[f"all-{_lever}"] = {"config": "configs/demo.yaml", "overrides": [*ALL, *_changes], "what": _what}
+    RECIPES[f"ep3-{_lever}"] = {"config": "configs/demo.yaml", "overrides": [*ALL3, *_changes],
+                                "what": f"3 epochs, {_what}"}
 DEFAULT = ["tfidf", "plain", "all-r24", "all-lr1e-3", "all-loraplus", "all-rslora", "all-ep2", "all-ls0.1",
            "all-dora", "all-ml64", "qv-r8"]
+
 
 
 # ----------------------------------------------------------------------------- the split
