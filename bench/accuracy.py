@@ -164,8 +164,8 @@ RECIPES: dict[str, dict] = {
                 "overrides": [*TINY, "train.lr=1e-3"]},
     "tiny-best": {"best_of": ["tiny", "tiny-lr"], "final": True,
                   "what": "protocol smoke test: the better of tiny and tiny-lr on validation, on the test set"},
-    "tiny-kd": {"config": "configs/demo.yaml", "teacher": "tiny", "overrides": TINY,
-                "what": "protocol smoke test: tiny taught by tiny"},
+    "tiny-kd": {"config": "configs/demo.yaml", "teacher": ["tiny", "tiny-lr"], "overrides": TINY,
+                "what": "protocol smoke test: tiny taught by tiny and tiny-lr, averaged"},
 }
 for _layout, (_changes, _what) in LAYOUTS.items():
     for _prefix, _schedule in (("mpnet", MP), ("mpg", MPG)):
@@ -279,6 +279,12 @@ def run_chosen(name: str, spec: dict, seed: int, data: Path, workdir: Path, log)
             "test": brief(json.loads(out.read_text()))}
 
 
+def teachers_of(spec: dict) -> list[str]:
+    """The recipes whose seed-42 runs teach this one: ``teacher`` is one recipe name or a list of them."""
+    t = spec.get("teacher") or []
+    return [t] if isinstance(t, str) else list(t)
+
+
 def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, log) -> dict:
     run_dir = workdir / "runs" / f"{name}-s{seed}"
     final = spec.get("final", False)
@@ -288,12 +294,13 @@ def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, lo
                  "data.max_train_samples=null", "data.max_test_samples=null", f"train.seed={seed}"]
     from newslora.run import Run
 
-    if spec.get("teacher"):  # another recipe's seed-42 run of this workdir
-        teacher = workdir / "runs" / f"{spec['teacher']}-s42"
-        if not (teacher.is_dir() and Run(teacher).status() == "completed"):
-            raise RuntimeError(f"{name} is taught by {spec['teacher']}'s run, which is not finished: run --recipes "
-                               f"{spec['teacher']} first")
-        overrides.append(f"distill.teachers=[{teacher}]")
+    if spec.get("teacher"):  # other recipes' seed-42 runs of this workdir (several: their probabilities averaged)
+        teachers = []
+        for t in teachers_of(spec):
+            teachers.append(workdir / "runs" / f"{t}-s42")
+            if not (teachers[-1].is_dir() and Run(teachers[-1]).status() == "completed"):
+                raise RuntimeError(f"{name} is taught by {t}'s run, which is not finished: run --recipes {t} first")
+        overrides.append(f"distill.teachers=[{','.join(map(str, teachers))}]")
 
     run = Run(run_dir)
     if run.path.is_dir() and run.status() == "completed" and run.read_eval():

@@ -43,7 +43,7 @@ def needs(name: str, seed: int) -> list[tuple[str, int]]:
     """The jobs whose results (name, seed) must exist before this job can run."""
     spec = accuracy.RECIPES[name]
     if spec.get("teacher"):
-        return [(spec["teacher"], 42)]
+        return [(t, 42) for t in accuracy.teachers_of(spec)]
     if spec.get("best_of"):
         return [(c, s) for c in spec["best_of"] for s in range(42, 42 + spec.get("choose_seeds", 1))]
     if spec.get("test_of"):
