@@ -157,6 +157,20 @@ RECIPES: dict[str, dict] = {
                   "what": "the distillation setting with the best mean validation (seeds 42-44), on the test set"},
     "ep3-test": {"test_of": "all-ep3", "final": True,
                  "what": "all-ep3 (no distillation) on the test set, beside kd-chosen"},
+    # distillation on 2 CPU cores (--rows 6000): the 1-epoch reference taught by an mpnet-base run of the same rows
+    # (all-r2 layout, the CPU schedule, validated once at the end); T and alpha chosen on seed 42's validation, then
+    # the chosen setting and all-r24 over seeds 42-44, both read on the test set
+    "mpnet-teacher": {"config": "configs/demo.yaml", "overrides": [*MP, *LAYOUTS["all-r2"][0], "train.eval_steps=null"],
+                      "what": "mpnet-base teacher: LoRA r=2 on all six linear kinds, full head, 1 epoch"},
+    "kd1-a0.5": {"config": "configs/demo.yaml", "teacher": "mpnet-teacher",
+                 "overrides": [*ALL, "distill.temperature=2", "distill.alpha=0.5"],
+                 "what": "all-r24 distilled from mpnet-teacher, T=2, alpha 0.5"},
+    "kd1-a0.2": {"config": "configs/demo.yaml", "teacher": "mpnet-teacher",
+                 "overrides": [*ALL, "distill.temperature=2", "distill.alpha=0.2"],
+                 "what": "all-r24 distilled from mpnet-teacher, T=2, alpha 0.2"},
+    "kd1-chosen": {"best_of": ["kd1-a0.5", "kd1-a0.2"], "final": True,
+                   "what": "the distillation setting with the better validation (seed 42), on the test set"},
+    "r24-test": {"test_of": "all-r24", "final": True, "what": "all-r24 (no distillation) on the test set"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
              "overrides": TINY},
     "tiny-chosen": {"test_of": "tiny", "final": True, "what": "protocol smoke test: tiny's run, read on the test set"},
