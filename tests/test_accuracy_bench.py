@@ -88,10 +88,11 @@ def test_an_unknown_recipe_is_refused(bench, tmp_path, capsys):
     assert "unknown recipe" in capsys.readouterr().err
 
 
-def _stored(work: Path, name: str, seed: int, accuracy: float) -> None:
+def _stored(work: Path, name: str, seed: int, accuracy: float, seconds: float = 1.0) -> None:
     (work / "results").mkdir(parents=True, exist_ok=True)
     (work / "results" / f"{name}-s{seed}.json").write_text(json.dumps({"recipe": name, "seed": seed,
-                                                                       "validation": {"accuracy": accuracy}}))
+                                                                       "validation": {"accuracy": accuracy},
+                                                                       "train_seconds": seconds}))
 
 
 def test_a_best_of_recipe_chooses_on_the_mean_validation_of_its_seeds(bench, tmp_path):
@@ -106,6 +107,18 @@ def test_a_best_of_recipe_chooses_on_the_mean_validation_of_its_seeds(bench, tmp
     (tmp_path / "results" / "c-s43.json").unlink()
     with pytest.raises(RuntimeError, match="c-s43.json not finished"):
         bench.choose(spec, tmp_path)
+
+
+def test_a_time_limited_choice_only_takes_candidates_as_fast_as_the_limit(bench, tmp_path):
+    for name, acc, seconds in (("slow", 0.9, 500.0), ("quick", 0.85, 290.0), ("quicker", 0.8, 200.0),
+                               ("plain", 0.7, 300.0)):
+        _stored(tmp_path, name, 42, acc, seconds)
+    spec = {"best_of": ["slow", "quick", "quicker"], "within_time_of": "plain"}
+    chosen, means = bench.choose(spec, tmp_path)
+    assert chosen == "quick" and set(means) == {"slow", "quick", "quicker"}  # slow is more accurate but too slow
+    assert bench.choose({"best_of": ["slow", "quick"]}, tmp_path)[0] == "slow"  # without the limit
+    with pytest.raises(RuntimeError, match="no candidate of .'slow'. trained within plain's 300 s: slow 500 s"):
+        bench.choose({"best_of": ["slow"], "within_time_of": "plain"}, tmp_path)
 
 
 def _driver(args: list[str]) -> int:
