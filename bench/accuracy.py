@@ -172,6 +172,11 @@ RECIPES: dict[str, dict] = {
                        "what": f"max_length 64, lr 1e-3, {e} epoch{'' if e == '1' else 's'}, validated at the end"} for e in ("1", "1.5", "2")},
     "fast": {"best_of": ["fast-ep2", "fast-ep1.5", "fast-ep1"], "within_time_of": "plain", "final": True,
              "what": "the fast variant: the best fast-ep* on validation that trains within plain's time, on the test set"},
+    # base size with the accuracy issue's measured lever, epochs: the all-r2 layout (configs/roberta-best.yaml's)
+    # for 2 epochs on the CPU schedule, validated (and checkpointed) twice an epoch, read on the test set
+    "mpnet-all-r2-ep2": {"config": "configs/demo.yaml", "final": True,
+                         "overrides": [*MP, *LAYOUTS["all-r2"][0], "train.epochs=2", "train.eval_steps=188"],
+                         "what": "mpnet-base, LoRA r=2 on all six linear kinds, full head, 2 epochs"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
              "overrides": TINY},
     "tiny-chosen": {"test_of": "tiny", "final": True, "what": "protocol smoke test: tiny's run, read on the test set"},
