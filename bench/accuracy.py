@@ -6,6 +6,10 @@
     # base size (after `bash scripts/install_mpnet.sh`), its own rows and table:
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpnet-qv-r8,mpnet-all-lorahead,mpnet-qkv-r6,mpnet-all-r2 --rows 6000 \
         --val-rows 1000 --workdir runs/accuracy-mpnet --reference mpnet-qv-r8 --table mpnet
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpnet-qv-r8,mpnet-all-r2-ep2 --rows 6000 --val-rows 1000 \
+        --workdir runs/accuracy-mpnet --reference mpnet-qv-r8 --table mpnet2     # the best base-size recipe, 2 epochs
+    # the fast variant on all rows (fast-full: fast-ep1 read on test only if it trained within plain's time):
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,fast-ep1,fast-full --workdir runs/accuracy --table fast-full
 
 Protocol (the same rows for every recipe, baselines included):
 - train: ``../shared/data/ag_news/train_sample.csv`` minus every row whose text also appears in the test set
