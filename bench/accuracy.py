@@ -8,6 +8,9 @@
         --val-rows 1000 --workdir runs/accuracy-mpnet --reference mpnet-qv-r8 --table mpnet
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpnet-qv-r8,mpnet-all-r2-ep2 --rows 6000 --val-rows 1000 \
         --workdir runs/accuracy-mpnet --reference mpnet-qv-r8 --table mpnet2     # the best base-size recipe, 2 epochs
+    # the bf16 decision: all-r24 in fp32 and in bf16 autocast, 6,000 rows, 2 seeds, paired on validation
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes all-fp32,all-bf16 --rows 6000 --seeds 2 --workdir runs/accuracy-bf16 \
+        --reference all-fp32 --table bf16
     # the fast variant on all rows (fast-full: fast-ep1 read on test only if it trained within plain's time):
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,fast-ep1,fast-full --workdir runs/accuracy --reference plain --table fast-full
 
@@ -109,6 +112,9 @@ LEVERS = {
     "warmup0.1": (["train.warmup=0.1"], "10% warmup"),
     "cosine": (["train.scheduler=cosine"], "cosine decay"),
     "ml64": (["model.max_length=64"], "max_length 64"),
+    # the precision decision (issue: bf16 on CPUs that have it): both explicit, so neither follows ``auto``
+    "fp32": (["train.precision=fp32"], "fp32"),
+    "bf16": (["train.precision=bf16"], "bf16 autocast"),
 }
 
 # mpnet-base (all-mpnet-base-v2: 12 layers x 768, head of roberta-base's exact shape, so every count is
