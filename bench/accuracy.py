@@ -191,6 +191,17 @@ RECIPES: dict[str, dict] = {
     # if it trained within plain's time
     "fast-full": {"best_of": ["fast-ep1"], "within_time_of": "plain", "final": True,
                   "what": "the fast variant (fast-ep1) if it trains within plain's time, on the test set"},
+    # the ceiling: every weight of MiniLM trains (over the budget: the reference the budget is measured against),
+    # 2 epochs, validation (4 times an epoch) keeps the best checkpoint; the learning rate is chosen on validation
+    **{f"ceil-lr{lr}": {"kind": "full", "lr": float(lr), "epochs": 2, "what": f"full fine-tuning of MiniLM (every "
+                        f"weight, over the budget), lr {lr}, 2 epochs, best validation checkpoint"}
+       for lr in ("2e-5", "5e-5", "1e-4")},
+    "ceiling": {"best_of": ["ceil-lr2e-5", "ceil-lr5e-5", "ceil-lr1e-4"], "final": True,
+                "what": "the ceiling: the full fine-tuning run with the best validation, read once on the test set"},
+    "tiny-full": {"kind": "full", "lr": 1e-3, "epochs": 1, "tiny": True,
+                  "what": "protocol smoke test: full fine-tuning of a 2-layer random-init roberta"},
+    "tiny-ceiling": {"best_of": ["tiny-full"], "final": True,
+                     "what": "protocol smoke test: tiny-full's best checkpoint, read on the test set"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
              "overrides": TINY},
     "tiny-chosen": {"test_of": "tiny", "final": True, "what": "protocol smoke test: tiny's run, read on the test set"},
@@ -307,6 +318,11 @@ def run_chosen(name: str, spec: dict, seed: int, data: Path, workdir: Path, log)
     from newslora.run import Run
 
     chosen, means = (choose(spec, workdir) if spec.get("best_of") else (spec["test_of"], None))
+    if RECIPES[chosen].get("kind") == "full":  # its own worker keeps the best checkpoint and reads the test set
+        res = run_full(chosen, RECIPES[chosen], seed, data, workdir, log)
+        test = run_full(chosen, RECIPES[chosen], seed, data, workdir, log, test=True)["test"]
+        return {**res, "recipe": name, "chosen": chosen, **({"choice_validation": means} if means else {}),
+                "test": test}
     src = workdir / "runs" / f"{chosen}-s{seed}"
     if not (src.is_dir() and Run(src).status() == "completed"):
         raise RuntimeError(f"{name} is the test of {chosen}'s run, which is not finished: run --recipes "
@@ -390,6 +406,87 @@ def run_plain(seed: int, data: Path, workdir: Path, log) -> dict:
     call([sys.executable, __file__, "--plain-worker", json.dumps({"data": str(data), "seed": seed,
                                                                    "out": str(out), "workdir": str(workdir)})], log)
     return json.loads(out.read_text())
+
+
+def run_full(name: str, spec: dict, seed: int, data: Path, workdir: Path, log, test: bool = False) -> dict:
+    """Full fine-tuning in a subprocess (``--full-worker``): trains (resuming its last checkpoint) and predicts
+    validation; with ``test``, the kept best checkpoint predicts the test set instead (nothing trains)."""
+    out = workdir / "results" / f"{name}-s{seed}.{'test' if test else 'raw'}.json"
+    if not out.is_file():
+        call([sys.executable, __file__, "--full-worker", json.dumps(
+            {"name": name, "data": str(data), "seed": seed, "out": str(out), "workdir": str(workdir), "test": test,
+             "lr": spec["lr"], "epochs": spec["epochs"], "tiny": spec.get("tiny", False)})], log)
+    return json.loads(out.read_text())
+
+
+def full_worker(spec: dict) -> None:
+    """Every weight of the backbone trains with the HF Trainer (no PEFT, no budget): the accuracy ceiling of the
+    backbone on the protocol's rows. The best validation checkpoint is kept as ``RUN/best`` for the test read."""
+    import numpy as np
+    import pandas as pd
+    from datasets import Dataset
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding, Trainer, TrainingArguments, set_seed)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from newslora.evaluate import classification_metrics
+    from newslora.model import resolve_backbone
+    from newslora.trainer import cpu_has_bf16
+
+    data, seed, labels = Path(spec["data"]), spec["seed"], ["World", "Sports", "Business", "Sci/Tech"]
+    run_dir = Path(spec["workdir"]) / "runs" / f"{spec['name']}-s{seed}"
+    name = str(SHARED / "models" / "roberta-base") if spec["tiny"] else resolve_backbone("minilm")
+    tok = AutoTokenizer.from_pretrained(name)
+    max_length = 32 if spec["tiny"] else 128
+    splits = ("test",) if spec["test"] else ("train", "validation")
+    ds = {s: Dataset.from_pandas(pd.read_csv(data / f"{s}.csv")).map(
+        lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True, remove_columns=["text"])
+        for s in splits}
+    res = {"recipe": spec["name"], "seed": seed, "backbone": "tiny" if spec["tiny"] else "minilm"}
+    if spec["test"]:  # the kept best checkpoint on the test set
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir / "best")
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(run_dir / "test"), report_to="none",
+                                                              per_device_eval_batch_size=256),
+                          data_collator=DataCollatorWithPadding(tok))
+        pred = np.asarray(trainer.predict(ds["test"]).predictions).argmax(-1)
+        res["test"] = brief(classification_metrics(np.asarray(ds["test"]["label"]), pred, labels))
+    else:
+        set_seed(seed)
+        if spec["tiny"]:
+            cfg = AutoConfig.from_pretrained(name, num_labels=len(labels), num_hidden_layers=2, hidden_size=32,
+                                             intermediate_size=64, num_attention_heads=2)
+            model = AutoModelForSequenceClassification.from_config(cfg)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=len(labels))
+        steps = -(-len(ds["train"]) // 32)  # optimizer steps per epoch
+        every = max(1, steps // 4)
+        bf16 = cpu_has_bf16() and not spec["tiny"]  # the CPU's native bf16 autocast, as newslora's own runs
+        args = TrainingArguments(output_dir=str(run_dir), learning_rate=spec["lr"], per_device_train_batch_size=32,
+                                 per_device_eval_batch_size=256, num_train_epochs=spec["epochs"], warmup_steps=0.06,
+                                 weight_decay=0.01, eval_strategy="steps", eval_steps=every, save_strategy="steps",
+                                 save_steps=every, save_total_limit=2, load_best_model_at_end=True,
+                                 metric_for_best_model="accuracy", logging_steps=50, report_to="none", seed=seed,
+                                 bf16=bf16, use_cpu=True)
+
+        def accuracy(p):
+            return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
+
+        trainer = Trainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["validation"],
+                          data_collator=DataCollatorWithPadding(tok), processing_class=tok, compute_metrics=accuracy)
+        last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        m = trainer.train(resume_from_checkpoint=last).metrics
+        trainer.save_model(str(run_dir / "best"))
+        pred = np.asarray(trainer.predict(ds["validation"]).predictions).argmax(-1)
+        res.update({"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "train_rows": len(ds["train"]), "epochs": spec["epochs"], "precision": "bf16" if bf16 else "fp32",
+                    "train_seconds": round(m["train_runtime"], 2), "samples_per_second": m["train_samples_per_second"],
+                    "best_checkpoint": trainer.state.best_model_checkpoint,
+                    "validation": brief(classification_metrics(np.asarray(ds["validation"]["label"]), pred, labels)),
+                    "test": None, "val_pred": pred.tolist()})
+    out = Path(spec["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".tmp").write_text(json.dumps(res))
+    out.with_name(out.name + ".tmp").replace(out)
 
 
 def plain_worker(spec: dict) -> None:
@@ -540,9 +637,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", default="main", help="which table of --output to rewrite (main: the MiniLM sweep)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--plain-worker", help=argparse.SUPPRESS)
+    p.add_argument("--full-worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.plain_worker:
         plain_worker(json.loads(a.plain_worker))
+        return 0
+    if a.full_worker:
+        full_worker(json.loads(a.full_worker))
         return 0
     if a.list:
         for n, s in RECIPES.items():
@@ -596,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_tfidf(seed, data, log)
                 elif spec.get("kind") == "plain":
                     res = run_plain(seed, data, a.workdir, log)
+                elif spec.get("kind") == "full":
+                    res = run_full(name, spec, seed, data, a.workdir, log)
                 elif spec.get("test_of") or spec.get("best_of"):
                     res = run_chosen(name, spec, seed, data, a.workdir, log)
                 else:

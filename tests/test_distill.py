@@ -205,3 +205,60 @@ def test_cli_two_teachers_one_with_another_tokenizer(tiny_run, tmp_path):
     assert d["teacher"]["source"].startswith("ensemble") and set(d["teacher"]) >= {"validation", "test"}
     assert [t["source"] for t in d["teachers_each"]] == ["student's splits", "student's splits"]
     assert all(0 <= t["test"] <= 1 for t in d["teachers_each"])
+
+
+def test_unlabelled_rows_carry_only_the_weighted_kl_term():
+    from newslora.model import attach_adapter, load_backbone, load_tokenizer
+
+    recipe = _recipe()
+    model = attach_adapter(load_backbone(recipe, AG_LABELS), recipe, total_steps=10).eval()
+    tok = load_tokenizer(str(ROBERTA))
+    inputs = dict(tok(["Oil climbs as markets open", "Late goal wins the cup", "New chip unveiled"],
+                      padding=True, return_tensors="pt"))
+    inputs["labels"] = torch.tensor([2, distill.UNLABELLED, 3])
+    soft = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), -1)
+    T, alpha, w = 2.0, 0.25, 0.4
+    with torch.no_grad():
+        loss, out = distill.distill_loss(model, dict(inputs), soft, T, alpha, unlabelled_weight=w)
+        logits = out.logits
+        kl = (soft * (soft.log() - torch.log_softmax(logits / T, -1))).sum(-1) * T ** 2
+        ce = torch.nn.functional.cross_entropy(logits, inputs["labels"].clamp(min=0), reduction="none")
+        # the same two rows without the unlabelled one: the labelled rows' loss is the plain formula
+        both, _ = distill.distill_loss(model, {k: v[[0, 2]] for k, v in inputs.items()}, soft[[0, 2]], T, alpha)
+    expected = (alpha * ce[0] + (1 - alpha) * kl[0] + w * kl[1] + alpha * ce[2] + (1 - alpha) * kl[2]) / 3
+    assert torch.isfinite(loss) and torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(both, (alpha * (ce[0] + ce[2]) + (1 - alpha) * (kl[0] + kl[2])) / 2, atol=1e-5)
+
+
+def test_unlabelled_texts_join_training_and_are_recorded(tiny_run, tmp_path):
+    import pandas as pd
+
+    from conftest import TRAIN_CSV
+
+    texts = pd.read_csv(TRAIN_CSV)["text"].iloc[-96:]  # rows past the 256 + 64 the tiny recipe reads
+    (tmp_path / "unl.csv").write_text(texts.to_frame().to_csv(index=False))
+    extra = {"distill.teachers": _teacher_list(tiny_run.run_dir), "distill.unlabelled": str(tmp_path / "unl.csv"),
+             "distill.unlabelled_weight": 0.5, "data.max_train_samples": 64, "train.eval_steps": 2}
+    before = _rows()
+    res = train(_recipe(**extra), run_dir=tmp_path / "student")
+    run = json.loads((res.run_dir / "run.json").read_text())
+    assert run["rows"]["train"] == 64 and run["rows"]["unlabelled"] == 96
+    assert run["optimizer_steps"] == 5  # (64 + 96) / 32 rows a step: the unlabelled rows are trained on
+    assert _rows() - before >= 96  # the teacher labelled them
+    assert run["distill"]["unlabelled_rows"] == 96 and run["distill"]["unlabelled_weight"] == 0.5
+    assert all(np.isfinite(v) for v in _step_losses(res.run_dir).values())
+
+
+def test_unlabelled_texts_from_the_validation_split_refused(tiny_run, tmp_path):
+    from newslora.data import load_splits
+
+    recipe = _recipe()
+    val = load_splits(recipe.data).validation["text"].iloc[:3]
+    (tmp_path / "unl.csv").write_text(val.to_frame().to_csv(index=False))
+    bad = _recipe(**{"distill.teachers": _teacher_list(tiny_run.run_dir),
+                     "distill.unlabelled": str(tmp_path / "unl.csv")})
+    with pytest.raises(NewsloraError, match="3 of its texts are also validation texts; remove them"):
+        train(bad, run_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(NewsloraError, match="distill.unlabelled needs distill.teachers"):
+        _recipe(**{"distill.unlabelled": str(tmp_path / "unl.csv")})

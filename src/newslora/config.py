@@ -163,9 +163,17 @@ class DistillConfig:
     teachers: list[str] = field(default_factory=list)  # run folders or merged models; empty: no distillation
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the cross-entropy on labels; 1 - alpha goes to the KL term
+    # a file of texts without labels: the teachers' soft labels on them join the training rows (KL term only)
+    unlabelled: str | None = None
+    unlabelled_weight: float = 1.0  # weight of an unlabelled row's T^2 * KL term, against a labelled row's loss
 
     def check(self):
         _positive("distill.temperature", self.temperature)
+        if not 0 <= self.unlabelled_weight < float("inf"):
+            raise NewsloraError(f"distill.unlabelled_weight={self.unlabelled_weight} must be a number >= 0")
+        if self.unlabelled and not self.teachers:
+            raise NewsloraError("distill.unlabelled needs distill.teachers: the soft labels of unlabelled texts come "
+                                "from a teacher (set distill.teachers=[RUN_DIR])")
         if not 0 <= self.alpha <= 1:
             raise NewsloraError(f"distill.alpha={self.alpha} must be in [0, 1]")
 

@@ -31,6 +31,7 @@ from .errors import NewsloraError
 from .trainer import TrainHook
 
 TEACHER_COLUMN = "teacher_probs"
+UNLABELLED = -100  # the label of an unlabelled training row (cross-entropy's ignore index)
 CACHE_VERSION = "v1"
 # teacher forward passes actually run (cache misses); tests read it to prove the cache is used
 STATS = {"teacher_batches": 0, "teacher_rows": 0}
@@ -187,19 +188,35 @@ def soft_targets(logits_list: list, temperature: float):
 # ----------------------------------------------------------------------------- loss, collator, trainer
 
 
-def distill_loss(model, inputs: dict, soft, temperature: float, alpha: float):
+def distill_loss(model, inputs: dict, soft, temperature: float, alpha: float, unlabelled_weight: float = 1.0):
     """(loss, outputs) for one batch. ``inputs`` carries labels, so ``outputs.loss`` is the model's own loss: CE
-    plus anything the PEFT model adds (AdaLoRA's orthogonality penalty), which is kept at full weight."""
+    plus anything the PEFT model adds (AdaLoRA's orthogonality penalty), which is kept at full weight.
+
+    Rows labelled ``UNLABELLED`` (texts of ``distill.unlabelled``) have no CE term: each contributes
+    ``unlabelled_weight * T^2 * KL``, a labelled row ``alpha * CE + (1 - alpha) * T^2 * KL``, averaged over the
+    batch (on a batch without unlabelled rows, exactly the formula above)."""
+    import torch
     import torch.nn.functional as F
 
-    outputs = model(**inputs)
-    if alpha == 1:
-        return outputs.loss, outputs
+    labels = inputs["labels"]
+    known = labels != UNLABELLED
+    if bool(known.all()):
+        outputs = model(**inputs)
+        if alpha == 1:
+            return outputs.loss, outputs
+        logits = outputs.logits
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+        log_student = F.log_softmax(logits.float() / temperature, dim=-1)
+        kl = F.kl_div(log_student, soft.to(log_student.device, log_student.dtype), reduction="batchmean")
+        return outputs.loss + (1 - alpha) * (temperature ** 2 * kl - ce), outputs
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
     logits = outputs.logits
-    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), inputs["labels"].view(-1))
     log_student = F.log_softmax(logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_student, soft.to(log_student.device, log_student.dtype), reduction="batchmean")
-    return outputs.loss + (1 - alpha) * (temperature ** 2 * kl - ce), outputs
+    kl = temperature ** 2 * F.kl_div(log_student, soft.to(log_student.device, log_student.dtype),
+                                     reduction="none").sum(-1)
+    ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    per_row = torch.where(known, alpha * ce + (1 - alpha) * kl, unlabelled_weight * kl)
+    return per_row.mean(), outputs
 
 
 class DistillCollator:
@@ -235,6 +252,7 @@ def distill_trainer_class(base=None):
     class DistillTrainer(base):
         distill_temperature: float = 2.0
         distill_alpha: float = 0.5
+        distill_unlabelled_weight: float = 1.0
         loss_is_scaled_for_ga = False  # the distillation loss is a per-batch mean
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -242,9 +260,14 @@ def distill_trainer_class(base=None):
             if soft is None or "labels" not in inputs:  # evaluation batches: the normal loss
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
-            loss, outputs = distill_loss(model, inputs, soft, self.distill_temperature, self.distill_alpha)
+            loss, outputs = distill_loss(model, inputs, soft, self.distill_temperature, self.distill_alpha,
+                                         self.distill_unlabelled_weight)
             if hasattr(self, "record_train_batch"):  # NewsloraTrainer's training loss/accuracy tally
-                self.record_train_batch(loss, outputs, inputs["labels"])
+                labels = inputs["labels"]
+                known = labels != UNLABELLED  # the tally counts labelled rows only
+                if not bool(known.all()):
+                    outputs, labels = {"logits": outputs.logits[known]}, labels[known]
+                self.record_train_batch(loss, outputs, labels)
             return (loss, outputs) if return_outputs else loss
 
     DistillTrainer.__name__ = DistillTrainer.__qualname__ = f"Distill{base.__name__}"
@@ -266,10 +289,16 @@ class Distiller(TrainHook):
         self.teachers = [inspect_teacher(p) for p in d.teachers]
         for t in self.teachers:
             check_labels(t, splits.label_names)
+        self.unlabelled_weight = float(d.unlabelled_weight)
+        self.unlabelled = read_unlabelled(d.unlabelled, recipe, splits) if d.unlabelled else None
+        self.added_train_rows = 0 if self.unlabelled is None else len(self.unlabelled)
         loaded: dict = {}
         logits = [teacher_logits(t, splits.train, recipe.train.eval_batch_size, loaded) for t in self.teachers]
-        loaded.clear()
         self.soft = soft_targets(logits, self.temperature)
+        if self.unlabelled is not None:
+            logits = [teacher_logits(t, self.unlabelled, recipe.train.eval_batch_size, loaded) for t in self.teachers]
+            self.soft_unlabelled = soft_targets(logits, self.temperature)
+        loaded.clear()
 
     def configure(self, trainer_cls, kwargs):
         import numpy as np
@@ -279,16 +308,31 @@ class Distiller(TrainHook):
                                                            self.splits.train["label"].to_numpy()):
             raise NewsloraError("distillation: the tokenized train set is not row-aligned with the train split "
                                 "(teacher outputs cannot be attached)")
-        kwargs["train_dataset"] = ds.add_column(TEACHER_COLUMN, self.soft.tolist())
+        ds = ds.add_column(TEACHER_COLUMN, self.soft.tolist())
+        if self.unlabelled is not None:  # tokenized like the labelled rows, labelled UNLABELLED
+            import datasets
+
+            from .data import tokenize
+
+            extra = tokenize(self.unlabelled, kwargs["processing_class"], self.recipe.model.max_length)
+            extra = extra.add_column("labels", [UNLABELLED] * len(extra))
+            extra = extra.add_column(TEACHER_COLUMN, self.soft_unlabelled.tolist()).cast(ds.features)
+            ds = datasets.concatenate_datasets([ds, extra])
+        kwargs["train_dataset"] = ds
         kwargs["data_collator"] = DistillCollator(kwargs.get("data_collator"))
         cls = distill_trainer_class(trainer_cls)
         cls.distill_temperature, cls.distill_alpha = self.temperature, self.alpha
+        cls.distill_unlabelled_weight = self.unlabelled_weight
         return cls
 
     def record(self, run) -> dict:
         """run.json's ``distill``: teacher paths relative to the student's run folder."""
-        return {"teachers": [run.relative(t.resolved) for t in self.teachers], "temperature": self.temperature,
-                "alpha": self.alpha, "teacher_details": [t.describe(run) for t in self.teachers]}
+        out = {"teachers": [run.relative(t.resolved) for t in self.teachers], "temperature": self.temperature,
+               "alpha": self.alpha, "teacher_details": [t.describe(run) for t in self.teachers]}
+        if self.unlabelled is not None:
+            out.update(unlabelled=self.recipe.distill.unlabelled, unlabelled_rows=len(self.unlabelled),
+                       unlabelled_weight=self.unlabelled_weight)
+        return out
 
     def finish(self, result):
         """run.json gets ``distill``; distill.json gets teacher and student accuracy side by side."""
@@ -360,6 +404,32 @@ class Distiller(TrainHook):
         if any(s not in ev or ev[s].get("n") != len(df) for s, df in splits.items()):
             return None
         return ev
+
+
+def read_unlabelled(path: str, recipe, splits):
+    """The texts of ``distill.unlabelled`` as a one-column frame. Refused: a method whose loss has terms of its own
+    (AdaLoRA's penalty needs labels on every row), an empty file, and texts that are also validation or test texts
+    (they would teach the rows that choose and judge the run)."""
+    import pandas as pd
+
+    from .readers import read_table
+
+    if recipe.method == "adalora":
+        raise NewsloraError("distill.unlabelled does not work with method=adalora (its orthogonality penalty needs "
+                            "labels on every row): use method=lora, or drop distill.unlabelled")
+    df = read_table(path, recipe.data.text_column, None)
+    df = df[["text"]].reset_index(drop=True)
+    if df.empty:
+        raise NewsloraError(f"distill.unlabelled={path} has no rows: give a file of texts, one per row")
+    norm = df["text"].str.strip().str.lower()
+    for name, split in (("validation", splits.validation), ("test", splits.test)):
+        if split is None:
+            continue
+        shared = int(norm.isin(set(split["text"].str.strip().str.lower())).sum())
+        if shared:
+            raise NewsloraError(f"distill.unlabelled={path}: {shared} of its texts are also {name} texts; remove them "
+                                f"from the file (the {name} split must stay unseen)")
+    return pd.DataFrame({"text": df["text"]})
 
 
 def _norm(source: str | None) -> str | None:

@@ -223,7 +223,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         train_ds = tokenize(splits.train, tokenizer, ml)
         val_ds = tokenize(splits.validation, tokenizer, ml)
         test_ds = tokenize(splits.test, tokenizer, ml) if splits.test is not None else None
-    total_steps = optimizer_steps(len(train_ds), t)
+    added = sum(h.added_train_rows for h in hooks)  # e.g. distillation's unlabelled texts
+    total_steps = optimizer_steps(len(train_ds) + added, t)
 
     set_seed(t.seed)
     # budget.auto_fit was applied and the budget checked on the meta device (prepare): neither is repeated here
@@ -237,7 +238,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
             "label_names": splits.label_names, "trainable": {"total": b.total, "head": b.head, "adapter": b.adapter,
                                                              "budget": b.budget},
             "target_modules": recipe.lora.target_modules, "rank": method.get_rank(recipe),
-            "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0},
+            "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0,
+                     **({"unlabelled": added} if added else {})},
             "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
             "precision": precision, "processes": distributed.world_size(), "train_runtime_s": None,
             "train_samples_per_second": None}

@@ -24,6 +24,8 @@ class TrainHook:
     """Something that plugs into :func:`newslora.train.setup` (distillation, search trials, benches): it may change
     the Trainer's class and keyword arguments before the Trainer is built, and the result after ``fit``."""
 
+    added_train_rows = 0  # rows ``configure`` appends to the training set (counted in the step plan)
+
     def configure(self, trainer_cls: type, kwargs: dict) -> type:
         """Called with the Trainer class and the keyword arguments it will get; returns the class to build."""
         return trainer_cls
