@@ -11,6 +11,11 @@
     # the bf16 decision: all-r24 in fp32 and in bf16 autocast, 6,000 rows, 2 seeds, paired on validation
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes all-fp32,all-bf16 --rows 6000 --seeds 2 --workdir runs/accuracy-bf16 \
         --reference all-fp32 --table bf16
+    # the ceiling (full fine-tuning of MiniLM, lr chosen on validation) on all rows:
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes ceil-lr2e-5,ceil-lr5e-5,ceil-lr1e-4,ceiling --reference ceil-lr5e-5 --table ceiling
+    # unlabelled text: 3,000 labelled rows, the other training texts without labels
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,unl-teacher,unl-w0.5,unl-w1,unl-chosen,unl6k-w1 --rows 3000 \
+        --workdir runs/accuracy-unl --reference unl-teacher --table unlabelled
     # the fast variant on all rows (fast-full: fast-ep1 read on test only if it trained within plain's time):
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,fast-ep1,fast-full --workdir runs/accuracy --reference plain --table fast-full
 
@@ -202,6 +207,24 @@ RECIPES: dict[str, dict] = {
                   "what": "protocol smoke test: full fine-tuning of a 2-layer random-init roberta"},
     "tiny-ceiling": {"best_of": ["tiny-full"], "final": True,
                      "what": "protocol smoke test: tiny-full's best checkpoint, read on the test set"},
+    # unlabelled text (run with --rows 3000, the demo's labelled rows): the teacher is the demo's recipe on the labelled
+    # rows; the student (the same recipe, 1 epoch over labelled + unlabelled rows) learns the teacher's soft labels
+    # on the texts --rows left out (labels dropped) or 6,000 of them; the weight of an unlabelled row is chosen on
+    # validation, and the choice is read on the test set beside the teacher (the same recipe on labelled rows alone)
+    "unl-teacher": {"config": "configs/demo.yaml", "final": True, "overrides": ALL3,
+                    "what": "the demo's recipe (all six kinds r=24, 3 epochs) on the labelled rows alone"},
+    **{f"unl-w{w}": {"config": "configs/demo.yaml", "teacher": "unl-teacher", "unlabelled": "unlabelled.csv",
+                     "overrides": [*ALL, "distill.temperature=2", "distill.alpha=0.5", f"distill.unlabelled_weight={w}"],
+                     "what": f"1 epoch over labelled + all unlabelled rows, taught by unl-teacher, unlabelled weight {w}"}
+       for w in ("0.5", "1")},
+    "unl-chosen": {"best_of": ["unl-w0.5", "unl-w1"], "final": True,
+                   "what": "the unlabelled weight with the better validation, on the test set"},
+    "unl6k-w1": {"config": "configs/demo.yaml", "teacher": "unl-teacher", "unlabelled": "unlabelled-6000.csv",
+                 "final": True, "overrides": [*ALL, "distill.temperature=2", "distill.alpha=0.5",
+                                              "distill.unlabelled_weight=1"],
+                 "what": "1 epoch over labelled + 6,000 unlabelled rows, taught by unl-teacher, unlabelled weight 1"},
+    "tiny-unl": {"config": "configs/demo.yaml", "teacher": "tiny", "unlabelled": "unlabelled.csv", "overrides": TINY,
+                 "what": "protocol smoke test: tiny taught by tiny on the unlabelled rows"},
     "tiny": {"config": "configs/demo.yaml", "what": "protocol smoke test: 2-layer random-init roberta",
              "overrides": TINY},
     "tiny-chosen": {"test_of": "tiny", "final": True, "what": "protocol smoke test: tiny's run, read on the test set"},
@@ -255,14 +278,21 @@ def prepare_data(workdir: Path, source: Path, test: Path, rows: int | None, val_
     train, val = train_test_split(pool, test_size=val_rows, random_state=seed, stratify=pool["label"])
     in_val = normalise(train["text"]).isin(set(normalise(val["text"])))
     train = train[~in_val]
+    unlabelled = train.iloc[:0]
     if rows and rows < len(train):
-        train, _ = train_test_split(train, train_size=rows, random_state=seed, stratify=train["label"])
+        train, unlabelled = train_test_split(train, train_size=rows, random_state=seed, stratify=train["label"])
     check_disjoint(train, val, test_df)
+    unlabelled = unlabelled[~normalise(unlabelled["text"]).isin(set(normalise(train["text"])))]
+    unlabelled = unlabelled[~normalise(unlabelled["text"]).duplicated()]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, df in (("train", train), ("validation", val), ("test", test_df)):
         df.to_csv(tmp / f"{name}.csv", index=False)
+    # the training rows --rows left out, labels dropped: the unlabelled-text lever's files (all, and 6,000 of them)
+    unlabelled[["text"]].to_csv(tmp / "unlabelled.csv", index=False)
+    unlabelled[["text"]].sample(n=min(6000, len(unlabelled)), random_state=seed).to_csv(tmp / "unlabelled-6000.csv",
+                                                                                        index=False)
     info = {"key": key, "rows": {"train": len(train), "validation": len(val), "test": len(test_df)},
             "dropped": {"train_in_test": int(in_test.sum()), "train_in_validation": int(in_val.sum())}}
     (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
@@ -360,6 +390,8 @@ def run_newslora(name: str, spec: dict, seed: int, data: Path, workdir: Path, lo
             if not (teachers[-1].is_dir() and Run(teachers[-1]).status() == "completed"):
                 raise RuntimeError(f"{name} is taught by {t}'s run, which is not finished: run --recipes {t} first")
         overrides.append(f"distill.teachers=[{','.join(map(str, teachers))}]")
+    if spec.get("unlabelled"):
+        overrides.append(f"distill.unlabelled={data / spec['unlabelled']}")
 
     run = Run(run_dir)
     if run.path.is_dir() and run.status() == "completed" and run.read_eval():

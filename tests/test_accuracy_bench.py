@@ -158,3 +158,28 @@ def test_the_parallel_sweep_runs_teachers_and_choices_after_the_runs_they_need(f
         names = tar.getnames()
     assert "work/results/tiny-kd-s42.json" in names and not [n for n in names if "checkpoints" in n]
     assert (out / f"adapter-{best['chosen']}-s42.tgz").is_file()
+
+
+def test_unlabelled_files_hold_the_left_out_training_texts_only(bench, files, tmp_path):
+    pool, test, _ = files
+    bench.prepare_data(tmp_path / "work", pool, test, rows=120, val_rows=40, test_rows=None)
+    d = tmp_path / "work" / "data"
+    train, val, unl, unl6k, tst = (pd.read_csv(d / f"{n}.csv") for n in
+                                   ("train", "validation", "unlabelled", "unlabelled-6000", "test"))
+    assert list(unl.columns) == ["text"] and list(unl6k.columns) == ["text"]  # no labels
+    norm = {n: set(bench.normalise(df.text)) for n, df in (("train", train), ("val", val), ("test", tst))}
+    assert not set(bench.normalise(unl.text)) & (norm["train"] | norm["val"] | norm["test"])
+    assert len(train) == 120 and len(unl) > 200 and set(unl6k.text) <= set(unl.text)
+
+
+@pytest.mark.slow  # full fine-tuning of a tiny model, then its best checkpoint read on the test set
+def test_ceiling_trains_every_weight_and_reads_test_from_the_kept_checkpoint(bench, files, tmp_path):
+    pool, test, _ = files
+    work = tmp_path / "work"
+    assert bench.main(["--recipes", "tiny-full,tiny-ceiling", "--source", str(pool), "--test", str(test),
+                       "--val-rows", "40", "--workdir", str(work), "--reference", "tiny-full", "--output", "-"]) == 0
+    full = json.loads((work / "results" / "tiny-full-s42.json").read_text())
+    ceiling = json.loads((work / "results" / "tiny-ceiling-s42.json").read_text())
+    assert full["trainable"] > 1_000_000 and full["test"] is None  # every weight; test unread while choosing
+    assert (work / "runs" / "tiny-full-s42" / "best" / "model.safetensors").is_file()
+    assert ceiling["chosen"] == "tiny-full" and ceiling["test"]["n"] == len(pd.read_csv(test))
