@@ -11,6 +11,8 @@
     # the bf16 decision: all-r24 in fp32 and in bf16 autocast, 6,000 rows, 2 seeds, paired on validation
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes all-fp32,all-bf16 --rows 6000 --seeds 2 --workdir runs/accuracy-bf16 \
         --reference all-fp32 --table bf16
+    # base size on every row (after `bash scripts/install_mpnet.sh`; hours each on 2 cores, resumable):
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpfull-all-r2-ep2,mpfull-qv-r8,mpfull-qv-r8-ep2 --reference mpfull-qv-r8 --table mpnet-full
     # the ceiling (full fine-tuning of MiniLM, lr chosen on validation) on all rows:
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes ceil-lr2e-5,ceil-lr5e-5,ceil-lr1e-4,ceiling --reference ceil-lr5e-5 --table ceiling
     # unlabelled text: 3,000 labelled rows, the other training texts without labels
@@ -192,6 +194,15 @@ RECIPES: dict[str, dict] = {
     "mpnet-all-r2-ep2": {"config": "configs/demo.yaml", "final": True,
                          "overrides": [*MP, *LAYOUTS["all-r2"][0], "train.epochs=2", "train.eval_steps=188"],
                          "what": "mpnet-base, LoRA r=2 on all six linear kinds, full head, 2 epochs"},
+    # base size on every row (20,490): validation and a checkpoint three times an epoch (1,281 steps at batch 16), so
+    # a run of hours continues from its last checkpoint after an interruption; each read once on the test set
+    "mpfull-all-r2-ep2": {"config": "configs/demo.yaml", "final": True,
+                          "overrides": [*MP, *LAYOUTS["all-r2"][0], "train.epochs=2", "train.eval_steps=427"],
+                          "what": "mpnet-base, all rows, LoRA r=2 on all six linear kinds, full head, 2 epochs"},
+    **{f"mpfull-qv-r8{sfx}": {"config": "configs/demo.yaml", "final": True,
+                              "overrides": [*MP, *LAYOUTS["qv-r8"][0], f"train.epochs={ep}", "train.eval_steps=427"],
+                              "what": f"mpnet-base, all rows, the seeds' LoRA r=8 on q,v, {ep} epoch{'s' if ep > 1 else ''}"}
+       for sfx, ep in (("", 1), ("-ep2", 2))},
     # the fast variant on all rows: fast-ep1 alone (the candidate chosen at 6,000 rows), read on the test set only
     # if it trained within plain's time
     "fast-full": {"best_of": ["fast-ep1"], "within_time_of": "plain", "final": True,
