@@ -137,6 +137,10 @@ class TrainConfig:
     # the host); 0 on a CPU-only run, where a worker would take a core from the model
     dataloader_workers: int = 0
     seed: int = 42
+    # experiment tracking through the Trainer's integrations (newslora[tracking]); tracking_uri: the MLflow store
+    # (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db)
+    report_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
+    tracking_uri: str | None = None
 
     def check(self):
         _positive("train.lr", self.lr)

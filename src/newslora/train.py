@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArguments, set_seed
 
-from . import distributed, methods
+from . import distributed, methods, tracking
 from .config import Recipe
 from .data import Splits, load_splits, tokenize
 from .distill import Distiller
@@ -83,6 +83,7 @@ def prepare(recipe: Recipe):
     the method's schedule, ``budget.auto_fit`` (sets the recipe's rank in place) and the budget (meta device).
     Returns (tokenizer, splits, breakdown)."""
     check_quantization(recipe.model.quantization)
+    tracking.check_available(recipe.train.report_to)
     resolve_precision(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     check_max_length(recipe)
@@ -209,6 +210,8 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
         with distributed.local_main_first():
             hooks.append(Distiller(recipe, splits))
     run.mkdir()
+    if recipe.train.report_to:  # the MLflow run starts (and its store is opened) once the run folder exists
+        hooks.append(tracking.Tracker(recipe, run, b))
     distributed.barrier()  # the folder exists before any rank goes on
     return _build(recipe, run, tokenizer, splits, resume is not None, list(callbacks), hooks,
                   trainer_cls or NewsloraTrainer, b.fit)
@@ -261,7 +264,7 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         # a method may train to the end of a schedule (AdaLoRA) instead of keeping the best validation checkpoint
         save_total_limit=t.save_total_limit, load_best_model_at_end=method.keeps_best_checkpoint,
         metric_for_best_model=f"eval_{t.metric}", greater_is_better=t.metric != "loss",
-        logging_steps=t.logging_steps, logging_first_step=True, report_to="none", seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, logging_first_step=True, report_to=tracking.trainer_report_to(t.report_to), seed=t.seed, data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
         remove_unused_columns=False, torch_compile=t.torch_compile,
         torch_compile_mode=t.compile_mode if t.torch_compile else None, dataloader_pin_memory=torch.cuda.is_available(),
@@ -284,7 +287,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                   optimizers=(method.optimizer(model, recipe), None))
     for hook in hooks:
         trainer_cls = hook.configure(trainer_cls, kwargs)
-    with compile_settings(t.torch_compile, regions=t.compile_regions):
+    with (compile_settings(t.torch_compile, regions=t.compile_regions),
+          tracking.tensorboard_dir(run.path, t.report_to)):  # both read the environment when the Trainer is built
         trainer = trainer_cls(**kwargs)  # the Trainer's Accelerator reads its compile settings when it is built
     # Sequence classifiers accept **kwargs but ignore num_items_in_batch; without this the Trainer would skip
     # averaging over gradient-accumulation steps and the loss (and gradients) would be grad_accum times too large.
@@ -316,6 +320,8 @@ def fit(s: Setup) -> RunResult:
                    else "failed")
         run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else one_line(e))
         run.relativize_checkpoints()
+        for hook in s.hooks:
+            hook.abort(outcome)
         for cb in trainer.callback_handler.callbacks:
             if isinstance(cb, ReadableProgress):
                 cb.close()

@@ -34,6 +34,9 @@ class TrainHook:
         """Called with ``fit``'s :class:`~newslora.train.RunResult` once the run folder is complete."""
         return result
 
+    def abort(self, outcome: str) -> None:
+        """Called when training stopped by an exception (``outcome``: interrupted, terminated or failed)."""
+
 
 def optimizer_steps(n_train: int, t, processes: int | None = None) -> int:
     """The number of optimizer steps the Trainer will take (same formula as ``Trainer.set_initial_training_values``).
