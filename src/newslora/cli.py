@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -42,11 +43,11 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except NewsloraError as e:
             if say:
-                err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except Terminated as e:  # SIGTERM during training: the run folder records it, the message says how to resume
             if say:
-                err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(128 + 15)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")

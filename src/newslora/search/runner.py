@@ -201,6 +201,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
 
     from rich.markup import escape
 
+    from .. import tracking
     from .. import train as train_mod
     from ..model import count_trainable
 
@@ -255,8 +256,9 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
                       reason=f"over budget: {b.total:,} trainable > budget.max_params={b.budget:,} (not trained)")
     metric = recipe.train.metric
     callback = make_pruning_callback(trial, metric)
-    try:
-        res = train_mod.train(recipe, run_dir=run_dir, extra_callbacks=[callback], evaluate_test=False)
+    try:  # with train.report_to=[mlflow], the trial's MLflow run is nested under the study's
+        with tracking.study_run(recipe.train.report_to, recipe.train.tracking_uri, job.study_name, out):
+            res = train_mod.train(recipe, run_dir=run_dir, extra_callbacks=[callback], evaluate_test=False)
     except optuna.TrialPruned as e:
         _mark_run(run_dir, "pruned", pruned=str(e))
         return finish(TrialState.PRUNED, reason=str(e))
