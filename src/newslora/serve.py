@@ -6,7 +6,9 @@ request's future on the event loop; the event loop itself only parses, validates
 answered 503 with Retry-After. Input is bounded: body bytes (413), texts per request (413), UTF-8 bytes per text
 (413), empty or invalid-Unicode text (422); with ``max_length`` truncation that bounds the tokens per request to
 ``max_texts * max_length``. ``/metrics`` exposes Prometheus metrics; a bearer token (``NEWSLORA_API_TOKEN``)
-guards ``/classify``, ``/labels`` and ``/metrics`` when set, and is required to bind a non-loopback host.
+guards ``/classify``, ``/labels``, ``/model`` and ``/metrics`` when set, and is required to bind a non-loopback
+host. ``/`` is a page (``static/page.html``) that classifies pasted headlines through those routes; it opens without
+a token and asks for one when the server answers 401.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
@@ -227,10 +230,26 @@ def _metrics(registry):
     }
 
 
+def model_facts(model_path: str | Path, label_names: list[str]) -> dict:
+    """What ``/model`` (and the page) shows: the model's name, labels, trainable parameters, budget and test
+    accuracy, from its run folder (run.json, eval.json) or, for an exported folder, the run its newslora.json names;
+    None where a folder does not record it."""
+    from .run import MODEL_META, Run, read_json
+
+    path = Path(model_path)
+    origin = read_json(path / MODEL_META).get("run")
+    run = Run(path / origin if isinstance(origin, str) else path)
+    info, ev = run.read_info(), run.read_eval()
+    trainable = info.get("trainable") if isinstance(info.get("trainable"), dict) else {}
+    return {"name": info.get("name") or path.resolve().name, "labels": list(label_names),
+            "method": info.get("method"), "backbone": info.get("backbone"), "trainable": trainable.get("total"),
+            "budget": trainable.get("budget"), "test_accuracy": (ev.get("test") or {}).get("accuracy")}
+
+
 def create_app(model_path: str | Path, classifier=None, options: ServeOptions | None = None,
                runtime: str | None = None) -> FastAPI:
-    """The app: ``POST /classify {"texts": [...]}``, ``GET /labels``, ``GET /health``, ``GET /metrics``,
-    OpenAPI docs at ``/docs``. The inference worker starts and stops with the app's lifespan."""
+    """The app: ``POST /classify {"texts": [...]}``, ``GET /labels``, ``GET /model``, ``GET /health``,
+    ``GET /metrics``, the page at ``/``, OpenAPI docs at ``/docs``. The inference worker starts and stops with the app's lifespan."""
     from prometheus_client import CollectorRegistry, Gauge
     from prometheus_fastapi_instrumentator import Instrumentator
 
@@ -287,6 +306,17 @@ def create_app(model_path: str | Path, classifier=None, options: ServeOptions | 
     def health():
         return {"status": "ok", "model": str(model_path), "runtime": clf.runtime,
                 "queue": worker.queue.qsize(), "max_queue": opts.max_queue}
+
+    facts = model_facts(model_path, clf.label_names)
+    page = resources.files(__package__).joinpath("static", "page.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    def index():  # no token: a browser opening the page cannot send one; the page asks for it
+        return HTMLResponse(page)
+
+    @app.get("/model", dependencies=[Depends(authorized)])
+    def model():
+        return facts
 
     @app.get("/labels", dependencies=[Depends(authorized)])
     def labels():
