@@ -161,3 +161,28 @@ def test_comparison_report_renders(browser, tiny_run, tmp_path):
     assert browser.find_element(By.CSS_SELECTOR, "table").size["height"] > 20
     widths = browser.execute_script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
     assert len(widths) >= 2 and all(w > 0 for w in widths), widths
+
+
+def test_page_and_model_routes(tiny_model_dir, tiny_run):
+    """``/`` opens without a token; ``/model`` is guarded like ``/classify`` and reads the model folder."""
+    from fastapi.testclient import TestClient
+
+    from newslora.predict import load_classifier
+    from newslora.serve import ServeOptions, create_app
+
+    clf = load_classifier(tiny_model_dir)
+    with TestClient(create_app(tiny_model_dir, classifier=clf, options=ServeOptions(token=TOKEN))) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'id="texts"' in page.text and "/classify" in page.text
+        assert c.get("/model").status_code == 401
+        facts = c.get("/model", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    # a standalone folder that records no run: its own name and labels, nothing invented
+    assert facts == {"name": tiny_model_dir.name, "labels": clf.label_names, "method": None, "backbone": None,
+                     "trainable": None, "budget": None, "test_accuracy": None}
+    with TestClient(create_app(tiny_run.run_dir)) as c:
+        facts = c.get("/model").json()
+    info = json.loads((tiny_run.run_dir / "run.json").read_text())
+    assert facts["trainable"] == info["trainable"]["total"] and facts["budget"] == info["trainable"]["budget"]
+    assert facts["test_accuracy"] == json.loads((tiny_run.run_dir / "eval.json").read_text())["test"]["accuracy"]
+    assert facts["name"] == info["name"] and facts["method"] == info["method"]

@@ -62,7 +62,12 @@ def use_store(uri: str, home: Path) -> None:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     if mlflow.get_experiment_by_name(name) is None:
         local = uri == f"sqlite:///{Path(home).resolve() / STORE}"
-        mlflow.create_experiment(name, artifact_location=(Path(home).resolve() / ARTIFACTS).as_uri() if local else None)
+        try:
+            mlflow.create_experiment(name, artifact_location=(Path(home) / ARTIFACTS).resolve().as_uri() if local
+                                     else None)
+        except mlflow.exceptions.MlflowException:  # created by another process meanwhile
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
     mlflow.set_experiment(name)
 
 
@@ -190,25 +195,39 @@ class Tracker(TrainHook):
         os.environ.update(self.hidden)
 
 
-@contextmanager
-def study_run(report_to: list[str], configured_uri: str | None, study: str, output: Path):
-    """Around one search trial: the study's parent MLflow run (found by its tag, or created) is active, so the
-    trial's run (:class:`Tracker`) is nested under it. The store is the trials' (``train.tracking_uri``,
-    ``$MLFLOW_TRACKING_URI``, else ``<output>/mlflow.db``)."""
+def study_parent(report_to: list[str], configured_uri: str | None, study: str, output: Path) -> str | None:
+    """The id of the study's parent MLflow run, found by its tag or created (``newslora search`` creates it once
+    before its workers start); None without ``mlflow`` in ``report_to``. The store is the trials' own
+    (``train.tracking_uri``, ``$MLFLOW_TRACKING_URI``, else ``<output>/mlflow.db``)."""
     if "mlflow" not in report_to:
-        yield
-        return
+        return None
     import mlflow
 
     output = Path(output)
     use_store(tracking_uri(configured_uri, output), output)
+    client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
-    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'",
-                               output_format="list", max_results=1, order_by=["attributes.start_time ASC"])
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'",
+                               max_results=1, order_by=["attributes.start_time ASC"])
     if found:
-        mlflow.start_run(run_id=found[0].info.run_id)
-    else:
-        mlflow.start_run(run_name=f"study {study}", tags={STUDY_TAG: study, RUN_DIR_TAG: str(output.resolve())})
+        return found[0].info.run_id
+    run = client.create_run(exp.experiment_id, run_name=f"study {study}",
+                            tags={STUDY_TAG: study, RUN_DIR_TAG: str(output.resolve())})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@contextmanager
+def study_run(report_to: list[str], configured_uri: str | None, study: str, output: Path):
+    """Around one search trial: the study's parent MLflow run is active, so the trial's run (:class:`Tracker`)
+    is nested under it."""
+    parent = study_parent(report_to, configured_uri, study, output)
+    if parent is None:
+        yield
+        return
+    import mlflow
+
+    mlflow.start_run(run_id=parent)
     try:
         yield
     finally:

@@ -84,6 +84,8 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
                 con.print("[yellow]note: the space cannot express the base recipe's values; no baseline "
                           "trial[/yellow]")
     write_file_atomic(out / "base.yaml", lambda tmp: tmp.write_text(recipe.to_yaml()))
+    # train.report_to=[mlflow]: the study's MLflow run, created once here; each trial's run is nested under it
+    tracking.study_parent(recipe.train.report_to, recipe.train.tracking_uri, study_name, out)
     write_file_atomic(out / "space.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(space.raw, sort_keys=False)))
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
