@@ -208,3 +208,21 @@ def test_missing_tracking_library_is_one_error_line(tmp_path):
     assert p.returncode != 0 and len(lines) == 1, p.stdout + p.stderr
     assert lines[0].startswith("error:") and "newslora[tracking]" in lines[0] and "mlflow" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_interrupted_run_ends_killed_in_mlflow(tmp_path, clean_mlflow_env, mlflow_server):
+    """Ctrl-C during training: the MLflow run is ended as KILLED (not left running), with what was logged so far."""
+    import mlflow
+    from conftest import ctrl_c_after
+
+    from newslora.train import train
+
+    run_dir = tmp_path / "stopped"
+    over = {**FAST, "train.report_to": "[mlflow]", "train.tracking_uri": mlflow_server["url"]}
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe(None, tiny_overrides(**over)), run_dir=run_dir, extra_callbacks=[ctrl_c_after(2)])
+    assert mlflow.active_run() is None
+    client, mrun = the_mlflow_run(mlflow_server["url"], run_dir)
+    assert mrun.info.status == "KILLED" and mrun.data.params["recipe.train.report_to"] == "['mlflow']"
+    logged = list(pd.read_csv(run_dir / "metrics_steps.csv").dropna(subset=["loss"])["step"])
+    assert logged and [h.step for h in client.get_metric_history(mrun.info.run_id, "loss")] == logged
