@@ -226,3 +226,14 @@ def test_interrupted_run_ends_killed_in_mlflow(tmp_path, clean_mlflow_env, mlflo
     assert mrun.info.status == "KILLED" and mrun.data.params["recipe.train.report_to"] == "['mlflow']"
     logged = list(pd.read_csv(run_dir / "metrics_steps.csv").dropna(subset=["loss"])["step"])
     assert logged and [h.step for h in client.get_metric_history(mrun.info.run_id, "loss")] == logged
+
+
+def test_tracking_uri_without_mlflow_is_refused(tmp_path):
+    from newslora.errors import NewsloraError
+    from newslora.train import train
+
+    recipe = load_recipe(None, tiny_overrides(**{"train.report_to": "[tensorboard]",
+                                                 "train.tracking_uri": "http://127.0.0.1:1"}))
+    with pytest.raises(NewsloraError, match=r"train.tracking_uri=.* train.report_to has no mlflow"):
+        train(recipe, run_dir=tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []

@@ -35,17 +35,21 @@ ARTIFACT_FILES = ("recipe.yaml", "run.json", "eval.json", "metrics_steps.csv", "
 NEEDS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # report_to entry -> the module it imports
 
 
-def check_available(report_to: list[str]) -> None:
-    """Refuse, before anything is written, a ``train.report_to`` whose library is not installed."""
-    missing = [NEEDS[r] for r in report_to if importlib.util.find_spec(NEEDS[r]) is None]
+def check(t) -> None:
+    """Refuse, before anything is written, a ``train.report_to`` whose library is not installed, and a
+    ``train.tracking_uri`` that nothing would use (``t``: the recipe's train section)."""
+    missing = [NEEDS[r] for r in dict.fromkeys(t.report_to) if importlib.util.find_spec(NEEDS[r]) is None]
     if missing:
-        raise NewsloraError(f"train.report_to={list(report_to)} needs {' and '.join(missing)}, which is not "
-                            "installed: pip install 'newslora[tracking]' (or drop it from train.report_to)")
+        raise NewsloraError(f"train.report_to={list(t.report_to)} needs {' and '.join(missing)}, not installed: "
+                            "pip install 'newslora[tracking]' (or drop it from train.report_to)")
+    if t.tracking_uri and "mlflow" not in t.report_to:
+        raise NewsloraError(f"train.tracking_uri={t.tracking_uri} is set but train.report_to has no mlflow: add it "
+                            "(train.report_to=[mlflow]) or drop train.tracking_uri")
 
 
 def trainer_report_to(report_to: list[str]) -> list[str] | str:
-    """``TrainingArguments.report_to``: the integrations asked for, or ``"none"``."""
-    return list(report_to) or "none"
+    """``TrainingArguments.report_to``: the integrations asked for (each once), or ``"none"``."""
+    return list(dict.fromkeys(report_to)) or "none"
 
 
 def tracking_uri(configured: str | None, home: Path) -> str:

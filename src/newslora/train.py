@@ -83,7 +83,7 @@ def prepare(recipe: Recipe):
     the method's schedule, ``budget.auto_fit`` (sets the recipe's rank in place) and the budget (meta device).
     Returns (tokenizer, splits, breakdown)."""
     check_quantization(recipe.model.quantization)
-    tracking.check_available(recipe.train.report_to)
+    tracking.check(recipe.train)
     resolve_precision(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     check_max_length(recipe)

@@ -36,7 +36,7 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
         raise NewsloraError(f"--workers {workers}: give at least 1")
     if heartbeat < 1:
         raise NewsloraError(f"--heartbeat {heartbeat}: give a whole number of seconds, at least 1")
-    tracking.check_available(recipe.train.report_to)  # before any trial starts
+    tracking.check(recipe.train)  # before any trial starts
     space = space if isinstance(space, Space) else load_space(space, recipe)
     if pruner is not None:
         _pruner_spec(pruner, "--pruner")
