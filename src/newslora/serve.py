@@ -249,7 +249,8 @@ def model_facts(model_path: str | Path, label_names: list[str]) -> dict:
 def create_app(model_path: str | Path, classifier=None, options: ServeOptions | None = None,
                runtime: str | None = None) -> FastAPI:
     """The app: ``POST /classify {"texts": [...]}``, ``GET /labels``, ``GET /model``, ``GET /health``,
-    ``GET /metrics``, the page at ``/``, OpenAPI docs at ``/docs``. The inference worker starts and stops with the app's lifespan."""
+    ``GET /metrics``, the page at ``/``, OpenAPI docs at ``/docs``. The inference worker starts and stops with the
+    app's lifespan."""
     from prometheus_client import CollectorRegistry, Gauge
     from prometheus_fastapi_instrumentator import Instrumentator
 

@@ -264,7 +264,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         # a method may train to the end of a schedule (AdaLoRA) instead of keeping the best validation checkpoint
         save_total_limit=t.save_total_limit, load_best_model_at_end=method.keeps_best_checkpoint,
         metric_for_best_model=f"eval_{t.metric}", greater_is_better=t.metric != "loss",
-        logging_steps=t.logging_steps, logging_first_step=True, report_to=tracking.trainer_report_to(t.report_to), seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, logging_first_step=True, seed=t.seed, data_seed=t.seed,
+        report_to=tracking.trainer_report_to(t.report_to),  # the Trainer's TensorBoard / MLflow callbacks
         train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
         remove_unused_columns=False, torch_compile=t.torch_compile,
         torch_compile_mode=t.compile_mode if t.torch_compile else None, dataloader_pin_memory=torch.cuda.is_available(),
