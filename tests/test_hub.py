@@ -22,11 +22,6 @@ TINY_RUN = ["model.max_length=48", "data.validation_size=40", "train.max_steps=4
             "train.epochs=1"]
 
 
-@pytest.fixture(scope="session")
-def hub_cache(tmp_path_factory) -> Path:
-    return hubcache.build(tmp_path_factory.mktemp("hf-home"))
-
-
 def newslora(cache: Path, cwd: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     run_env = {**os.environ, **hubcache.env(cache), "PYTHONPATH": str(REPO / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "newslora", *map(str, args)], cwd=cwd, env=run_env,
