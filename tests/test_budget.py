@@ -26,7 +26,7 @@ HEAD = H * H + H + H * LABELS + LABELS  # RoBERTa head: dense 768x768 + out_proj
 SHAPES = {"query": (H, H), "key": (H, H), "value": (H, H), "attention.output.dense": (H, H),
           "intermediate.dense": (H, FF), "output.dense": (FF, H)}  # (d_in, d_out)
 METHODS = ["lora", "adalora", "dora", "rslora", "pissa", "loraplus", "vera"]
-SEEDS = ["seed-000-adalora", "seed-001-lora-r4", "seed-002-lora-r10", "seed-003-teacher", "seed-003-student",
+RECIPES = ["seed-000-adalora", "seed-001-lora-r4", "seed-002-lora-r10", "seed-003-teacher", "seed-003-student",
          "seed-003-tuned", "seed-003-reduced", "seed-004-lora-r6-qkv", "targeted", "competition-starter"]
 PUBLISHED = {"seed-003-student": 888_580, "seed-003-tuned": 888_580,  # seed 003's "LoRA only" and "Tuned" rows
              "seed-004-lora-r6-qkv": 925_444}  # the only counts a seed prints that a recipe reproduces
@@ -106,9 +106,9 @@ def test_head_lora_counts_dense_lora_and_out_proj():
 # ----------------------------------------------------------------------------- seed recipes
 
 
-def _seed_counts() -> dict:
+def _recipe_counts() -> dict:
     out = {}
-    for name in SEEDS:
+    for name in RECIPES:
         r = cli("budget", "--config", REPO / "configs" / f"{name}.yaml", RB, "--json")
         assert r.exit_code == 0, r.output
         out[name] = json.loads(r.stdout)
@@ -117,11 +117,11 @@ def _seed_counts() -> dict:
 
 @pytest.fixture(scope="module")
 def seed_counts():
-    return _seed_counts()
+    return _recipe_counts()
 
 
 def test_seed_recipes_count_exactly(seed_counts):
-    for name in SEEDS:
+    for name in RECIPES:
         d = seed_counts[name]
         assert isinstance(d["trainable"], int) and d["fits"], name
         recipe = load_recipe(REPO / "configs" / f"{name}.yaml", [RB])
@@ -133,7 +133,7 @@ def test_seed_recipes_count_exactly(seed_counts):
 
 def test_readme_lists_the_exact_counts(seed_counts):
     readme = (REPO / "configs" / "README.md").read_text()
-    for name in SEEDS:
+    for name in RECIPES:
         line = next((ln for ln in readme.splitlines() if f"{name}.yaml" in ln and "|" in ln), None)
         assert line is not None, f"{name}.yaml missing from configs/README.md"
         assert f"{seed_counts[name]['trainable']:,}" in line, (name, line)

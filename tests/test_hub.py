@@ -69,8 +69,8 @@ def test_the_alias_loads_the_hub_id_not_a_folder_of_that_name(hub_cache, tmp_pat
 
 def test_the_hub_ids_read_the_same_cache(hub_cache, tmp_path):
     """``FacebookAI/roberta-base`` and ``fancyzhx/ag_news`` as written: the count and the data set's rows."""
-    r = newslora(hub_cache, tmp_path, "budget", "model.backbone=FacebookAI/roberta-base", "data.source=fancyzhx/ag_news",
-                 "--json")
+    r = newslora(hub_cache, tmp_path, "budget", "model.backbone=FacebookAI/roberta-base",
+                 "data.source=fancyzhx/ag_news", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["trainable"] < 20_000  # the cache's tiny model
     code = ("from newslora.config import DataConfig; from newslora.data import load_splits;"

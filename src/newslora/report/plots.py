@@ -1,4 +1,5 @@
-"""PNG plots of one run: loss (per step and per epoch), accuracy, P/R/F1, confusion matrix, per-class F1, label distribution, AdaLoRA ranks."""
+"""PNG plots of one run: loss (per step and per epoch), accuracy, P/R/F1, confusion matrix, per-class F1, label
+distribution, AdaLoRA ranks."""
 from __future__ import annotations
 
 import logging
