@@ -139,6 +139,17 @@ def test_readme_lists_the_exact_counts(seed_counts):
         assert f"{seed_counts[name]['trainable']:,}" in line, (name, line)
 
 
+def test_every_value_of_a_seed_recipe_names_its_source():
+    """Each value in configs/seed-*.yaml says where it comes from: ``# seed N`` (stated by that seed) or ``# ours``."""
+    for path in sorted((REPO / "configs").glob("seed-*.yaml")):
+        seed = re.match(r"seed-(\d{3})", path.name).group(1)
+        for line in path.read_text().splitlines():
+            if line.startswith(("#", "name:")) or not line.strip() or re.match(r"^\s*[\w.]+:\s*$", line):
+                continue  # comments, blank lines, section headers, the run name
+            comment = line.split("#", 1)[1] if "#" in line else ""
+            assert re.search(rf"\bseed {seed}\b|\bours\b", comment), f"{path.name}: {line.strip()}"
+
+
 def test_seed_003_targeted_count_is_reached_only_on_all_layers(seed_counts):
     """Seed 003 prints 796,420 for its targeted layout: not reachable on its five layers with the full head (the
     adapter would be 264 * 768, and five identical layers give a multiple of 5 * 768), exact on all 12 layers
