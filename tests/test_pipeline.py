@@ -238,7 +238,7 @@ def test_offline_hub_model_is_one_clear_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra, count", [
     (["lora.r=4"], 741_124), (["lora.r=8"], 888_580), (["lora.r=6", "lora.target_modules=[query,key,value]"], 925_444),
 ])
-def test_published_roberta_counts(extra, count):
+def test_roberta_base_counts_from_the_cli(extra, count):
     r = cli("budget", f"model.backbone={ROBERTA}", *extra, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["trainable"] == count

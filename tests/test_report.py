@@ -22,10 +22,10 @@ from newslora.errors import NewsloraError
 from newslora.report import compare_runs, finalize_run, plot_run, write_model_card, write_workbook
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-BASE_PLOTS = {"loss.png", "accuracy.png", "prf.png", "confusion_test.png", "per_class_f1.png",
+BASE_PLOTS = {"loss.png", "loss_epochs.png", "accuracy.png", "prf.png", "confusion_test.png", "per_class_f1.png",
               "label_distribution.png"}
 SHEETS = {"summary", "epochs", "steps", "per_class", "confusion"}
-CURVES = {"loss.png", "accuracy.png", "prf.png"}
+CURVES = {"loss.png", "loss_epochs.png", "accuracy.png", "prf.png"}  # the epoch row written at the interruption
 
 
 # --------------------------------------------------------------------------- real runs
@@ -107,6 +107,17 @@ def test_plot_run_falls_back_to_epoch_metrics(runs):
     (run / "metrics_steps.csv").unlink()
     names = {p.name for p in plot_run(run)}
     assert {"loss.png", "accuracy.png", "prf.png"} <= names
+
+
+def test_loss_per_epoch_plot_reads_the_epoch_file(runs):
+    """loss_epochs.png: training and validation loss against epochs, from metrics_epochs.csv alone."""
+    run = runs["lora"]
+    (run / "metrics_steps.csv").unlink()
+    (run / "metrics_epochs.csv").write_text("epoch,step,train_loss,eval_loss,eval_accuracy\n"
+                                            "1,10,1.30,1.20,0.40\n2,20,0.90,1.00,0.60\n3,30,0.60,0.95,0.70\n")
+    _assert_pngs([p for p in plot_run(run) if p.name == "loss_epochs.png"], {"loss_epochs.png"})
+    (run / "metrics_epochs.csv").write_text("epoch,step,eval_accuracy\n1,10,0.4\n")  # no loss columns: no plot
+    assert "loss_epochs.png" not in {p.name for p in plot_run(run)}
 
 
 # --------------------------------------------------------------------------- workbook

@@ -87,7 +87,7 @@ def test_create_and_open_refuse_what_they_cannot_use(tmp_path):
 
 
 @pytest.mark.parametrize("backbone, expected", [
-    ("minilm", "sentence-transformers/all-MiniLM-L6-v2"), ("roberta-base", "roberta-base"),
+    ("minilm", "sentence-transformers/all-MiniLM-L6-v2"), ("roberta-base", "FacebookAI/roberta-base"),
     ("FacebookAI/roberta-base", "FacebookAI/roberta-base"), ("/data/models/roberta", None), ("./local", None),
     ("", None)])
 def test_hub_id_of_a_backbone(backbone, expected):

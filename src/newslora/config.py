@@ -25,7 +25,8 @@ from .methods.vera import VeraSection  # noqa: F401
 
 # short backbone names newslora accepts, with the hub id of the same model (model cards, adapter configs)
 BACKBONE_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
-                    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+                    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+                    "roberta-base": "FacebookAI/roberta-base"}  # the id the hub serves roberta-base under today
 
 
 def hub_id(backbone: str) -> str | None:

