@@ -249,7 +249,7 @@ def test_loraplus_optimizer_gives_b_a_larger_lr(tiny_recipe):
     from newslora import methods
     from newslora.model import build_model
 
-    recipe = tiny_recipe(method="loraplus", **{"lora.loraplus_lr_ratio": 8})
+    recipe = tiny_recipe(method="loraplus", **{"loraplus.ratio": 8})
     model, _ = build_model(recipe, ["a", "b", "c", "d"])
     opt = methods.get("loraplus").optimizer(model, recipe)
     names = {id(p): n for n, p in model.named_parameters()}

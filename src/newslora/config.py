@@ -1,27 +1,30 @@
-"""Recipes: typed dataclasses loaded from YAML plus ``key=value`` overrides, validated up front.
+"""Recipes: pydantic models loaded from YAML plus ``key=value`` overrides, validated up front.
 
-A recipe is the whole description of a run. Every section is a dataclass; unknown keys, wrong types
-and impossible values raise :class:`NewsloraError` naming the key and the valid choices before any
-model or data is touched.
+A recipe is the whole description of a run. Every section is a :class:`~newslora.sections.Section` model (the
+methods bring their own sections); unknown keys, wrong kinds, non-finite numbers and impossible values are refused
+in one line naming the key and the valid choices, before any model or data is touched. :func:`json_schema` is the
+same definition as JSON Schema, for editors.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import math
+import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
+import annotated_types
 import yaml
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from . import methods
 from .errors import NewsloraError
-from .methods import positive as _positive
 from .methods.adalora import AdaLoraSection  # noqa: F401 - re-exported: the sections' old import path
 from .methods.lora import LoraSection  # noqa: F401
 from .methods.vera import VeraSection  # noqa: F401
+from .sections import Float, Int, List, Section, Str
 
 # short backbone names newslora accepts, with the hub id of the same model (model cards, adapter configs)
 BACKBONE_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
@@ -41,186 +44,250 @@ def hub_id(backbone: str) -> str | None:
     return name
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "roberta-base"  # hub id or local folder
-    max_length: int = 128
-    random_init: bool = False  # build from the config only (tests, speed benchmarks)
-    config_overrides: dict = field(default_factory=dict)  # e.g. {num_hidden_layers: 2} for tiny models
-    tokenizer: str | None = None  # defaults to the backbone
+# numpy's and torch's seeds are unsigned 32-bit
+MAX_SEED = 2**32 - 1
+# a mapping or list in a YAML recipe may not expand (aliases followed) to more values than this
+MAX_YAML_VALUES = 100_000
+
+
+def _finite_leaves(value: Any, key: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value} is not a finite number; give a real value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite_leaves(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite_leaves(v, f"{key}[{i}]")
+
+
+class ModelConfig(Section):
+    """The backbone and how texts reach it."""
+
+    backbone: Str = "roberta-base"
+    """hub id, local folder, or a short name (minilm, mpnet-base)"""
+    max_length: Int = Field(128, gt=0)
+    """tokens per text; longer texts are truncated (model.truncation)"""
+    truncation: Literal["head", "tail", "head_tail"] = "head"
+    """which tokens of a long text are kept: the first, the last, or both ends"""
+    random_init: bool = False
+    """build from the config only, no pretrained weights (tests, speed benchmarks)"""
+    config_overrides: dict = Field(default_factory=dict, examples=[{"num_hidden_layers": 2}])
+    """fields of the backbone's config to replace, e.g. {num_hidden_layers: 2} for tiny models"""
+    tokenizer: Str | None = None
+    """tokenizer hub id or folder; null: the backbone's"""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """attention kernel (families without SDPA fall back to eager)"""
     quantization: Literal["none", "4bit", "8bit"] = "none"
+    """load the frozen backbone in 4 or 8 bit (QLoRA; CUDA only)"""
 
-    def check(self):
-        _positive("model.max_length", self.max_length)
+    @field_validator("config_overrides")
+    @classmethod
+    def _finite_overrides(cls, value: dict) -> dict:
+        _finite_leaves(value, "model.config_overrides")
+        return value
 
 
-@dataclass
-class DataConfig:
-    source: str = "ag_news"  # hub dataset id, or a local file / folder with train (and test) files
-    test: str | None = None  # a separate labelled test file; default: the source's test split
-    validation: str | None = None  # a separate labelled validation file; default: carved from train (validation_size)
-    text_column: str = "text"
-    label_column: str = "label"
-    label_names: list[str] | None = None
-    num_labels: int | None = None  # the number of classes of integer labels 0..K-1 (when no names are given)
-    validation_size: float = 0.05  # fraction of train (<1) or a number of rows (>=1), stratified
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    seed: int = 42
+class DataConfig(Section):
+    """Where the rows come from and how they are split."""
 
-    def check(self):
-        if self.validation_size <= 0:
-            raise NewsloraError("data.validation_size must be > 0 (a fraction < 1 or a row count >= 1): "
-                                "model selection needs a validation split")
-        if self.validation_size >= 1 and self.validation_size != int(self.validation_size):
-            raise NewsloraError(f"data.validation_size={self.validation_size}: use a fraction < 1 or a whole row count")
-        for k in ("max_train_samples", "max_test_samples"):
-            if getattr(self, k) is not None:
-                _positive(f"data.{k}", getattr(self, k))
-        if self.num_labels is not None and self.num_labels < 2:
-            raise NewsloraError(f"data.num_labels={self.num_labels} must be at least 2")
+    source: Str = "ag_news"
+    """hub dataset id, or a local file / folder with train (and test) files"""
+    test: Str | None = None
+    """a separate labelled test file; null: the source's test split"""
+    validation: Str | None = None
+    """a separate labelled validation file; null: carved from train (data.validation_size)"""
+    text_column: Str = "text"
+    """the column holding the text"""
+    text_columns: List(Str) | None = Field(None, min_length=1, examples=[["title", "description"]])
+    """several text columns, joined with a separator (overrides data.text_column)"""
+    label_column: Str = "label"
+    """the column holding the label"""
+    label_names: List(Str) | None = None
+    """class names, in label order (integer labels 0..K-1 map to them)"""
+    num_labels: Int | None = Field(None, ge=2)
+    """the number of classes of integer labels 0..K-1 (when no names are given)"""
+    validation_size: Float = Field(0.05, gt=0)
+    """fraction of train (< 1) or a number of rows (>= 1), stratified"""
+    max_train_samples: Int | None = Field(None, gt=0)
+    """use at most this many training rows"""
+    max_test_samples: Int | None = Field(None, gt=0)
+    """use at most this many test rows"""
+    drop_overlap: bool = False
+    """drop training rows whose text also appears in validation or test"""
+    seed: Int = Field(42, ge=0, le=MAX_SEED)
+    """seed of the validation split and of the row samples"""
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.validation_size >= 1 and not self.validation_size.is_integer():
+            raise ValueError(f"data.validation_size={self.validation_size}: use a fraction < 1 or a whole row count")
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
-            raise NewsloraError(f"data.label_names has duplicates: {self.label_names}")
+            raise ValueError(f"data.label_names has duplicates: {self.label_names}")
+        return self
 
 
-@dataclass
-class HeadConfig:
-    # full: PEFT's default, the whole classification head trains (593,668 params on roberta-base);
-    # lora: the head's dense layer gets LoRA of rank head.r (AdaLoRA/VeRA: the method's own rank) and only the
-    # output projection trains fully (RoBERTa-style heads; a single-linear head such as BERT's needs type=full).
-    # Both keep the standard architecture, so merged models load with plain transformers.
+class HeadConfig(Section):
+    """The classification head. full: PEFT's default, the whole head trains (593,668 parameters on roberta-base);
+    lora: the head's dense layer gets LoRA of rank head.r (AdaLoRA/VeRA: the method's own rank) and only the output
+    projection trains fully (RoBERTa-style heads; a single-linear head such as BERT's needs type=full). Both keep
+    the standard architecture, so merged models load with plain transformers."""
+
     type: Literal["full", "lora"] = "full"
-    r: int = 8  # rank of the head's LoRA (type=lora)
-
-    def check(self):
-        _positive("head.r", self.r)
-
-
-@dataclass
-class BudgetConfig:
-    max_params: int = 1_000_000  # trainable parameters, classification head included
-    auto_fit: bool = False  # raise the rank to the largest value that fits
-
-    def check(self):
-        _positive("budget.max_params", self.max_params)
+    """how the head trains: fully, or LoRA on its dense layer"""
+    r: Int = Field(8, gt=0)
+    """rank of the head's LoRA (head.type=lora)"""
 
 
-@dataclass
-class TrainConfig:
-    lr: float = 5e-4
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    grad_accum: int = 1
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.0  # cross-entropy label smoothing (the Trainer's label_smoothing_factor)
-    warmup: float = 0.06  # fraction of the optimizer steps (<1) or a step count (>=1)
+class BudgetConfig(Section):
+    """The hard limit on trainable parameters."""
+
+    max_params: Int = Field(1_000_000, gt=0)
+    """trainable parameters, classification head included"""
+    auto_fit: bool = False
+    """raise the rank to the largest value that fits the budget"""
+
+
+class TrainConfig(Section):
+    """The optimisation: schedule, batches, precision, evaluation and logging."""
+
+    lr: Float = Field(5e-4, gt=0)
+    """peak learning rate"""
+    epochs: Float = 3.0
+    """passes over the training rows (fractions allowed); ignored when train.max_steps > 0"""
+    max_steps: Int = -1
+    """optimizer steps; > 0 overrides train.epochs"""
+    batch_size: Int = Field(32, gt=0)
+    """training rows per device and step"""
+    eval_batch_size: Int = Field(128, gt=0)
+    """rows per evaluation batch"""
+    grad_accum: Int = Field(1, gt=0)
+    """batches accumulated per optimizer step"""
+    weight_decay: Float = Field(0.01, ge=0)
+    """AdamW / SGD weight decay"""
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    """cross-entropy label smoothing (the Trainer's label_smoothing_factor)"""
+    class_weights: Literal["none", "balanced"] = "none"
+    """weigh the loss of each class: none, or balanced (inverse class frequency of the training rows)"""
+    warmup: Float = Field(0.06, ge=0)
+    """warm-up: a fraction of the optimizer steps (< 1) or a step count (>= 1)"""
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """learning-rate schedule after warm-up"""
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    eval_steps: int | None = None  # None: evaluate at each epoch end
-    logging_steps: int = 50
-    save_total_limit: int = 2
-    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    """the optimizer (method=loraplus builds it with LoRA+'s learning rates)"""
+    eval_steps: Int | None = Field(None, gt=0)
+    """evaluate (and checkpoint) every this many optimizer steps; null: at each epoch end"""
+    logging_steps: Int = Field(50, gt=0)
+    """optimizer steps between two loss logs"""
+    save_total_limit: Int = Field(2, gt=0)
+    """checkpoints kept"""
+    early_stopping_patience: Int | None = Field(None, gt=0)
+    """evaluations without improvement before stopping; null: never stop early"""
     metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
-    # auto: TF32 on an Ampere+ GPU (fp16 autocast on older ones), fp32 on CPU; tf32: fp32 with TF32 matmuls
-    # (Ampere+ GPUs, no autocast casts); bf16/fp16: autocast, for batches large enough to keep a GPU busy
+    """validation metric that chooses the best checkpoint"""
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
-    group_by_length: bool = True  # shuffled length buckets: less padding, still random
+    """auto: TF32 on an Ampere+ GPU (fp16 autocast on older ones), fp32 on CPU; tf32: fp32 with TF32 matmuls
+    (Ampere+ GPUs); bf16/fp16: autocast, for batches large enough to keep a GPU busy"""
+    group_by_length: bool = True
+    """shuffled length buckets: less padding, still random"""
     torch_compile: bool = False
-    # compile one encoder block and reuse it for every layer (accelerate's regional compilation), the embeddings
-    # and head apart, instead of tracing and compiling the whole model as one graph
+    """compile the model with torch.compile"""
     compile_regions: bool = True
+    """compile one encoder block and reuse it for every layer (regional compilation) instead of the whole model"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    threads: int | None = None  # CPU threads (default: torch's choice)
-    # DataLoader worker processes: batches fetched and padded off the main thread (a GPU run whose step is bound by
-    # the host); 0 on a CPU-only run, where a worker would take a core from the model
-    dataloader_workers: int = 0
-    seed: int = 42
-    # experiment tracking through the Trainer's integrations (newslora[tracking]); tracking_uri: the MLflow store
-    # (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db)
-    report_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
-    tracking_uri: str | None = None
+    """torch.compile mode"""
+    threads: Int | None = Field(None, gt=0)
+    """CPU threads; null: torch's choice"""
+    dataloader_workers: Int = Field(0, ge=0)
+    """DataLoader worker processes (0: load batches in the main process, best on CPU)"""
+    report_to: List(Literal["tensorboard", "mlflow"]) = Field(default_factory=list, examples=[["tensorboard"]])
+    """experiment trackers that receive the run's metrics"""
+    tracking_uri: Str | None = None
+    """the tracker's address (mlflow: a server URL or a folder); null: the tracker's default"""
+    seed: Int = Field(42, ge=0, le=MAX_SEED)
+    """seed of the model's initialisation and the batch order"""
 
-    def check(self):
-        _positive("train.lr", self.lr)
+    @model_validator(mode="after")
+    def _rules(self):
         if self.max_steps <= 0 and self.epochs <= 0:
-            raise NewsloraError("set train.epochs > 0 or train.max_steps > 0")
-        for k in ("batch_size", "eval_batch_size", "grad_accum", "logging_steps", "save_total_limit"):
-            _positive(f"train.{k}", getattr(self, k))
-        for k in ("eval_steps", "early_stopping_patience", "threads"):
-            if getattr(self, k) is not None:
-                _positive(f"train.{k}", getattr(self, k))
-        if self.weight_decay < 0:
-            raise NewsloraError(f"train.weight_decay={self.weight_decay} must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise NewsloraError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.dataloader_workers < 0:
-            raise NewsloraError(f"train.dataloader_workers={self.dataloader_workers} must be >= 0 (0: load batches in "
-                                "the main process)")
-        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
-            raise NewsloraError(f"train.warmup={self.warmup}: use a fraction in [0, 1) or a whole step count")
+            raise ValueError(f"train.epochs={self.epochs} and train.max_steps={self.max_steps}: set train.epochs > 0 "
+                             "or train.max_steps > 0")
+        if self.warmup >= 1 and not self.warmup.is_integer():
+            raise ValueError(f"train.warmup={self.warmup}: use a fraction in [0, 1) or a whole step count")
+        return self
 
 
-@dataclass
-class DistillConfig:
-    teachers: list[str] = field(default_factory=list)  # run folders or merged models; empty: no distillation
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the cross-entropy on labels; 1 - alpha goes to the KL term
-    # a file of texts without labels: the teachers' soft labels on them join the training rows (KL term only)
-    unlabelled: str | None = None
-    unlabelled_weight: float = 1.0  # weight of an unlabelled row's T^2 * KL term, against a labelled row's loss
+class DistillConfig(Section):
+    """Knowledge distillation from trained teachers (newslora distill)."""
 
-    def check(self):
-        _positive("distill.temperature", self.temperature)
-        if not 0 <= self.unlabelled_weight < float("inf"):
-            raise NewsloraError(f"distill.unlabelled_weight={self.unlabelled_weight} must be a number >= 0")
+    teachers: List(Str) = Field(default_factory=list)
+    """run folders or merged models; empty: no distillation"""
+    temperature: Float = Field(2.0, gt=0)
+    """softmax temperature of teacher and student logits"""
+    alpha: Float = Field(0.5, ge=0, le=1)
+    """weight of the cross-entropy on labels; 1 - alpha goes to the KL term"""
+    unlabelled: Str | None = None
+    """a file of texts without labels: the teachers' soft labels on them join the training rows (KL term only)"""
+    unlabelled_weight: Float = Field(1.0, ge=0)
+    """weight of an unlabelled row's T^2 * KL term, against a labelled row's loss"""
+
+    @model_validator(mode="after")
+    def _rules(self):
         if self.unlabelled and not self.teachers:
-            raise NewsloraError("distill.unlabelled needs distill.teachers: the soft labels of unlabelled texts come "
-                                "from a teacher (set distill.teachers=[RUN_DIR])")
-        if not 0 <= self.alpha <= 1:
-            raise NewsloraError(f"distill.alpha={self.alpha} must be in [0, 1]")
+            raise ValueError("distill.unlabelled needs distill.teachers: the soft labels of unlabelled texts come from "
+                             "a teacher (set distill.teachers=[RUN_DIR])")
+        return self
 
 
-class _RecipeMethods:
+class RecipeBase(Section):
     """Behaviour of :class:`Recipe`, whose fields are built below from the sections the methods register."""
 
-    def check(self):
+    @model_validator(mode="after")
+    def _rules(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
-            raise NewsloraError(f"name={self.name!r}: use a plain folder name such as 'lora-r8'")
-        method = methods.get(self.method)  # one line naming the valid choices
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                section.check()
-        method.check_recipe(self)
+            raise ValueError(f"name={self.name!r}: use a plain folder name such as 'lora-r8'")
+        try:
+            methods.get(self.method).check_recipe(self)
+        except NewsloraError as e:
+            raise ValueError(str(e)) from None
         if self.model.quantization != "none" and self.model.random_init:
-            raise NewsloraError(f"model.quantization={self.model.quantization} quantizes pretrained weights; it "
-                                "does not combine with model.random_init=true")
+            raise ValueError(f"model.quantization={self.model.quantization} quantizes pretrained weights; it does "
+                             "not combine with model.random_init=true")
+        return self
+
+    def check(self) -> None:
+        """Validate the recipe again after it was changed in place (e.g. distill.teachers set by the CLI)."""
+        recipe_from_dict(self.to_dict())
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="python")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# name, method, model, data, the methods' sections (lora, adalora, vera, ...), head, budget, train, distill
-Recipe = dataclasses.make_dataclass(
-    "Recipe",
-    [("name", str, field(default="run")),
-     ("method", str, field(default="lora")),  # a registered method (checked against the registry in check())
-     ("model", ModelConfig, field(default_factory=ModelConfig)),
-     ("data", DataConfig, field(default_factory=DataConfig)),
-     *[(name, cls, field(default_factory=cls)) for name, cls in methods.sections()],
-     ("head", HeadConfig, field(default_factory=HeadConfig)),
-     ("budget", BudgetConfig, field(default_factory=BudgetConfig)),
-     ("train", TrainConfig, field(default_factory=TrainConfig)),
-     ("distill", DistillConfig, field(default_factory=DistillConfig))],
-    bases=(_RecipeMethods,))
-Recipe.__module__ = __name__  # pickling (search workers) finds it here
-Recipe.__doc__ = "A whole run: every section of the recipe, validated by ``check()``."
+# name, method, model, data, the methods' sections (lora, adalora, vera, loraplus), head, budget, train, distill
+Recipe = create_model(
+    "Recipe", __base__=RecipeBase, __module__=__name__,  # pickling (search workers) finds it here
+    __doc__="A whole run: every section of the recipe, validated when it is built.",
+    name=(Str, Field("run", description="the run's name: its folder is runs/<name> by default")),
+    method=(Str, Field("lora", description="the fine-tuning method (a registered one: see the schema's enum)")),
+    model=(ModelConfig, Field(default_factory=ModelConfig)),
+    data=(DataConfig, Field(default_factory=DataConfig)),
+    **{name: (cls, Field(default_factory=cls)) for name, cls in methods.sections()},
+    head=(HeadConfig, Field(default_factory=HeadConfig)),
+    budget=(BudgetConfig, Field(default_factory=BudgetConfig)),
+    train=(TrainConfig, Field(default_factory=TrainConfig)),
+    distill=(DistillConfig, Field(default_factory=DistillConfig)))
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a recipe (``newslora schema``): keys, kinds, choices, ranges and descriptions."""
+    schema = Recipe.model_json_schema()
+    schema["properties"]["method"]["enum"] = list(methods.names())  # methods register themselves: listed now
+    schema["title"] = "newslora recipe"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
 
 
 # ----------------------------------------------------------------------------- loading
@@ -234,24 +301,116 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     return recipe_from_dict(data)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise NewsloraError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                                    f"{seen[key]}): keep one of them")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict, depth: int = 0) -> int:
+    """Values in a YAML node once its aliases are expanded (shared nodes counted every time they appear)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if depth > 200:
+        return MAX_YAML_VALUES + 1
+    memo[id(node)] = MAX_YAML_VALUES + 1  # a node that contains itself expands without end
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, memo, depth + 1) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1) for k, v in node.value)
+    memo[id(node)] = min(size, MAX_YAML_VALUES + 1)
+    return memo[id(node)]
+
+
+def parse_yaml(text: str):
+    """The value of a YAML document: duplicate keys and alias bombs refused."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise NewsloraError(f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; write the "
+                                "values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | Path, what: str, option: str, example: str) -> dict:
-    """A YAML file holding a mapping, or one clear error line (missing file, bad YAML, not a mapping)."""
+    """A YAML file holding a mapping, or one clear error line (missing file, not UTF-8, bad YAML, duplicate keys,
+    alias bombs, not a mapping)."""
     path = Path(path)
     if not path.is_file():
         raise NewsloraError(f"{what} not found: {path} (pass {option} with a YAML file, e.g. {example})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        data = parse_yaml(text) or {}
+    except NewsloraError as e:
+        raise NewsloraError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise NewsloraError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise NewsloraError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise NewsloraError(f"{path} must hold a mapping, got {type(data).__name__}")
     return data
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line, column)."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).strip().split("\n")[0]
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = " (indent YAML with spaces, not tabs)" if "\t" in str(problem) or "tab" in str(problem) else ""
+    return f"{problem}{where}{hint}"
+
+
+# old key -> new key; the old one still works, with a notice on stderr
+DEPRECATED_KEYS = {"lora.loraplus_lr_ratio": "loraplus.ratio"}
+
+
+def _deprecated(old: str, new: str) -> None:
+    print(f"deprecated: {old} -> use {new} (the old key still works for now)", file=sys.stderr)
+
+
+def _migrate(data: dict) -> dict:
+    """Move old keys to their new place, with a one-line notice each."""
+    for old, new in DEPRECATED_KEYS.items():
+        section, key = old.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            value = node.pop(key)
+            _deprecated(old, new)
+            target = data.setdefault(new.split(".")[0], {})
+            if isinstance(target, dict):
+                target.setdefault(new.split(".")[1], value)
+    lora, ada = data.get("lora"), data.get("adalora")
+    if (data.get("method") == "adalora" and isinstance(lora, dict) and "alpha" in lora
+            and (ada is None or isinstance(ada, dict) and "alpha" not in ada)):
+        _deprecated("lora.alpha with method=adalora", "adalora.alpha")
+        data["adalora"] = {**(ada or {}), "alpha": lora["alpha"]}
+    return data
+
+
 def recipe_from_dict(data: dict) -> Recipe:
-    recipe = _build(Recipe, data, "")
-    recipe.check()
-    return recipe
+    if not isinstance(data, dict):
+        raise NewsloraError(f"recipe must be a mapping, got {data!r}")
+    data = _migrate(dict(data))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise NewsloraError(error_line(e.errors(include_url=False)[0])) from None
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -260,7 +419,9 @@ def apply_override(data: dict, item: str) -> None:
         raise NewsloraError(f"override {item!r} is not key=value (e.g. lora.r=8 train.lr=3e-4)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = parse_yaml(raw) if raw != "" else None
+    except NewsloraError as e:
+        raise NewsloraError(f"override {item!r}: {e}") from None
     except yaml.YAMLError:
         value = raw
     set_key(data, key.strip(), value, f"override {item!r}")
@@ -277,71 +438,115 @@ def set_key(data: dict, key: str, value, where: str = "recipe") -> None:
     node[parts[-1]] = value
 
 
-def _build(cls, data: Any, prefix: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise NewsloraError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise NewsloraError(unknown_key_message(prefix + str(key), key, list(fields)))
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(prefix + key, value, tp)
-    return cls(**kwargs)
-
-
 def unknown_key_message(full: str, key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(key), valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown recipe key {full!r}{hint}; valid keys here: {', '.join(valid)}"
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is Literal:
-        if value not in args:
-            raise NewsloraError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
-        return value
-    if origin is list:
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, list):
-            raise NewsloraError(f"{key} must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise NewsloraError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise NewsloraError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise NewsloraError(f"{key} must be an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise NewsloraError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise NewsloraError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    return value
+# ----------------------------------------------------------------------------- schema introspection
+
+
+def is_section(tp) -> bool:
+    """Whether a recipe key's type is a section (a mapping of keys) rather than a value."""
+    return isinstance(tp, type) and issubclass(tp, Section)
+
+
+def section_keys(cls) -> list[str]:
+    return list(cls.model_fields)
+
+
+def key_type(cls, name: str):
+    """The annotation of key ``name`` of section ``cls`` (Annotated wrappers removed)."""
+    return _bare(cls.model_fields[name].annotation)
+
+
+def _bare(tp):
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_bare(a) for a in typing.get_args(tp))]
+    return tp
+
+
+def _field(loc: tuple):
+    """(section model, field info) of the key at ``loc``, or (None, None)."""
+    cls, info = Recipe, None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not is_section(cls) or part not in cls.model_fields:
+            return None, None
+        info = cls.model_fields[part]
+        cls = _bare(info.annotation)
+        args = [a for a in typing.get_args(cls) if a is not type(None)]
+        if typing.get_origin(cls) in (typing.Union, types.UnionType) and len(args) == 1:
+            cls = args[0]
+    return cls, info
+
+
+def _choices(tp) -> list:
+    """The allowed values of a Literal anywhere inside ``tp``."""
+    tp = _bare(tp)
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    for a in typing.get_args(tp):
+        found = _choices(a)
+        if found:
+            return found
+    return []
+
+
+def _bounds(info) -> str:
+    lo = hi = ""
+    show = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
+    for m in info.metadata if info is not None else ():
+        if isinstance(m, annotated_types.Gt):
+            lo = f"> {show(m.gt)}"
+        elif isinstance(m, annotated_types.Ge):
+            lo = f">= {show(m.ge)}"
+        elif isinstance(m, annotated_types.Lt):
+            hi = f"< {show(m.lt)}"
+        elif isinstance(m, annotated_types.Le):
+            hi = f"<= {show(m.le)}"
+    if lo and hi:
+        return f"in {'(' if lo[1] != '=' else '['}{lo.split()[-1]}, {hi.split()[-1]}{')' if hi[1] != '=' else ']'}"
+    return f"{lo or hi}"
+
+
+def error_line(err: dict) -> str:
+    """One line for pydantic's first validation error: the key, what is wrong, and the valid choices."""
+    loc = tuple(err["loc"])
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "recipe"
+    kind, value = err["type"], err.get("input")
+    if kind == "value_error":
+        return str(err["ctx"]["error"])
+    if kind == "extra_forbidden":
+        parent, _ = _field(loc[:-1]) if loc[:-1] else (Recipe, None)
+        valid = section_keys(parent) if is_section(parent) else []
+        return unknown_key_message(key, loc[-1], valid)
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key} must be a mapping, got {value!r}"
+    _, info = _field(loc)
+    if kind == "literal_error":
+        choices = _choices(info.annotation) if info is not None else []
+        return f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}"
+    if kind == "finite_number":
+        return f"{key}={value} is not a finite number; give a real value (default: {info.default if info else '-'})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{key}={value} must be {_bounds(info)}"
+    if kind == "too_short":
+        example = f", e.g. {info.examples[0]}" if info is not None and info.examples else ""
+        return f"{key} is empty: give at least one value{example}"
+    if kind.startswith("int_"):
+        return f"{key} must be an integer, got {value!r}"
+    if kind.startswith("float_"):
+        return f"{key} must be a number, got {value!r}"
+    if kind.startswith("bool_"):
+        return f"{key} must be true or false, got {value!r}"
+    if kind.startswith("string_"):
+        quote = " (YAML reads yes/no/on/off/true/false as booleans: quote it)" if isinstance(value, bool) else ""
+        return f"{key} must be a string, got {value!r}{quote}"
+    if kind.startswith("list_"):
+        return f"{key} must be a list, got {value!r}"
+    return f"{key}={value!r}: {err['msg']}"

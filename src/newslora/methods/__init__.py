@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (Method, all_methods, constant_param_names, get, names, param_prefixes, positive, register,
-                   register_section, sections)
+from .base import (Method, all_methods, constant_param_names, get, names, param_prefixes, register, register_section,
+                   sections)
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["Method", "all_methods", "constant_param_names", "get", "names", "param_prefixes", "positive", "register",
-           "register_section", "sections"]
+__all__ = ["Method", "all_methods", "constant_param_names", "get", "names", "param_prefixes", "register", "register_section",
+           "sections"]

@@ -7,38 +7,44 @@ the adapter. This module is longer than the others because the allocator's state
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+
+from pydantic import Field, model_validator
 
 from ..errors import NewsloraError
-from .base import Method, positive, register, register_section
+from ..sections import Float, Int, Section
+from .base import Method, register, register_section
 
 
 @register_section("adalora", order=1)
-@dataclass
-class AdaLoraSection:
-    # the rank allocator prunes to an average of target_r per module over the run
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int = 0  # optimizer steps of warm-up before pruning (0: 10% of the run's optimizer steps)
-    tfinal: int = 0  # final optimizer steps with the allocation frozen (0: 20% of the run's steps, at least 1)
-    deltaT: int = 10  # optimizer steps between two re-allocations
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
+class AdaLoraSection(Section):
+    """AdaLoRA's own options (method=adalora): the rank allocator prunes from init_r to an average of target_r per
+    module over the run; targets, layers, dropout and bias are the ``lora`` section's."""
 
-    def check(self):
-        positive("adalora.init_r", self.init_r)
-        positive("adalora.target_r", self.target_r)
+    init_r: Int = Field(12, gt=0)
+    """starting rank of every module (the budget counts this rank)"""
+    target_r: Int = Field(8, gt=0)
+    """average rank per module after pruning; below init_r"""
+    alpha: Float = Field(16.0, gt=0)
+    """scale numerator of the update (AdaLoRA's lora_alpha)"""
+    tinit: Int = Field(0, ge=0)
+    """optimizer steps of warm-up before pruning (0: 10% of the run's optimizer steps)"""
+    tfinal: Int = Field(0, ge=0)
+    """final optimizer steps with the allocation frozen (0: 20% of the run's steps, at least 1)"""
+    deltaT: Int = Field(10, gt=0)
+    """optimizer steps between two re-allocations"""
+    beta1: Float = Field(0.85, gt=0, lt=1)
+    """EMA factor of the importance scores' sensitivity"""
+    beta2: Float = Field(0.85, gt=0, lt=1)
+    """EMA factor of the importance scores' uncertainty"""
+    orth_reg_weight: Float = Field(0.5, ge=0)
+    """weight of the orthogonality penalty on P and Q"""
+
+    @model_validator(mode="after")
+    def _prunes(self):
         if self.target_r >= self.init_r:
-            raise NewsloraError(f"adalora.target_r={self.target_r} must be below adalora.init_r={self.init_r}: "
-                                "AdaLoRA prunes from init_r down to target_r (use method=lora for a fixed rank)")
-        for k in ("tinit", "tfinal"):
-            if getattr(self, k) < 0:
-                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be >= 0 (0: automatic)")
-        positive("adalora.deltaT", self.deltaT)
-        for k in ("beta1", "beta2"):
-            if not 0 < getattr(self, k) < 1:
-                raise NewsloraError(f"adalora.{k}={getattr(self, k)} must be in (0, 1)")
+            raise ValueError(f"adalora.target_r={self.target_r} must be below adalora.init_r={self.init_r}: AdaLoRA "
+                             "prunes from init_r down to target_r (use method=lora for a fixed rank)")
+        return self
 
 
 def adalora_schedule(recipe, total_steps: int) -> tuple[int, int]:
@@ -88,7 +94,7 @@ class AdaLora(Method):
         tinit, tfinal = adalora_schedule(recipe, steps) if total_steps else (0, 1)
         return AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.deltaT,
                              beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight, total_step=steps,
-                             lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias, **common)
+                             lora_alpha=a.alpha, lora_dropout=lo.dropout, bias=lo.bias, **common)
 
     def callbacks(self, run, total_steps):
         return [allocator_callback_class()(run, total_steps)]

@@ -8,11 +8,6 @@ _METHODS: dict[str, "Method"] = {}
 _SECTIONS: dict[str, tuple[int, type]] = {}
 
 
-def positive(key: str, value) -> None:
-    if value is None or value <= 0:
-        raise NewsloraError(f"{key}={value} must be > 0")
-
-
 class Method:
     """One fine-tuning method. Subclasses override what differs; the defaults are plain LoRA's. Hooks get the
     recipe (:class:`newslora.config.Recipe`) and the run folder (:class:`newslora.run.Run`); neither module is
@@ -89,8 +84,8 @@ def register(method: Method) -> Method:
 
 
 def register_section(name: str, order: int):
-    """Class decorator: a recipe section (a dataclass with ``check()``) that a method brings, e.g. ``adalora``;
-    ``order`` places it among the recipe's sections."""
+    """Class decorator: a recipe section (a :class:`newslora.sections.Section` model) that a method brings, e.g.
+    ``adalora``; ``order`` places it among the recipe's sections."""
 
     def add(cls: type) -> type:
         _SECTIONS[name] = (order, cls)
@@ -115,7 +110,7 @@ def names() -> tuple[str, ...]:
 
 
 def sections() -> list[tuple[str, type]]:
-    """(name, dataclass) of every method's recipe section, in recipe order."""
+    """(name, section model) of every method's recipe section, in recipe order."""
     return [(n, cls) for n, (_, cls) in sorted(_SECTIONS.items(), key=lambda kv: kv[1][0])]
 
 

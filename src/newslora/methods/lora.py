@@ -1,36 +1,39 @@
 """LoRA and its variants that differ only in PEFT ``LoraConfig`` flags: DoRA (weight-decomposed) and rsLoRA
 (rank-stabilised scaling). The ``lora`` section also holds what every method shares: target modules, layers,
-alpha, dropout and bias."""
+dropout and bias."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import NewsloraError
-from .base import Method, positive, register, register_section
+from pydantic import Field, model_validator
+
+from ..sections import Float, Int, List, Section, Str
+from .base import Method, register, register_section
 
 
 @register_section("lora", order=0)
-@dataclass
-class LoraSection:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
-    layers: list[int] | None = None  # transform only these encoder layers (default: all)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    loraplus_lr_ratio: float = 16.0  # LoRA+: lr(B) = ratio * lr(A); used by method=loraplus
+class LoraSection(Section):
+    """LoRA's rank and scale, and what every method shares: the targeted modules and layers, dropout and bias."""
 
-    def check(self):
-        positive("lora.r", self.r)
-        positive("lora.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise NewsloraError(f"lora.dropout={self.dropout} must be in [0, 1)")
-        if not self.target_modules:
-            raise NewsloraError("lora.target_modules is empty: name at least one module, e.g. [query, value]")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise NewsloraError(f"lora.layers={self.layers}: give non-negative layer indices, or null for all layers")
-        positive("lora.loraplus_lr_ratio", self.loraplus_lr_ratio)
+    r: Int = Field(8, gt=0)
+    """rank of LoRA's update B @ A (method=lora, dora, rslora, pissa, loraplus)"""
+    alpha: Float = Field(16.0, gt=0)
+    """LoRA's scale numerator: the update is scaled by alpha / r (rsLoRA: alpha / sqrt(r))"""
+    dropout: Float = Field(0.1, ge=0, lt=1)
+    """dropout on the adapter's input (every method but VeRA, which has vera.dropout)"""
+    target_modules: List(Str) = Field(default_factory=lambda: ["query", "value"], min_length=1,
+                                        examples=[["query", "value"]])
+    """modules the adapter wraps: names inside each layer (query, value) or the neutral q, k, v, o, ffn_in, ffn_out"""
+    layers: List(Int) | None = Field(None, min_length=1, examples=[[8, 9, 10, 11]])
+    """transform only these encoder layers (0-based); null: all layers"""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """which biases train (every method)"""
+
+    @model_validator(mode="after")
+    def _layers_not_negative(self):
+        if self.layers is not None and min(self.layers) < 0:
+            raise ValueError(f"lora.layers={self.layers}: give non-negative layer indices, or null for all layers")
+        return self
 
 
 class Lora(Method):

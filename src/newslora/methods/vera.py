@@ -1,20 +1,22 @@
 """VeRA: shared frozen random projections, trained per-layer scaling vectors (section ``vera``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import Field
 
-from .base import Method, positive, register, register_section
+from ..sections import Float, Int, Section
+from .base import Method, register, register_section
 
 
 @register_section("vera", order=2)
-@dataclass
-class VeraSection:
-    r: int = 256
-    d_initial: float = 0.1
-    dropout: float = 0.0
+class VeraSection(Section):
+    """VeRA's own options (method=vera); targets, layers and bias are the ``lora`` section's."""
 
-    def check(self):
-        positive("vera.r", self.r)
+    r: Int = Field(256, gt=0)
+    """rank of the shared frozen random projections (may exceed the layer width, up to 4x)"""
+    d_initial: Float = 0.1
+    """initial value of the trained scaling vector d"""
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    """dropout on VeRA's input (instead of lora.dropout)"""
 
 
 class Vera(Method):

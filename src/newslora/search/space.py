@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import types
 import typing
@@ -14,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from ..config import Recipe, read_yaml_mapping, recipe_from_dict, set_key, unknown_key_message
+from ..config import (Recipe, is_section, key_type, read_yaml_mapping, recipe_from_dict, section_keys, set_key,
+                      unknown_key_message)
 from ..errors import NewsloraError
 
 
@@ -134,10 +134,10 @@ def _flatten_space(node: dict, where: str, prefix: str = ""):
     """(key, spec) pairs from dotted keys (``lora.r: {...}``) or nested sections (``lora: {r: {...}}``)."""
     for key, spec in node.items():
         full = f"{prefix}{key}"
-        is_section = False
+        section = False
         with contextlib.suppress(NewsloraError):
-            is_section = dataclasses.is_dataclass(field_type(full, where))
-        if is_section and isinstance(spec, dict) and "type" not in spec:
+            section = is_section(field_type(full, where))
+        if section and isinstance(spec, dict) and "type" not in spec:
             yield from _flatten_space(spec, where, full + ".")
         else:
             yield full, spec
@@ -148,20 +148,20 @@ def field_type(key: str, where: str = "search space"):
     cls, parts = Recipe, str(key).split(".")
     tp = Recipe
     for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(cls):
+        if not is_section(cls):
             raise NewsloraError(f"{where}: {key}: {'.'.join(parts[:i])} is not a recipe section")
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = section_keys(cls)
         if part not in names:
             raise NewsloraError(f"{where}: {unknown_key_message('.'.join(parts[:i + 1]), part, names)}")
-        tp = typing.get_type_hints(cls)[part]
+        tp = key_type(cls, part)
         cls = tp
     return tp
 
 
 def _parse_param(key: str, spec, where: str, base_dict: dict) -> Param:
     tp = field_type(key, where)
-    if dataclasses.is_dataclass(tp):
-        keys = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(tp))
+    if is_section(tp):
+        keys = ", ".join(f"{key}.{name}" for name in section_keys(tp))
         raise NewsloraError(f"{where}: {key} is a recipe section; search its keys instead ({keys})")
     if key == "name" or key == "data.test":
         raise NewsloraError(f"{where}: {key} cannot be searched (the search sets it for every trial)")
