@@ -103,6 +103,15 @@ def budget(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = 
 
 
 @command()
+def schema():
+    """Print the JSON Schema of a recipe, for editors that complete and check YAML (e.g. yaml-language-server:
+    `newslora schema > recipe.schema.json`, then `# yaml-language-server: $schema=recipe.schema.json` atop a recipe)."""
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+@command()
 def baseline(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = ConfigOpt,
              output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON"),
              overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file")):

@@ -46,6 +46,8 @@ def hub_id(backbone: str) -> str | None:
 
 # numpy's and torch's seeds are unsigned 32-bit
 MAX_SEED = 2**32 - 1
+# a run plans at most this many optimizer steps (more is a typo such as train.epochs=1e9, not a run)
+MAX_OPTIMIZER_STEPS = 10**7
 # a mapping or list in a YAML recipe may not expand (aliases followed) to more values than this
 MAX_YAML_VALUES = 100_000
 
@@ -155,7 +157,7 @@ class TrainConfig(Section):
     """peak learning rate"""
     epochs: Float = 3.0
     """passes over the training rows (fractions allowed); ignored when train.max_steps > 0"""
-    max_steps: Int = -1
+    max_steps: Int = Field(-1, le=MAX_OPTIMIZER_STEPS)
     """optimizer steps; > 0 overrides train.epochs"""
     batch_size: Int = Field(32, gt=0)
     """training rows per device and step"""

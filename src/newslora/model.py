@@ -44,6 +44,12 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _hub_error(what: str, name: str, e: Exception) -> NewsloraError:
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -75,7 +81,11 @@ def load_backbone_config(recipe: Recipe, label_names: list[str]):
     for k, v in recipe.model.config_overrides.items():
         if not hasattr(config, k):
             raise NewsloraError(f"model.config_overrides.{k}: {config.model_type} configs have no such field")
-        setattr(config, k, v)
+        try:
+            setattr(config, k, v)
+        except (ValueError, TypeError) as e:
+            raise NewsloraError(f"model.config_overrides.{k}={v!r} is refused by the {config.model_type} config: "
+                                f"{first_line(e)}") from None
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {n: i for i, n in enumerate(label_names)}
@@ -127,7 +137,14 @@ def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False, fo
         torch.manual_seed(recipe.train.seed)
         ctx = torch.device("meta") if meta else contextlib.nullcontext()
         with ctx:
-            return AutoModelForSequenceClassification.from_config(config, **kwargs)
+            try:
+                return AutoModelForSequenceClassification.from_config(config, **kwargs)
+            except (ValueError, TypeError, KeyError, ZeroDivisionError, RuntimeError) as e:
+                if not recipe.model.config_overrides:
+                    raise
+                raise NewsloraError(f"model.config_overrides={recipe.model.config_overrides} do not build a "
+                                    f"{config.model_type} model ({type(e).__name__}: {first_line(e)}); fix or remove "
+                                    "them") from None
     name = resolve_backbone(recipe.model.backbone)
     quantized = recipe.model.quantization != "none"
     if quantized:

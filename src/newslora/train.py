@@ -30,7 +30,8 @@ from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_
 from .run import Run
 # the training loop's parts, importable from here as before
 from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
-                      TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps, precision_flags,
+                      TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps, planned_steps,
+                      precision_flags,
                       resolve_precision, tf32_matmuls,
                       versions)
 
@@ -88,7 +89,7 @@ def prepare(recipe: Recipe):
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     check_max_length(recipe)
     splits = load_splits(recipe.data)
-    methods.get(recipe.method).check_schedule(recipe, optimizer_steps(len(splits.train), recipe.train))
+    methods.get(recipe.method).check_schedule(recipe, planned_steps(len(splits.train), recipe.train))
     fit = apply_auto_fit(recipe, splits.label_names)
     b = count_trainable(recipe, splits.label_names, fit=False)
     if fit is not None:

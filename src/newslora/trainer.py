@@ -16,6 +16,7 @@ from transformers import DataCollatorWithPadding, ProgressCallback, Trainer, Tra
 from transformers.trainer_callback import ExportableState
 
 from . import __version__, distributed
+from .config import MAX_OPTIMIZER_STEPS
 from .data import pad_batch, pads_right
 from .errors import NewsloraError
 
@@ -48,6 +49,19 @@ def optimizer_steps(n_train: int, t, processes: int | None = None) -> int:
     batches = math.ceil(math.ceil(n_train / t.batch_size) / processes)
     per_epoch = max(batches // t.grad_accum + int(batches % t.grad_accum > 0), 1)
     return math.ceil(t.epochs * per_epoch)
+
+
+def planned_steps(n_train: int, t) -> int:
+    """:func:`optimizer_steps`, refused in one line (with the numbers) above ``MAX_OPTIMIZER_STEPS``: a plan that
+    large is a typo (``train.epochs=1e9``), not a run."""
+    steps = optimizer_steps(n_train, t)
+    if steps > MAX_OPTIMIZER_STEPS:
+        per_epoch = optimizer_steps(n_train, t.model_copy(update={"epochs": 1.0, "max_steps": -1}))
+        raise NewsloraError(f"train.epochs={t.epochs:g} plans {steps:,} optimizer steps ({per_epoch:,} per epoch: "
+                            f"{n_train:,} training rows, train.batch_size={t.batch_size}, train.grad_accum="
+                            f"{t.grad_accum}); the limit is {MAX_OPTIMIZER_STEPS:,}: lower train.epochs or set "
+                            "train.max_steps")
+    return steps
 
 
 def cpu_has_bf16() -> bool:
