@@ -374,7 +374,7 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).strip().split("\n")[0]
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    hint = " (indent YAML with spaces, not tabs)" if "\t" in str(problem) or "tab" in str(problem) else ""
+    hint = " (indent YAML with spaces, not tabs)" if "\t" in str(problem) or "\\t" in str(problem) else ""
     return f"{problem}{where}{hint}"
 
 
