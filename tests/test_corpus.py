@@ -458,6 +458,104 @@ CASES = [
 ]
 
 
+def _tiny_with(**config) -> str:
+    """``model.config_overrides=...``: the tiny model's config with ``config`` on top."""
+    import yaml
+
+    from conftest import TINY
+
+    return "model.config_overrides=" + yaml.safe_dump({**TINY, **config}, default_flow_style=True, width=10_000).strip()
+
+
+def _recipe(env: Env, text: str | bytes, name: str = "r.yaml") -> list:
+    """``train --config <a recipe file>``: the file's recipe on top of nothing (the defaults)."""
+    f = env.work / name
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return ["train", "--config", f, "--run-dir", env.work / "runs" / "x"]
+
+
+ALIAS_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+              "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+              "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+              "model: {config_overrides: {x: [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]}}\n")
+
+
+def _space(env: Env, text: str) -> Path:
+    return _file(env, "space.yaml", text)
+
+
+# recipes refused before anything is read or written (issue 29: non-finite numbers, seeds, plans, YAML)
+RECIPE_CASES = [
+    Case("nonfinite-lora-alpha", lambda e: train_args(e, TRAIN_CSV, "lora.alpha=nan"), ["lora.alpha=nan", "finite"]),
+    Case("nonfinite-lr", lambda e: train_args(e, TRAIN_CSV, "train.lr=.inf"), ["train.lr=inf", "finite"]),
+    Case("nonfinite-weight-decay", lambda e: train_args(e, TRAIN_CSV, "train.weight_decay=nan"),
+         ["train.weight_decay=nan", "finite"]),
+    Case("nonfinite-warmup", lambda e: train_args(e, TRAIN_CSV, "train.warmup=nan"), ["train.warmup=nan", "finite"]),
+    Case("nonfinite-validation-size", lambda e: train_args(e, TRAIN_CSV, "data.validation_size=nan"),
+         ["data.validation_size=nan", "finite"]),
+    Case("nonfinite-epochs", lambda e: train_args(e, TRAIN_CSV, "train.epochs=.inf"), ["train.epochs=inf", "finite"]),
+    Case("nonfinite-max-steps", lambda e: train_args(e, TRAIN_CSV, "train.max_steps=.nan"),
+         ["train.max_steps", "integer"]),
+    Case("nonfinite-label-smoothing", lambda e: train_args(e, TRAIN_CSV, "train.label_smoothing=-.inf"),
+         ["train.label_smoothing=-inf", "finite"]),
+    Case("nonfinite-distill-temperature", lambda e: ["distill", "--teacher", e.tiny_run, *tiny_overrides(),
+                                                     "distill.temperature=nan"], ["distill.temperature=nan", "finite"]),
+    Case("nonfinite-in-config-overrides", lambda e: train_args(e, TRAIN_CSV, _tiny_with(layer_norm_eps=float("nan"))),
+         ["model.config_overrides.layer_norm_eps=nan", "finite"]),
+    Case("nonfinite-in-recipe-file", lambda e: _recipe(e, "lora:\n  dropout: .NaN\n"), ["lora.dropout=nan", "finite"]),
+    Case("nonfinite-budget-command", lambda e: ["budget", "vera.d_initial=.inf"], ["vera.d_initial=inf", "finite"]),
+    Case("nonfinite-baseline-command", lambda e: ["baseline", "train.lr=nan"], ["train.lr=nan", "finite"]),
+    Case("nonfinite-search-bound", lambda e: ["search", *tiny_overrides(), "--space", _space(
+        e, "params:\n  train.lr: {type: loguniform, low: .nan, high: 1.0e-2}\n"), "--output", e.work / "study"],
+        ["train.lr: low=nan", "finite"]),
+    Case("nonfinite-search-base-recipe", lambda e: ["search", "lora.alpha=.inf", "--space", _space(
+        e, "params:\n  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"), "--output", e.work / "study"],
+        ["lora.alpha=inf", "finite"]),
+    Case("negative-train-seed", lambda e: train_args(e, TRAIN_CSV, "train.seed=-1"), ["train.seed=-1", "[0, 4294967295]"]),
+    Case("negative-data-seed", lambda e: train_args(e, TRAIN_CSV, "data.seed=-7"), ["data.seed=-7"]),
+    Case("seed-beyond-32-bits", lambda e: train_args(e, TRAIN_CSV, "train.seed=4294967296"),
+         ["train.seed=4294967296", "4294967295"]),
+    Case("plan-over-ten-million-steps", lambda e: train_args(e, TRAIN_CSV, "train.epochs=1e9"),
+         ["train.epochs=1e+09", "optimizer steps", "per epoch", "10,000,000", "train.max_steps"]),
+    Case("max-steps-over-ten-million", lambda e: train_args(e, TRAIN_CSV, "train.max_steps=20000000"),
+         ["train.max_steps=20000000", "<= 10000000"]),
+    Case("recipe-duplicate-key", lambda e: _recipe(e, "name: a\ntrain:\n  lr: 1.0e-3\n  lr: 1.0e-4\n"),
+         ["duplicate key 'lr'", "line 4", "first at line 3"]),
+    Case("recipe-duplicate-section", lambda e: _recipe(e, "lora: {r: 4}\ntrain: {lr: 1.0e-3}\nlora: {r: 8}\n"),
+         ["duplicate key 'lora'", "line 3", "first at line 1"]),
+    Case("override-duplicate-key", lambda e: train_args(e, TRAIN_CSV, "model.config_overrides={a: 1, a: 2}"),
+         ["duplicate key 'a'"]),
+    Case("recipe-tab-indent", lambda e: _recipe(e, "lora:\n\tr: 4\n"), ["not valid YAML", "line 2", "tabs"]),
+    Case("recipe-unclosed-bracket-line", lambda e: _recipe(e, "name: a\nlora:\n  target_modules: [query, value\n"),
+         ["not valid YAML", "line"]),
+    Case("recipe-not-utf8", lambda e: _recipe(e, "name: caf\xe9\n".encode("latin-1")), ["not UTF-8", "save it as UTF-8"]),
+    Case("recipe-alias-bomb", lambda e: _recipe(e, ALIAS_BOMB), ["aliases", "100,000"]),
+    Case("recipe-unknown-key-suggests", lambda e: _recipe(e, "train:\n  learning_rate: 1.0e-3\n"),
+         ["train.learning_rate", "valid keys here"]),
+    Case("recipe-section-not-a-mapping", lambda e: _recipe(e, "lora: [1, 2]\n"), ["lora must be a mapping"]),
+    Case("recipe-unknown-method", lambda e: _recipe(e, "method: lorax\n"), ["method='lorax'", "choose one of"]),
+    Case("recipe-bool-for-a-name", lambda e: _recipe(e, "data:\n  label_names: [no, yes]\n"),
+         ["data.label_names[0]", "quote it"]),
+    Case("scheduler-choices", lambda e: train_args(e, TRAIN_CSV, "train.scheduler=foo"),
+         ["train.scheduler='foo'", "choose one of: linear, cosine"]),
+    Case("report-to-choices", lambda e: train_args(e, TRAIN_CSV, "train.report_to=wandb"),
+         ["train.report_to[0]='wandb'", "tensorboard, mlflow"]),
+    Case("distill-alpha-range", lambda e: train_args(e, TRAIN_CSV, "distill.alpha=2"), ["distill.alpha=2", "[0, 1]"]),
+    Case("config-overrides-zero-heads", lambda e: train_args(e, TRAIN_CSV, _tiny_with(num_attention_heads=0)),
+         ["model.config_overrides", "do not build a roberta model", "ZeroDivisionError"]),
+    Case("config-overrides-heads-not-dividing", lambda e: train_args(e, TRAIN_CSV, _tiny_with(hidden_size=7)),
+         ["model.config_overrides", "do not build a roberta model", "not a multiple"]),
+    Case("config-overrides-unknown-activation", lambda e: train_args(e, TRAIN_CSV, _tiny_with(hidden_act="nope")),
+         ["model.config_overrides", "do not build a roberta model", "nope"]),
+    Case("config-overrides-wrong-kind", lambda e: train_args(e, TRAIN_CSV, _tiny_with(vocab_size="x")),
+         ["model.config_overrides.vocab_size='x'", "refused by the roberta config"]),
+    Case("deprecated-key-still-works", lambda e: ["budget", *tiny_overrides(method="loraplus"),
+                                                  "lora.loraplus_lr_ratio=4"],
+         ["deprecated: lora.loraplus_lr_ratio -> use loraplus.ratio"], code=0),
+]
+CASES += RECIPE_CASES
+
+
 def _run_truncated_merged(env: Env) -> Path:
     m = env.copy_run(env.merged, "merged")
     truncate(m / "model.safetensors")
@@ -477,7 +575,7 @@ def _dir(env: Env, name: str) -> Path:
 
 
 def test_corpus_is_large_enough():
-    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -71,6 +71,7 @@ def load_tokenizer(name: str):
 
 
 def load_backbone_config(recipe: Recipe, label_names: list[str]):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     name = resolve_backbone(recipe.model.backbone)
@@ -83,9 +84,10 @@ def load_backbone_config(recipe: Recipe, label_names: list[str]):
             raise NewsloraError(f"model.config_overrides.{k}: {config.model_type} configs have no such field")
         try:
             setattr(config, k, v)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, StrictDataclassError) as e:  # transformers' configs check kinds on assignment
+            why = " ".join(str(e).split())  # the field and the expected kind are on the message's second line
             raise NewsloraError(f"model.config_overrides.{k}={v!r} is refused by the {config.model_type} config: "
-                                f"{first_line(e)}") from None
+                                f"{why}") from None
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {n: i for i, n in enumerate(label_names)}

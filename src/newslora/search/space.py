@@ -230,6 +230,8 @@ def _number(value, what: str) -> float:
             value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise NewsloraError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise NewsloraError(f"{what}={value} is not a finite number; give a real bound")
     return value
 
 
