@@ -513,6 +513,8 @@ def _bounds(info) -> str:
             hi = f"<= {show(m.le)}"
     if lo and hi:
         return f"in {'(' if lo[1] != '=' else '['}{lo.split()[-1]}, {hi.split()[-1]}{')' if hi[1] != '=' else ']'}"
+    if lo.startswith(">="):
+        return f"at least {lo.split()[-1]}"
     return f"{lo or hi}"
 
 

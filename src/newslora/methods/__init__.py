@@ -17,5 +17,5 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["Method", "all_methods", "constant_param_names", "get", "names", "param_prefixes", "register", "register_section",
-           "sections"]
+__all__ = ["Method", "all_methods", "constant_param_names", "get", "names", "param_prefixes", "register",
+           "register_section", "sections"]
