@@ -33,3 +33,13 @@ def sigterm_raises(message: str):
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def first_line(e: BaseException, limit: int | None = 300, with_type: bool = False) -> str:
+    """The first non-empty line of an exception's message (at most ``limit`` characters), or its type's name when
+    the message is empty: what a one-line ``error:`` quotes from a library's exception. ``with_type``:
+    ``Type: line``, as run.json and a search trial record a failure."""
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:limit]
+    if not line:
+        return type(e).__name__
+    return f"{type(e).__name__}: {line}" if with_type else line

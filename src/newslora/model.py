@@ -19,7 +19,7 @@ import torch
 
 from . import families, methods
 from .config import BACKBONE_ALIASES, Recipe
-from .errors import NewsloraError
+from .errors import NewsloraError, first_line
 from .families import LAYER_RE
 from .methods.adalora import adalora_schedule  # noqa: F401 - re-exported (older import path)
 
@@ -42,12 +42,6 @@ def resolve_backbone(name: str) -> str:
     if name.lower() in BACKBONE_ALIASES and not Path(name).expanduser().exists():  # roberta-base: its hub id
         return BACKBONE_ALIASES[name.lower()]
     return name
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type when the message is empty)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _hub_error(what: str, name: str, e: Exception) -> NewsloraError:
@@ -145,7 +139,7 @@ def load_backbone(recipe: Recipe, label_names: list[str], meta: bool = False, fo
                 if not recipe.model.config_overrides:
                     raise
                 raise NewsloraError(f"model.config_overrides={recipe.model.config_overrides} do not build a "
-                                    f"{config.model_type} model ({type(e).__name__}: {first_line(e)}); fix or remove "
+                                    f"{config.model_type} model ({first_line(e, with_type=True)}); fix or remove "
                                     "them") from None
     name = resolve_backbone(recipe.model.backbone)
     quantized = recipe.model.quantization != "none"
