@@ -208,3 +208,11 @@ def test_the_json_schema_checks_the_shipped_recipes():
         jsonschema.validate({"train": {"scheduler": "foo"}}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"lora": {"rr": 1}}, schema)
+
+
+def test_yaml_merge_keys_are_not_duplicates():
+    from newslora.yamlfile import parse_yaml
+
+    assert parse_yaml("base: &base {r: 4, alpha: 8}\nlora:\n  <<: *base\n  r: 8\n")["lora"] == {"r": 8, "alpha": 8}
+    with pytest.raises(NewsloraError, match="aliases"):
+        parse_yaml("a: &a [*a, *a]\n")  # contains itself: expands without end

@@ -25,6 +25,7 @@ from .methods.adalora import AdaLoraSection  # noqa: F401 - re-exported: the sec
 from .methods.lora import LoraSection  # noqa: F401
 from .methods.vera import VeraSection  # noqa: F401
 from .sections import Float, Int, List, Section, Str
+from .yamlfile import parse_yaml, read_yaml_mapping
 
 # short backbone names newslora accepts, with the hub id of the same model (model cards, adapter configs)
 BACKBONE_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
@@ -48,8 +49,6 @@ def hub_id(backbone: str) -> str | None:
 MAX_SEED = 2**32 - 1
 # a run plans at most this many optimizer steps (more is a typo such as train.epochs=1e9, not a run)
 MAX_OPTIMIZER_STEPS = 10**7
-# a mapping or list in a YAML recipe may not expand (aliases followed) to more values than this
-MAX_YAML_VALUES = 100_000
 
 
 def _finite_leaves(value: Any, key: str) -> None:
@@ -301,81 +300,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         apply_override(data, item)
     return recipe_from_dict(data)
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (YAML would keep the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise NewsloraError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
-                                    f"{seen[key]}): keep one of them")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def _expanded_size(node, memo: dict, depth: int = 0) -> int:
-    """Values in a YAML node once its aliases are expanded (shared nodes counted every time they appear)."""
-    if id(node) in memo:
-        return memo[id(node)]
-    if depth > 200:
-        return MAX_YAML_VALUES + 1
-    memo[id(node)] = MAX_YAML_VALUES + 1  # a node that contains itself expands without end
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(n, memo, depth + 1) for n in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1) for k, v in node.value)
-    memo[id(node)] = min(size, MAX_YAML_VALUES + 1)
-    return memo[id(node)]
-
-
-def parse_yaml(text: str):
-    """The value of a YAML document: duplicate keys and alias bombs refused."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise NewsloraError(f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; write the "
-                                "values out")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def read_yaml_mapping(path: str | Path, what: str, option: str, example: str) -> dict:
-    """A YAML file holding a mapping, or one clear error line (missing file, not UTF-8, bad YAML, duplicate keys,
-    alias bombs, not a mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NewsloraError(f"{what} not found: {path} (pass {option} with a YAML file, e.g. {example})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    try:
-        data = parse_yaml(text) or {}
-    except NewsloraError as e:
-        raise NewsloraError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise NewsloraError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise NewsloraError(f"{path} must hold a mapping, got {type(data).__name__}")
-    return data
-
-
-def yaml_problem(e: yaml.YAMLError) -> str:
-    """One line: what is wrong and where (line, column)."""
-    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).strip().split("\n")[0]
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    hint = " (indent YAML with spaces, not tabs)" if "\t" in str(problem) or "\\t" in str(problem) else ""
-    return f"{problem}{where}{hint}"
 
 
 # old key -> new key; the old one still works, with a notice on stderr
