@@ -113,7 +113,7 @@ def test_non_finite_and_out_of_range_values_name_the_key(override, words):
 
 def test_new_keys_are_declared_with_their_defaults():
     r = load_recipe(None, ["data.text_columns=[title,description]", "train.report_to=tensorboard",
-                           "train.tracking_uri=mlruns", "distill.unlabelled=u.csv", "data.drop_overlap=true",
+                           "train.tracking_uri=mlruns", "distill.unlabelled=u.csv", "distill.teachers=[t]", "data.drop_overlap=true",
                            "model.truncation=head_tail", "train.class_weights=balanced"])
     assert r.data.text_columns == ["title", "description"] and r.train.report_to == ["tensorboard"]
     assert (r.train.tracking_uri, r.distill.unlabelled, r.data.drop_overlap) == ("mlruns", "u.csv", True)
@@ -121,6 +121,8 @@ def test_new_keys_are_declared_with_their_defaults():
     d = Recipe()
     assert (d.data.text_columns, d.model.truncation, d.train.class_weights, d.train.report_to, d.train.tracking_uri,
             d.data.drop_overlap, d.distill.unlabelled) == (None, "head", "none", [], None, False, None)
+    with pytest.raises(NewsloraError, match="name one or more distinct columns"):
+        load_recipe(None, ["data.text_columns=[title, title]"])
 
 
 def test_old_keys_still_work_with_one_deprecation_line(tmp_path, capsys):

@@ -115,7 +115,7 @@ class DataConfig(Section):
     max_test_samples: Int | None = Field(None, gt=0)
     """use at most this many test rows"""
     drop_overlap: bool = False
-    """drop training rows whose text also appears in validation or test"""
+    """drop training rows whose text is also in validation or test (false: they are counted and warned about)"""
     seed: Int = Field(42, ge=0, le=MAX_SEED)
     """seed of the validation split and of the row samples"""
 
@@ -123,6 +123,9 @@ class DataConfig(Section):
     def _rules(self):
         if self.validation_size >= 1 and not self.validation_size.is_integer():
             raise ValueError(f"data.validation_size={self.validation_size}: use a fraction < 1 or a whole row count")
+        if self.text_columns is not None and len(set(self.text_columns)) != len(self.text_columns):
+            raise ValueError(f"data.text_columns={self.text_columns}: name one or more distinct columns, e.g. "
+                             "[title, body]")
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise ValueError(f"data.label_names has duplicates: {self.label_names}")
         return self
@@ -169,7 +172,7 @@ class TrainConfig(Section):
     label_smoothing: Float = Field(0.0, ge=0, lt=1)
     """cross-entropy label smoothing (the Trainer's label_smoothing_factor)"""
     class_weights: Literal["none", "balanced"] = "none"
-    """weigh the loss of each class: none, or balanced (inverse class frequency of the training rows)"""
+    """balanced: cross-entropy weighted by n_rows / (n_classes * n_rows_of_class), counted on the training split"""
     warmup: Float = Field(0.06, ge=0)
     """warm-up: a fraction of the optimizer steps (< 1) or a step count (>= 1)"""
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
@@ -204,7 +207,8 @@ class TrainConfig(Section):
     report_to: List(Literal["tensorboard", "mlflow"]) = Field(default_factory=list, examples=[["tensorboard"]])
     """experiment trackers that receive the run's metrics"""
     tracking_uri: Str | None = None
-    """the tracker's address (mlflow: a server URL or a folder); null: the tracker's default"""
+    """the MLflow store (needs mlflow in train.report_to); null: $MLFLOW_TRACKING_URI, else
+    sqlite:///<runs folder>/mlflow.db"""
     seed: Int = Field(42, ge=0, le=MAX_SEED)
     """seed of the model's initialisation and the batch order"""
 
