@@ -7,13 +7,16 @@ from pathlib import Path
 from rich.table import Table
 
 from .config import Recipe, load_recipe
-from .model import Breakdown, count_trainable, get_rank, rank_key
+from .data import label_set
+from .errors import NewsloraError
+from .model import Breakdown, check_budget, count_trainable, get_rank, rank_key
 
 
 @dataclass
 class BudgetReport:
     recipe: Recipe
     breakdown: Breakdown
+    label_names: list[str]
 
     @property
     def fits(self) -> bool:
@@ -27,7 +30,16 @@ class BudgetReport:
 
     def to_json(self) -> dict:
         return {"name": self.recipe.name, "method": self.recipe.method, "backbone": self.recipe.model.backbone,
-                "rank": self.rank, "head_type": self.recipe.head.type, **self.breakdown.to_dict()}
+                "rank": self.rank, "head_type": self.recipe.head.type, "num_labels": len(self.label_names),
+                **self.breakdown.to_dict()}
+
+    def refusal(self) -> str | None:
+        """The over-budget error line with its fix (None when the recipe fits)."""
+        try:
+            check_budget(self.breakdown, self.recipe)
+        except NewsloraError as e:
+            return str(e)
+        return None
 
     def print(self, console) -> None:
         b = self.breakdown
@@ -43,7 +55,9 @@ class BudgetReport:
                 t.add_row(f"  layer {layer}", f"{n:,}", style="dim")
         t.add_row("adapter total", f"{b.adapter:,}")
         t.add_row("classification head", f"{b.head:,}")
-        t.add_row("total", f"{b.total:,}", style="bold")
+        t.add_row(f"total ({len(self.label_names)} classes)", f"{b.total:,}", style="bold")
+        if b.params:
+            t.add_row("share of all parameters", f"{100 * b.total / b.params:.3f}% of {b.params:,}")
         verdict = "fits" if b.fits else "OVER BUDGET"
         t.add_row("budget", f"{b.budget:,} ({100 * b.total / b.budget:.1f}%, {verdict})",
                   style="green" if b.fits else "bold red")
@@ -56,5 +70,8 @@ class BudgetReport:
 
 
 def budget_report(config: str | Path | None = None, overrides=()) -> BudgetReport:
+    """The trainable count of a recipe for the label set its data resolves to (:func:`newslora.data.label_set`:
+    the same classes ``train`` counts), on the meta device."""
     recipe = load_recipe(config, overrides)
-    return BudgetReport(recipe, count_trainable(recipe))
+    names = label_set(recipe.data)
+    return BudgetReport(recipe, count_trainable(recipe, names), names)

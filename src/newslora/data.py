@@ -18,7 +18,9 @@ import pandas as pd
 
 from .config import DataConfig
 from .errors import NewsloraError
-from .readers import TABLE_SUFFIXES, check_texts, find_label_names, looks_like_path, read_table, select_columns
+from .texts import tokenize_texts
+from .readers import (TABLE_SUFFIXES, check_texts, find_label_names, looks_like_path, read_labels, read_table,
+                      select_columns)
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 DATASET_ALIASES = {"ag_news": "fancyzhx/ag_news"}  # short names of hub datasets -> the ids the hub serves today
@@ -131,17 +133,31 @@ def _check_every_class(df: pd.DataFrame, names: list[str], where: str, every_cla
 def _load_local(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str] | None, str]:
     src = Path(cfg.source).expanduser()
     test_path = Path(cfg.test).expanduser() if cfg.test else None
+    train_path = train_file(cfg)
     if src.is_dir():
-        train_path = find_split_file(src, "train")
         test_path = test_path or find_split_file(src, "test", required=False)
-    else:
-        train_path = src
-    train = read_table(train_path, cfg.text_column, cfg.label_column)
-    test = read_table(test_path, cfg.text_column, cfg.label_column) if test_path else None
+    train = read_table(train_path, text_columns(cfg), cfg.label_column)
+    test = read_table(test_path, text_columns(cfg), cfg.label_column) if test_path else None
+    names, names_from = _given_names(cfg, train_path)
+    return train, test, names, names_from
+
+
+def _given_names(cfg: DataConfig, train_path: Path) -> tuple[list[str] | None, str]:
     if cfg.label_names:
-        return train, test, cfg.label_names, "data.label_names"
+        return cfg.label_names, "data.label_names"
     found = find_label_names(train_path)
-    return train, test, found, "classes.txt" if found else ""
+    return found, "classes.txt" if found else ""
+
+
+def text_columns(cfg: DataConfig):
+    """The recipe's text column setting: ``data.text_columns`` (joined) when given, else ``data.text_column``."""
+    return list(cfg.text_columns) if cfg.text_columns else cfg.text_column
+
+
+def train_file(cfg: DataConfig) -> Path:
+    """The local training file of a recipe whose ``data.source`` is a file or a folder of split files."""
+    src = Path(cfg.source).expanduser()
+    return find_split_file(src, "train") if src.is_dir() else src
 
 
 def find_split_file(folder: Path, stem: str, required: bool = True) -> Path | None:
@@ -165,8 +181,52 @@ def _load_hub(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None, list[
     feat = ds["train"].features.get(cfg.label_column)
     if names is None and hasattr(feat, "names"):
         names, names_from = list(feat.names), f"the {cfg.source} dataset's ClassLabel"
-    frames = {s: select_columns(ds[s].to_pandas(), Path(cfg.source), cfg.text_column, cfg.label_column) for s in ds}
+    frames = {s: select_columns(ds[s].to_pandas(), Path(cfg.source), text_columns(cfg), cfg.label_column)
+              for s in ds}
     return frames["train"], frames.get("test"), names, names_from
+
+
+def _is_ag_news_id(source: str) -> bool:
+    return source.rstrip("/").split("/")[-1].startswith("ag_news")
+
+
+def _settle_names(cfg: DataConfig, names: list[str] | None, names_from: str,
+                  ag_news_form: bool) -> tuple[list[str] | None, str]:
+    """After the recipe, a ``classes.txt`` and the hub's ClassLabel: the AG News classes (an ``ag_news`` source or
+    a file in an AG News form), then ``data.num_labels``; checked against ``data.num_labels``."""
+    if names is None and (_is_ag_news_id(cfg.source) or ag_news_form):
+        names, names_from = AG_NEWS_LABELS, "AG News"
+    if cfg.num_labels is not None and names is not None and len(names) != cfg.num_labels:
+        raise NewsloraError(f"data.num_labels={cfg.num_labels} but {names_from} gives {len(names)} classes {names}; "
+                            "make them agree (or drop data.num_labels)")
+    if names is None and cfg.num_labels is not None:
+        names_from = f"data.num_labels={cfg.num_labels}"
+    return names, names_from
+
+
+def label_set(cfg: DataConfig) -> list[str]:
+    """The label set of a recipe's data, as :func:`load_splits` resolves it, without tokenizing or loading any
+    weights: ``data.label_names``, a ``classes.txt``, the hub's ClassLabel, the AG News classes (an ``ag_news``
+    source stays offline), ``data.num_labels``; else the training file's label column, read on its own and checked
+    as :func:`load_splits` checks it. ``budget``, ``budget.auto_fit``, ``train``, ``search`` and ``distill`` count
+    the classification head from it."""
+    labels = None
+    if looks_like_path(cfg.source):
+        path = train_file(cfg)
+        names, names_from = _given_names(cfg, path)
+        if names is None:  # the AG News forms name their classes
+            labels = read_labels(path, text_columns(cfg), cfg.label_column)
+        names, names_from = _settle_names(cfg, names, names_from, labels is not None and labels.attrs.get("ag_news"))
+    elif cfg.label_names or _is_ag_news_id(cfg.source):  # no hub call
+        names, names_from = _settle_names(cfg, cfg.label_names, "data.label_names" if cfg.label_names else "", False)
+    else:
+        train, _, names, names_from = _load_hub(cfg)
+        labels = train[["label"]]
+        names, names_from = _settle_names(cfg, names, names_from, False)
+    if names is not None:
+        return list(names)
+    _, names = encode_labels(labels, None, f"{cfg.source} (train)", names_from, cfg.num_labels, every_class=True)
+    return names
 
 
 def load_splits(cfg: DataConfig) -> Splits:
@@ -179,14 +239,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     else:
         train, test, names, names_from = _load_hub(cfg)
         if cfg.test:
-            test = read_table(cfg.test, cfg.text_column, cfg.label_column)
-    if names is None and (cfg.source.rstrip("/").split("/")[-1].startswith("ag_news") or train.attrs.get("ag_news")):
-        names, names_from = AG_NEWS_LABELS, "AG News"
-    if cfg.num_labels is not None and names is not None and len(names) != cfg.num_labels:
-        raise NewsloraError(f"data.num_labels={cfg.num_labels} but {names_from} gives {len(names)} classes {names}; "
-                            "make them agree (or drop data.num_labels)")
-    if names is None and cfg.num_labels is not None:
-        names_from = f"data.num_labels={cfg.num_labels}"
+            test = read_table(cfg.test, text_columns(cfg), cfg.label_column)
+    names, names_from = _settle_names(cfg, names, names_from, bool(train.attrs.get("ag_news")))
     train = check_texts(train, f"{cfg.source} (train)")
     train, names = encode_labels(train, names, f"{cfg.source} (train)", names_from, cfg.num_labels, every_class=True)
     if test is not None:
@@ -196,18 +250,18 @@ def load_splits(cfg: DataConfig) -> Splits:
         if cfg.max_test_samples:
             test = _stratified_head(test, cfg.max_test_samples, cfg.seed)
     if cfg.validation:
-        validation = check_texts(read_table(cfg.validation, cfg.text_column, cfg.label_column),
+        validation = check_texts(read_table(cfg.validation, text_columns(cfg), cfg.label_column),
                                  f"{cfg.validation} (validation)")
         validation, _ = encode_labels(validation, names, f"{cfg.validation} (validation)")
     else:
-        train, validation = _split(train, cfg)
+        train, validation = _split(train, cfg, names)
     if cfg.max_train_samples:
         train = _stratified_head(train, cfg.max_train_samples, cfg.seed)
     return Splits(train.reset_index(drop=True), validation.reset_index(drop=True),
                   None if test is None else test.reset_index(drop=True), names, cfg.source)
 
 
-def _split(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _split(df: pd.DataFrame, cfg: DataConfig, names: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     from sklearn.model_selection import train_test_split
 
     size = cfg.validation_size if cfg.validation_size < 1 else int(cfg.validation_size)
@@ -216,7 +270,13 @@ def _split(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFram
     if n_val < len(counts) or len(df) - n_val < len(counts):
         raise NewsloraError(f"data.validation_size={cfg.validation_size} leaves {n_val} validation rows of {len(df)}: "
                             f"need at least one per class ({len(counts)}) on both sides")
-    stratify = df["label"] if counts.min() >= 2 else None
+    if counts.min() < 2:  # one row cannot be in both splits: the validation split would miss the class
+        few = [names[i] for i in counts[counts < 2].index] if names else list(counts[counts < 2].index)
+        more = f" (and {len(few) - 1} more classes)" if len(few) > 1 else ""
+        raise NewsloraError(f"class {few[0]!r} has only 1 training row{more}: too few for a stratified validation "
+                            "split; add rows of it, drop it from the data, or give a separate validation file with "
+                            "data.validation")
+    stratify = df["label"]
     train, val = train_test_split(df, test_size=size, random_state=cfg.seed, stratify=stratify)
     return train, val
 
@@ -249,22 +309,24 @@ def frame_fingerprint(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenize(df: pd.DataFrame, tokenizer, max_length: int, cache: bool = True):
+def tokenize(df: pd.DataFrame, tokenizer, max_length: int, cache: bool = True, truncation: str = "head"):
     """Tokenize a frame once into an HF ``Dataset`` (input_ids, attention_mask, labels, length), cached on disk.
 
-    The cache key covers the tokenizer's vocabulary, the rows and max_length; no padding is stored
-    (the collator pads each batch to its own longest row).
+    The cache key covers the tokenizer's vocabulary, the rows, max_length and ``truncation`` (which end of a long
+    text is kept: :func:`newslora.texts.tokenize_texts`); no padding is stored (the collator pads each batch to its
+    own longest row).
     """
     import datasets
 
     key = f"{tokenizer_fingerprint(tokenizer)}-{frame_fingerprint(df)}-{max_length}"
+    key += "" if truncation == "head" else f"-{truncation}"
     path = CACHE_ROOT / "tokenized" / key
     if cache and (path / "dataset_info.json").exists():
         try:
             return datasets.load_from_disk(str(path))
         except Exception:
             pass  # a damaged cache entry is rebuilt below
-    enc = tokenizer(df["text"].tolist(), truncation=True, max_length=max_length)
+    enc = tokenize_texts(tokenizer, df["text"].tolist(), max_length, truncation)
     cols = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "length": [len(x) for x in enc["input_ids"]]}
     if "label" in df:

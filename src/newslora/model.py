@@ -309,6 +309,7 @@ class Breakdown:
     by_module: dict = field(default_factory=dict)  # e.g. {"query": 36864, "value": 36864}
     by_layer: dict = field(default_factory=dict)  # {"0": 12288, ..., "head": 593668}
     fit: dict | None = None  # budget.auto_fit: RankFit.to_dict() of the rank it chose
+    params: int = 0  # all the model's parameters, frozen ones included (the trainable share's denominator)
 
     @property
     def fits(self) -> bool:
@@ -321,7 +322,8 @@ class Breakdown:
 
     def to_dict(self) -> dict:
         d = {"trainable": self.total, "head": self.head, "adapter": self.adapter, "budget": self.budget,
-             "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer}
+             "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer, "params": self.params,
+             "trainable_share": round(self.total / self.params, 8) if self.params else None}
         if self.fit is not None:
             d["auto_fit"] = self.fit
         return d
@@ -331,9 +333,10 @@ def breakdown(model, budget: int) -> Breakdown:
     """Trainable parameters of a (PEFT) model, split into head and adapter, per module and per layer."""
     by_module: dict[str, int] = OrderedDict()
     by_layer: dict[str, int] = OrderedDict()
-    head = adapter = 0
+    head = adapter = params = 0
     constants, prefixes = methods.constant_param_names(), methods.param_prefixes()
     for name, p in model.named_parameters():
+        params += p.numel()
         # constants some methods keep as parameters (AdaLoRA's ranknum) are not trainable parameters
         if not p.requires_grad or name.rsplit(".", 2)[-2] in constants:
             continue
@@ -351,7 +354,7 @@ def breakdown(model, budget: int) -> Breakdown:
         by_module[mod] = by_module.get(mod, 0) + n
         layer = m.group(1) if (m := LAYER_RE.search("." + short)) else "other"
         by_layer[layer] = by_layer.get(layer, 0) + n
-    return Breakdown(head + adapter, head, adapter, budget, dict(by_module), dict(by_layer))
+    return Breakdown(head + adapter, head, adapter, budget, dict(by_module), dict(by_layer), params=params)
 
 
 def count_trainable(recipe: Recipe, label_names: list[str] | None = None, fit: bool = True) -> Breakdown:
@@ -375,6 +378,11 @@ def _count(recipe: Recipe, names: list[str]) -> Breakdown:
 
 
 def check_budget(b: Breakdown, recipe: Recipe) -> None:
+    if not b.fits and recipe.head.type == "full":
+        raise NewsloraError(
+            f"over budget: {b.total:,} trainable parameters > budget.max_params={b.budget:,} for method="
+            f"{recipe.method}: {b.summary()}; set head.type: lora (the full classification head trains "
+            f"{b.head:,} of them), or a smaller rank, or budget.auto_fit: true")
     if not b.fits:
         raise NewsloraError(
             f"over budget: {b.total:,} trainable parameters > budget.max_params={b.budget:,} for "

@@ -21,6 +21,7 @@ from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArgume
 
 from . import distributed, methods, tracking
 from .config import Recipe
+from .class_weights import class_weights, weighted_loss
 from .data import Splits, load_splits, tokenize
 from .distill import Distiller
 from .errors import NewsloraError, Terminated, sigterm_raises
@@ -28,6 +29,7 @@ from .evaluate import classification_metrics, summary
 from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
                     count_trainable, load_tokenizer)
 from .run import Run
+from .texts import text_record
 # the training loop's parts, importable from here as before
 from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
                       TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps, planned_steps,
@@ -75,6 +77,8 @@ def print_breakdown(b: Breakdown, recipe: Recipe) -> None:
         t.add_row(f"adapter: {mod}", f"{n:,}")
     t.add_row("classification head", f"{b.head:,}")
     t.add_row("[bold]total[/bold]", f"[bold]{b.total:,}[/bold]")
+    if b.params:
+        t.add_row("share of all parameters", f"{100 * b.total / b.params:.3f}% of {b.params:,}")
     t.add_row("budget", f"{b.budget:,} ({100 * b.total / b.budget:.1f}% used)")
     console.print(t)
 
@@ -224,9 +228,10 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
     run.write_recipe(recipe)
     ml = recipe.model.max_length
     with distributed.local_main_first():  # one process per machine fills the tokenization cache, the others read it
-        train_ds = tokenize(splits.train, tokenizer, ml)
-        val_ds = tokenize(splits.validation, tokenizer, ml)
-        test_ds = tokenize(splits.test, tokenizer, ml) if splits.test is not None else None
+        cut = recipe.model.truncation
+        train_ds = tokenize(splits.train, tokenizer, ml, truncation=cut)
+        val_ds = tokenize(splits.validation, tokenizer, ml, truncation=cut)
+        test_ds = tokenize(splits.test, tokenizer, ml, truncation=cut) if splits.test is not None else None
     added = sum(h.added_train_rows for h in hooks)  # e.g. distillation's unlabelled texts
     total_steps = optimizer_steps(len(train_ds) + added, t)
 
@@ -246,7 +251,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                      **({"unlabelled": added} if added else {})},
             "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
             "precision": precision, "processes": distributed.world_size(), "train_runtime_s": None,
-            "train_samples_per_second": None}
+            "train_samples_per_second": None, "text": text_record(recipe),
+            "class_weights": class_weights(splits.train["label"], len(splits.label_names), t.class_weights)}
     # the attempt (pid, host, heartbeat) is recorded before training starts; on resume the earlier attempts and the
     # training seconds they recorded are kept
     run.start_attempt(info, int(run.checkpoints()[-1].name.split("-")[1]) if resuming else 0)
@@ -286,7 +292,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
     kwargs = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                   data_collator=Collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
                   processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
-                  optimizers=(method.optimizer(model, recipe), None))
+                  optimizers=(method.optimizer(model, recipe), None),
+                  compute_loss_func=weighted_loss(info["class_weights"], t.label_smoothing))
     for hook in hooks:
         trainer_cls = hook.configure(trainer_cls, kwargs)
     with (compile_settings(t.torch_compile, regions=t.compile_regions),
