@@ -30,6 +30,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/
 RuntimeOpt = typer.Option(None, "--runtime", help="torch or onnx (default: chosen by what the folder holds; "
                           "model.onnx -> onnxruntime)")
 COLUMN_OPTIONS = ("--text-column", "--label-column")  # named in errors about the file's columns
+TEXT_COLUMN_HELP = "default: the text column(s) the model was trained on (data.text_columns joined), else text"
 
 
 def friendly(fn):
@@ -136,7 +137,7 @@ def baseline(overrides: Optional[list[str]] = Overrides, config: Optional[Path] 
 @command()
 def evaluate(model: Path = typer.Argument(..., help="run folder or merged model folder"),
              data: Path = typer.Option(..., "--data", help="labelled file (CSV/TSV/JSONL/parquet, or classic AG News CSV)"),
-             text_column: str = "text", label_column: str = "label",
+             text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP), label_column: str = "label",
              output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here"),
              overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
              runtime: Optional[str] = RuntimeOpt):
@@ -180,8 +181,12 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
 @command()
 def predict(model: Path = typer.Argument(..., help="run folder or merged model folder"),
             input: Path = typer.Option(..., "--input", "-i", help="CSV/TSV/JSONL/parquet/.txt, or a pickled Dataset"),
-            output: Path = typer.Option(Path("submission.csv"), "--output", "-o"),
-            text_column: str = "text",
+            output: Path = typer.Option(Path("submission.csv"), "--output", "-o",
+                                        help="the extension picks the format: .csv, .tsv, .jsonl or .parquet"),
+            text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
+            id_column: Optional[str] = typer.Option(None, "--id-column", help="input column carried to the output's "
+                                                    "ID column (default: id or ID when the input has one, else "
+                                                    "0..N-1)"),
             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling (runs code from the file)"),
             extra_columns: bool = typer.Option(False, "--extra-columns", help="add label names and probabilities"),
             batch_size: int = typer.Option(None, help="default: 128 on a GPU, 32 on a CPU"),
@@ -196,7 +201,8 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
     chunking = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     with rows_progress("predict") as progress:
         path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,
-                           options=COLUMN_OPTIONS, runtime=runtime, progress=progress, **chunking)
+                           options=COLUMN_OPTIONS, runtime=runtime, progress=progress, id_column=id_column,
+                           **chunking)
     out.print(f"wrote {path}")
 
 

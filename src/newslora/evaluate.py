@@ -33,21 +33,23 @@ def summary(m: dict) -> dict:
     return {k: m[k] for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
 
 
-def evaluate(model_path: str | Path, data: str | Path, text_column: str = "text", label_column: str = "label",
+def evaluate(model_path: str | Path, data: str | Path, text_column: str | None = None, label_column: str = "label",
              batch_size: int | None = None, output: str | Path | None = None, overwrite: bool = False,
              options: tuple[str, str] = ("text_column", "label_column"), runtime: str | None = None) -> dict:
     """Evaluate a run folder or merged model on a labelled file; optionally write the metrics as JSON (never over
     the data file; over an existing file only with ``overwrite``). ``options``: the caller's names for the column
     settings, for error messages. The labels must be the model's classes (ids 0..K-1 or its label names).
-    ``runtime``: torch or onnx (default: chosen by what the folder holds)."""
+    ``runtime``: torch or onnx (default: chosen by what the folder holds). ``text_column``: default the columns
+    the model was trained on (:func:`newslora.predict.input_columns`)."""
     from .data import encode_labels
     from .readers import check_texts, read_table
     from .outputs import check_output_file, write_file_atomic
-    from .predict import load_classifier
+    from .predict import input_columns, load_classifier
 
     if output:
         check_output_file(output, [data], overwrite)
-    df = check_texts(read_table(data, text_column, label_column, options), str(data))  # before the model loads
+    df = check_texts(read_table(data, input_columns(model_path, text_column), label_column, options),
+                     str(data))  # before the model loads
     clf = load_classifier(model_path, runtime=runtime)
     df, _ = encode_labels(df, clf.label_names, str(data), names_from=f"the model {model_path}",
                           fix="evaluate on a file with the model's classes")

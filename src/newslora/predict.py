@@ -12,20 +12,23 @@ import torch
 
 from .data import pad_batch, pads_right
 from .errors import NewsloraError
+from .texts import join_columns, text_settings, tokenize_texts
 
 PICKLE_SUFFIXES = {".pkl", ".pickle"}
 
 
 @torch.inference_mode()
-def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int | None = None) -> np.ndarray:
-    """float32 logits (len(texts), num_labels) in input order. Texts are tokenized once and batched by length
-    (less padding); ``batch_size``: default 128 on a GPU, 32 on a CPU (faster there: bench/RESULTS.md).
+def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int | None = None,
+                   truncation: str = "head") -> np.ndarray:
+    """float32 logits (len(texts), num_labels) in input order. Texts are tokenized once (cut as ``truncation``
+    says: :func:`newslora.texts.tokenize_texts`) and batched by length (less padding); ``batch_size``: default 128
+    on a GPU, 32 on a CPU (faster there: bench/RESULTS.md).
     ``model``: a transformers model, or an :class:`~newslora.onnx_runtime.OnnxModel` (onnxruntime, CPU)."""
     onnx = not isinstance(model, torch.nn.Module)
     out = np.empty((len(texts), model.num_labels if onnx else model.config.num_labels), dtype=np.float32)
     if not len(texts):
         return out
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    enc = tokenize_texts(tokenizer, list(texts), max_length, truncation)
     order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
     device = torch.device("cpu") if onnx else next(model.parameters()).device
     batch_size = batch_size or (32 if device.type == "cpu" else 128)
@@ -47,16 +50,19 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
 class Classifier:
     """A trained news classifier. ``classify("headline")`` -> {"label", "score", "scores"}; a list gives a list."""
 
-    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = 128):
+    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = 128, truncation: str = "head",
+                 text_columns: list[str] | None = None):
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.runtime = "torch" if isinstance(model, torch.nn.Module) else "onnx"
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.max_length = max_length
+        self.truncation = truncation  # which end of a long text the model reads (as it was trained)
+        self.text_columns = text_columns  # the columns joined into its texts when it reads a file
 
     def predict_proba(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """Class probabilities, shape (len(texts), num_labels), in input order (see :func:`batched_logits`)."""
-        logits = batched_logits(self.model, self.tokenizer, texts, self.max_length, batch_size)
+        logits = batched_logits(self.model, self.tokenizer, texts, self.max_length, batch_size, self.truncation)
         return torch.softmax(torch.from_numpy(logits), -1).numpy()
 
     def classify(self, text: str | list[str]):
@@ -191,12 +197,12 @@ def load_classifier(path: str | Path, device: str | None = None, runtime: str | 
     """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``.
     ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`)."""
     model, tok, names, max_length = load_model(path, runtime)
-    if not isinstance(model, torch.nn.Module):
-        return Classifier(model, tok, names, max_length)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
-        model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
-    return Classifier(model, tok, names, max_length)
+    reading = text_settings(path)  # how the model reads texts: its text columns and truncation
+    if isinstance(model, torch.nn.Module):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+            model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
+    return Classifier(model, tok, names, max_length, reading["truncation"], reading["text_columns"])
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -204,20 +210,20 @@ def load_classifier(path: str | Path, device: str | None = None, runtime: str | 
 CHUNK_ROWS = 10_000  # rows read, classified and written at a time: memory stays flat whatever the input's size
 
 
-def iter_input(path: str | Path, text_column: str = "text", trust_pickle: bool = False,
+def iter_input(path: str | Path, text_column="text", trust_pickle: bool = False,
                chunk_rows: int = CHUNK_ROWS, options: tuple[str, str] = ("text_column", "label_column"),
-               ) -> tuple[Iterator[pd.DataFrame], int | None]:
+               id_column: str | None = None) -> tuple[Iterator[pd.DataFrame], int | None]:
     """(chunks, total): the texts to classify as frames with a ``text`` column, read lazily from
     CSV/TSV/JSONL/parquet/plain text (see :func:`newslora.readers.iter_texts`), and the number of rows when known
     without reading the file (parquet metadata), else None. A pickled HF ``Dataset`` (``trust_pickle``) is
-    unpickled whole, then sliced."""
+    unpickled whole, then sliced. ``id_column``: the chunks also carry an ``id`` column."""
     from .readers import check_texts, count_rows, iter_texts
 
     path = Path(path)
     if not path.exists():
         raise NewsloraError(f"input not found: {path}")
     if path.suffix.lower() not in PICKLE_SUFFIXES:
-        return iter_texts(path, text_column, chunk_rows, options), count_rows(path)
+        return iter_texts(path, text_column, chunk_rows, options, id_column), count_rows(path)
     if chunk_rows < 1:
         raise NewsloraError(f"--chunk-rows {chunk_rows}: read at least 1 row per chunk (e.g. --chunk-rows 10000)")
     df = _read_pickle(path, text_column, trust_pickle)
@@ -237,17 +243,20 @@ def _read_pickle(path: Path, text_column: str, trust: bool) -> pd.DataFrame:
         obj = obj.to_pandas()
     if isinstance(obj, dict):
         obj = pd.DataFrame(obj)
-    if not isinstance(obj, pd.DataFrame) or text_column not in obj.columns:
+    cols = [text_column] if isinstance(text_column, str) else list(text_column)
+    if not isinstance(obj, pd.DataFrame) or any(c not in obj.columns for c in cols):
         raise NewsloraError(f"{path}: expected a pickled HF Dataset/DataFrame with a {text_column!r} column, "
                             f"got {type(obj).__name__}")
-    return pd.DataFrame({"text": obj[text_column].astype(str)})
+    return pd.DataFrame({"text": obj[cols[0]].astype(str) if len(cols) == 1 else join_columns(obj, cols)})
 
 
-def submission_frame(probs: np.ndarray, label_names: list[str], extra: bool = False, first_id: int = 0
-                     ) -> pd.DataFrame:
-    """Kaggle rows ``ID,Label`` (IDs from ``first_id``, integer labels); ``extra`` adds names and probabilities."""
+def submission_frame(probs: np.ndarray, label_names: list[str], extra: bool = False, first_id: int = 0,
+                     ids=None) -> pd.DataFrame:
+    """Kaggle rows ``ID,Label`` (IDs ``ids`` from the input's ID column, else counted from ``first_id``; integer
+    labels); ``extra`` adds names and probabilities."""
     pred = probs.argmax(-1)
-    df = pd.DataFrame({"ID": np.arange(first_id, first_id + len(pred)), "Label": pred.astype(int)})
+    ids = np.arange(first_id, first_id + len(pred)) if ids is None else np.asarray(ids)
+    df = pd.DataFrame({"ID": ids, "Label": pred.astype(int)})
     if extra:
         df["label_name"] = [label_names[i] for i in pred]
         for i, n in enumerate(label_names):
@@ -263,22 +272,30 @@ def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str]
     return write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str = "text",
+def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str | None = None,
             trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None,
             overwrite: bool = False, options: tuple[str, str] = ("text_column", "label_column"),
             runtime: str | None = None, chunk_rows: int = CHUNK_ROWS,
-            progress: Callable[[int, int | None], None] | None = None) -> Path:
+            progress: Callable[[int, int | None], None] | None = None, id_column: str | None = None) -> Path:
     """Classify every text of ``input`` into the submission file ``output`` (never the input itself; an existing
     file only with ``overwrite``), ``chunk_rows`` rows at a time: read, classify, append to a temp file next to
     ``output`` that replaces it once every row is written (on any error, Ctrl-C or SIGTERM it is removed and
     ``output`` is left as it was). ``progress(rows_done, total_or_None)`` is called once the model is loaded and
     after each chunk. ``options``: the caller's names for the column settings, for error messages. ``runtime``:
-    torch or onnx (default: chosen by what the folder holds)."""
+    torch or onnx (default: chosen by what the folder holds). ``text_column``: default the columns the model was
+    trained on (:func:`input_columns`). The output's extension picks its format (:mod:`newslora.writers`); the
+    input's ID column (``id_column``, else ``id`` or ``ID`` when there is one) gives the rows' IDs, else 0..N-1."""
     from .errors import sigterm_raises
     from .outputs import check_output_file, write_file_atomic
+    from .readers import find_id_column
+    from .writers import PredictionWriter, output_format
 
     check_output_file(output, [input], overwrite)
-    chunks, total = iter_input(input, text_column, trust_pickle, chunk_rows, options)
+    fmt = output_format(output)
+    if Path(input).suffix.lower() not in PICKLE_SUFFIXES:
+        id_column = find_id_column(input, id_column)
+    chunks, total = iter_input(input, input_columns(model, text_column), trust_pickle, chunk_rows, options,
+                               id_column)
     first = next(chunks)  # problems with the input as a whole surface before the model loads
     clf = load_classifier(model, runtime=runtime)
 
@@ -286,15 +303,21 @@ def predict(model: str | Path, input: str | Path, output: str | Path, text_colum
         done = 0
         if progress:
             progress(done, total)
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with PredictionWriter(tmp, fmt) as writer:
             for chunk in itertools.chain([first], chunks):
                 probs = clf.predict_proba(chunk["text"].tolist(), batch_size)
-                submission_frame(probs, clf.label_names, extra_columns, done).to_csv(f, index=False,
-                                                                                   header=done == 0)
-                f.flush()  # the temp file holds every chunk classified so far
+                writer.write(submission_frame(probs, clf.label_names, extra_columns, done, chunk.get("id")))
                 done += len(chunk)
                 if progress:
                     progress(done, total)
 
     with sigterm_raises(f"terminated (SIGTERM); nothing written to {output}"):
         return write_file_atomic(output, write)
+
+
+def input_columns(model: str | Path, text_column: str | None = None):
+    """The text column(s) to read a file with for ``model``: ``text_column`` when given, else the columns the model
+    was trained on (``data.text_columns``, joined as in training), else ``text``."""
+    if text_column is not None:
+        return text_column
+    return text_settings(model)["text_columns"] or "text"

@@ -59,7 +59,8 @@ def read_table(path: str | Path, text_column="text", label_column: str | None = 
             df = pd.read_parquet(path)
         elif suffix == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
-            df = pd.DataFrame({_columns(text_column)[0]: [ln for ln in lines if ln.strip()]})
+            text_column = _columns(text_column)[0]  # one text per line, whatever columns a model joins
+            df = pd.DataFrame({text_column: [ln for ln in lines if ln.strip()]})
         else:
             raise NewsloraError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt")
     except UnicodeDecodeError as e:

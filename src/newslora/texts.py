@@ -31,7 +31,8 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, truncation: str
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     from transformers.utils import logging as hf_logging
 
-    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = special_ends(tokenizer)
+    room = max_length - len(prefix) - len(suffix)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "sequence longer than the model's maximum": it is cut below
     try:
@@ -42,9 +43,19 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, truncation: str
     for x in bare:
         if len(x) > room:
             head = (room + 1) // 2 if truncation == "head_tail" else 0
-            x = x[:head] + x[len(x) - (room - head):] if room - head else x[:head]
-        ids.append(tokenizer.build_inputs_with_special_tokens(x))
+            x = x[:head] + (x[len(x) - (room - head):] if room > head else [])
+        ids.append([*prefix, *x, *suffix])
     return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+
+
+def special_ends(tokenizer) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a single text (``<s>`` and ``</s>``, ``[CLS]``
+    and ``[SEP]``), found by tokenizing a probe with and without them."""
+    probe = "hello world"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    return full[:start], full[start + len(bare):]
 
 
 def text_record(recipe) -> dict:
