@@ -22,7 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TEST_CSV, TRAIN_CSV, ctrl_c_after, tiny_overrides
+from conftest import REPO, ROBERTA, TEST_CSV, TRAIN_CSV, ctrl_c_after, tiny_overrides
 from newslora.cli import app
 
 AG = ["World", "Sports", "Business", "Sci/Tech"]
@@ -455,6 +455,23 @@ CASES = [
          code=0),
     Case("predict-pickle-untrusted", lambda e: ["predict", e.tiny_run, "-i", _bytes(e, "t.pkl", b"\x80\x04N."),
                                                 "-o", "s.csv"], ["--trust-pickle"]),
+    # --- data of one's own (issue 30)
+    Case("headerless-not-ag-news", lambda e: train_args(e, _bytes(e, "d.csv", b"some text,1\nmore text,0\n")),
+         ["no header line", "AG News", "data.text_column/data.label_column"]),
+    Case("predict-headerless-id-text-label", lambda e: ["predict", e.tiny_run, "-i", _bytes(
+        e, "in.csv", b"1,Stocks fall on oil,2\n2,Team wins the cup,1\n"), "-o", "s.csv"],
+         ["no header line", "class 1-4", "--text-column/--label-column"]),
+    Case("class-too-small-to-stratify", lambda e: train_args(e, _rare(e)),
+         ["class 'Rare'", "only 1 training row", "data.validation"]),
+    Case("text-columns-missing", lambda e: train_args(e, _texts(e, "d.csv"), "data.text_columns=[text,body]"),
+         ["column 'body' not found", "data.text_column"]),
+    Case("predict-unknown-extension", lambda e: ["predict", e.tiny_run, "-i", _texts(e), "-o", e.work / "s.txt"],
+         ["no writer for '.txt'", ".parquet"]),
+    Case("predict-id-column-missing", lambda e: ["predict", e.tiny_run, "-i", _texts(e), "-o", "s.csv",
+                                                 "--id-column", "key"], ["column 'key' not found", "--id-column"]),
+    Case("budget-head-over-budget", lambda e: ["budget", "-c", REPO / "configs" / "lora-r6-qkv.yaml",
+                                               f"model.backbone={ROBERTA}", f"data.source={_many_classes(e)}"],
+         ["1,076,168", "head.type: lora", "smaller rank"], code=1),
 ]
 
 
@@ -556,6 +573,17 @@ RECIPE_CASES = [
          ["deprecated: lora.loraplus_lr_ratio -> use loraplus.ratio"], code=0),
 ]
 CASES += RECIPE_CASES
+
+def _rare(env: Env) -> Path:
+    """The AG News rows by class name, plus one row of a fifth class, 'Rare'."""
+    df = balanced().assign(label=lambda d: d["label"].map(dict(enumerate(AG))))
+    return write_csv(env.work / "data" / "few.csv",
+                     pd.concat([df, pd.DataFrame({"text": ["a rare one"], "label": ["Rare"]})]))
+
+
+def _many_classes(env: Env) -> Path:
+    return write_csv(env.work / "many.csv", pd.DataFrame({"text": [f"row {i}" for i in range(400)],
+                                                          "label": [i % 200 for i in range(400)]}))
 
 
 def _run_truncated_merged(env: Env) -> Path:
