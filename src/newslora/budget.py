@@ -31,7 +31,7 @@ class BudgetReport:
     def to_json(self) -> dict:
         return {"name": self.recipe.name, "method": self.recipe.method, "backbone": self.recipe.model.backbone,
                 "rank": self.rank, "head_type": self.recipe.head.type, "num_labels": len(self.label_names),
-                **self.breakdown.to_dict()}
+                **self.breakdown.to_dict(), "trainable_share": round(self.breakdown.total / self.breakdown.params, 8)}
 
     def refusal(self) -> str | None:
         """The over-budget error line with its fix (None when the recipe fits)."""

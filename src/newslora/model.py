@@ -322,8 +322,7 @@ class Breakdown:
 
     def to_dict(self) -> dict:
         d = {"trainable": self.total, "head": self.head, "adapter": self.adapter, "budget": self.budget,
-             "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer, "params": self.params,
-             "trainable_share": round(self.total / self.params, 8) if self.params else None}
+             "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer, "params": self.params}
         if self.fit is not None:
             d["auto_fit"] = self.fit
         return d
@@ -378,16 +377,11 @@ def _count(recipe: Recipe, names: list[str]) -> Breakdown:
 
 
 def check_budget(b: Breakdown, recipe: Recipe) -> None:
-    if not b.fits and recipe.head.type == "full":
-        raise NewsloraError(
-            f"over budget: {b.total:,} trainable parameters > budget.max_params={b.budget:,} for method="
-            f"{recipe.method}: {b.summary()}; set head.type: lora (the full classification head trains "
-            f"{b.head:,} of them), or a smaller rank, or budget.auto_fit: true")
+    fix = (f"set head.type: lora (the full head trains {b.head:,} of them), " if recipe.head.type == "full" else
+           "") + "use a smaller rank, target fewer modules/layers, or set budget.auto_fit=true"
     if not b.fits:
-        raise NewsloraError(
-            f"over budget: {b.total:,} trainable parameters > budget.max_params={b.budget:,} for "
-            f"method={recipe.method}: {b.summary()}; lower the rank, target fewer modules/layers, use "
-            f"head.type=lora, or set budget.auto_fit=true")
+        raise NewsloraError(f"over budget: {b.total:,} trainable parameters > budget.max_params={b.budget:,} for "
+                            f"method={recipe.method}: {b.summary()}; {fix}")
 
 
 # ----------------------------------------------------------------------------- auto fit
