@@ -253,3 +253,18 @@ def test_skewed_class_too_small_to_stratify(tmp_path):
     df.to_csv(data, index=False)
     with pytest.raises(NewsloraError, match="class 'c002' has only 1 training row.*data.validation"):
         load_splits(DataConfig(source=str(data), text_columns=["title", "body"], validation_size=3))
+
+
+def test_merged_folder_reads_like_its_run(own_run, tmp_path):
+    """The merged export answers with its run's columns and truncation, so predict needs no --text-column."""
+    from newslora.export import export
+    from newslora.texts import text_settings
+
+    merged = export(own_run, tmp_path / "merged")
+    assert text_settings(merged) == {"text_columns": ["title", "body"], "truncation": "head_tail"}
+    src = tmp_path / "new.jsonl"
+    pd.DataFrame({"id": [5, 6], "title": ["t1", "t2"], "body": ["b1", "b2"]}).to_json(src, orient="records",
+                                                                                   lines=True)
+    r = cli("predict", merged, "-i", src, "-o", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(tmp_path / "p.csv")["ID"].tolist() == [5, 6]

@@ -2,7 +2,10 @@
 carve a stratified validation split, tokenize once (cached).
 
 Label names come from the recipe, the hub's ClassLabel feature, a ``classes.txt`` next to the file, the AG News
-classes, or string labels in the data; every label is checked against that label set.
+classes, or string labels in the data; every label is checked against that label set. :func:`label_set` resolves
+the same set without tokenizing or loading weights, for counting the classification head (budget, auto_fit,
+search). Text comes from ``data.text_column`` or several ``data.text_columns`` joined
+(:func:`newslora.texts.join_columns`), and is tokenized with ``model.truncation``.
 """
 from __future__ import annotations
 

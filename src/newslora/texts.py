@@ -73,19 +73,26 @@ def text_settings(model_path: str | Path) -> dict:
 
     path = Path(model_path)
     settings = {"text_columns": None, "truncation": "head"}
+    for _ in range(3):  # an ONNX folder -> the merged folder it came from -> the run folder
+        if (path / "recipe.yaml").is_file() or not (path / "newslora.json").is_file():
+            break
+        try:
+            meta = json.loads((path / "newslora.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            break  # a damaged folder: loading the model names the problem
+        if not isinstance(meta, dict):
+            break
+        if "truncation" in meta or "text_columns" in meta:
+            return {**settings, **{k: meta[k] for k in settings if k in meta}}
+        if not (meta.get("run") or meta.get("source")):
+            break
+        path = (path / (meta.get("run") or meta["source"])).resolve()
     recipe = path / "recipe.yaml"
-    if not recipe.is_file():
-        for folder in (path, path / "onnx", path / "merged"):
-            meta_file = folder / "newslora.json"
-            if meta_file.is_file():
-                meta = json.loads(meta_file.read_text(encoding="utf-8"))
-                if "truncation" in meta or "text_columns" in meta:
-                    return {**settings, **{k: meta[k] for k in settings if k in meta}}
-                if meta.get("run"):
-                    recipe = (folder / meta["run"] / "recipe.yaml").resolve()
-                break
-    if recipe.is_file():
-        data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        data = None  # a damaged run folder: loading the model names the problem
+    if isinstance(data, dict):
         settings["text_columns"] = (data.get("data") or {}).get("text_columns")
         settings["truncation"] = (data.get("model") or {}).get("truncation") or "head"
     return settings
