@@ -206,8 +206,7 @@ def test_class_weights_change_the_loss(tmp_path):
     assert abs(losses["balanced"] - losses["none"]) > 1e-4
 
 
-@pytest.mark.parametrize("fmt", [".csv", ".tsv", ".jsonl", ".parquet"])
-def test_predict_writes_each_format_with_the_input_ids(own_run, tmp_path, fmt):
+def test_predict_writes_each_format_with_the_input_ids(own_run, tmp_path):
     """New rows with title and body (and a label column that must not reach the text) predicted without naming
     the columns again; the input's ``ID`` column comes back in every format."""
     from newslora.predict import load_classifier
@@ -216,15 +215,17 @@ def test_predict_writes_each_format_with_the_input_ids(own_run, tmp_path, fmt):
                         "body": ["some body", "another body", "last body"], "label": ["c000", "c001", "c002"]})
     src = tmp_path / "new.csv"
     new.to_csv(src, index=False)
-    out = tmp_path / f"pred{fmt}"
-    r = cli("predict", own_run, "-i", src, "-o", out, "--extra-columns")
-    assert r.exit_code == 0, r.output
-    got = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"),
-           ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}[fmt](out)
-    assert list(got.columns[:2]) == ["ID", "Label"] and got["ID"].tolist() == new["ID"].tolist()
     clf = load_classifier(own_run, device="cpu")
-    want = clf.predict_proba((new["title"] + " " + new["body"]).tolist()).argmax(-1)
-    assert got["Label"].tolist() == want.tolist()
+    want = clf.predict_proba((new["title"] + " " + new["body"]).tolist()).argmax(-1).tolist()
+    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"),
+               ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
+    for fmt, read in readers.items():
+        out = tmp_path / f"pred{fmt}"
+        r = cli("predict", own_run, "-i", src, "-o", out, "--extra-columns")
+        assert r.exit_code == 0, r.output
+        got = read(out)
+        assert list(got.columns[:3]) == ["ID", "Label", "label_name"], fmt
+        assert got["ID"].tolist() == new["ID"].tolist() and got["Label"].tolist() == want, fmt
 
 
 def test_predict_id_column_option_and_default_numbering(own_run, tmp_path):
