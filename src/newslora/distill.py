@@ -314,7 +314,8 @@ class Distiller(TrainHook):
 
             from .data import tokenize
 
-            extra = tokenize(self.unlabelled, kwargs["processing_class"], self.recipe.model.max_length)
+            extra = tokenize(self.unlabelled, kwargs["processing_class"], self.recipe.model.max_length,
+                             truncation=self.recipe.model.truncation)
             extra = extra.add_column("labels", [UNLABELLED] * len(extra))
             extra = extra.add_column(TEACHER_COLUMN, self.soft_unlabelled.tolist()).cast(ds.features)
             ds = datasets.concatenate_datasets([ds, extra])
@@ -412,12 +413,13 @@ def read_unlabelled(path: str, recipe, splits):
     (they would teach the rows that choose and judge the run)."""
     import pandas as pd
 
+    from .data import text_columns
     from .readers import read_table
 
     if recipe.method == "adalora":
         raise NewsloraError("distill.unlabelled does not work with method=adalora (its orthogonality penalty needs "
                             "labels on every row): use method=lora, or drop distill.unlabelled")
-    df = read_table(path, recipe.data.text_column, None)
+    df = read_table(path, text_columns(recipe.data), None)
     df = df[["text"]].reset_index(drop=True)
     if df.empty:
         raise NewsloraError(f"distill.unlabelled={path} has no rows: give a file of texts, one per row")
