@@ -321,11 +321,9 @@ class Breakdown:
         return f"head {self.head:,} + adapter {self.adapter:,}" + (f" ({groups})" if groups else "")
 
     def to_dict(self) -> dict:
-        d = {"trainable": self.total, "head": self.head, "adapter": self.adapter, "budget": self.budget,
-             "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer, "params": self.params}
-        if self.fit is not None:
-            d["auto_fit"] = self.fit
-        return d
+        return {"trainable": self.total, "head": self.head, "adapter": self.adapter, "budget": self.budget,
+                "fits": self.fits, "by_module": self.by_module, "by_layer": self.by_layer, "params": self.params,
+                **({"auto_fit": self.fit} if self.fit is not None else {})}
 
 
 def breakdown(model, budget: int) -> Breakdown:
