@@ -469,7 +469,7 @@ CASES = [
          ["no writer for '.txt'", ".parquet"]),
     Case("predict-id-column-missing", lambda e: ["predict", e.tiny_run, "-i", _texts(e), "-o", "s.csv",
                                                  "--id-column", "key"], ["column 'key' not found", "--id-column"]),
-    Case("budget-head-over-budget", lambda e: ["budget", "-c", REPO / "configs" / "lora-r6-qkv.yaml",
+    Case("budget-head-over-budget", lambda e: ["budget", "-c", REPO / "configs" / "seed-004-lora-r6-qkv.yaml",
                                                f"model.backbone={ROBERTA}", f"data.source={_many_classes(e)}"],
          ["1,076,168", "head.type: lora", "smaller rank"], code=1),
 ]

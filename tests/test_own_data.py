@@ -13,7 +13,7 @@ from conftest import REPO, ROBERTA, TINY, tiny_overrides
 from newslora.cli import app
 
 runner = CliRunner()
-QKV = REPO / "configs" / "lora-r6-qkv.yaml"
+QKV = REPO / "configs" / "seed-004-lora-r6-qkv.yaml"
 RB = f"model.backbone={ROBERTA}"
 
 
