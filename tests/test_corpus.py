@@ -574,6 +574,7 @@ RECIPE_CASES = [
 ]
 CASES += RECIPE_CASES
 
+
 def _rare(env: Env) -> Path:
     """The AG News rows by class name, plus one row of a fifth class, 'Rare'."""
     df = balanced().assign(label=lambda d: d["label"].map(dict(enumerate(AG))))
