@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import numpy as np
 import openpyxl
 import pandas as pd
 import pytest
@@ -331,3 +332,63 @@ def test_finalize_run_never_raises(runs, tmp_path, caplog):
     (run / "adalora_ranks.csv").write_text("step,module\n1,x\n")
     finalize_run(run)
     assert (run / "metrics.xlsx").is_file() and (run / "plots" / "loss.png").is_file()
+
+
+# --------------------------------------------------------------------------- many classes
+
+MANY_CLASSES_SCRIPT = r"""
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np
+from newslora.evaluate import classification_metrics
+from newslora.report import finalize_run
+
+run, k = Path(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+labels = [f"class {i} [{'x' * (i % 13)}]" for i in range(k)]
+y = rng.zipf(1.3, 10 * k) % k  # a long tail, as many-class sets have
+pred = np.where(rng.random(len(y)) < 0.7, y, rng.integers(0, k, len(y)))
+m = classification_metrics(y, pred, labels)
+run.mkdir()
+(run / "run.json").write_text(json.dumps({"name": f"many-{k}", "status": "completed", "label_names": labels}))
+(run / "eval.json").write_text(json.dumps({"validation": m, "test": m}))
+(run / "metrics_steps.csv").write_text("step,epoch,loss,eval_loss,eval_accuracy,eval_macro_f1\n"
+                                        "1,0.5,2.0,,,\n2,1.0,1.5,1.4,0.6,0.5\n")
+t0 = time.time()
+failures = finalize_run(run)
+print(json.dumps({"failures": failures, "seconds": time.time() - t0,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+@pytest.mark.parametrize("k", [200, 2000])
+def test_many_classes_plots_and_workbook_stay_bounded(tmp_path, k):
+    """A 200- and a 2,000-class evaluation (synthetic predictions): every plot and metrics.xlsx are written, quickly,
+    in bounded memory; the heat map and the bars show the top classes by support; the workbook keeps every class."""
+    import subprocess
+    import sys
+
+    run = tmp_path / f"many-{k}"
+    proc = subprocess.run([sys.executable, "-c", MANY_CLASSES_SCRIPT, str(run), str(k)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["failures"] == []
+    assert res["seconds"] < 30 and res["maxrss_mb"] < 1500, res
+    plots = sorted((run / "plots").iterdir())
+    _assert_pngs(plots, BASE_PLOTS)
+    for p in plots:
+        h, w = mpimg.imread(p).shape[:2]
+        assert h * w < 6000 * 6000, (p.name, h, w)  # 200 classes drew a 31,000-pixel square before
+    wb = openpyxl.load_workbook(run / "metrics.xlsx", read_only=True)
+    per_class = _sheet_rows(wb["per_class"])
+    assert len(per_class) == 1 + 2 * k  # both splits, every class
+    ev = _eval(run)["test"]
+    confusion = _sheet_rows(wb["confusion"])
+    assert confusion[1] == ("true", "predicted", "count")
+    cells = {(t, p): c for t, p, c in confusion[2:2 + np.count_nonzero(ev["confusion_matrix"])]}
+    labels = ev["labels"]
+    cm = np.asarray(ev["confusion_matrix"])
+    assert sum(cells.values()) == ev["n"]
+    t, p = np.unravel_index(cm.argmax(), cm.shape)
+    assert cells[(labels[t], labels[p])] == cm.max() == confusion[2][2]

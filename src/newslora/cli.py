@@ -1,6 +1,7 @@
 """The ``newslora`` command: typed functions as subcommands, each a thin layer over the Python API."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -12,7 +13,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -23,7 +23,7 @@ from .errors import NewsloraError, Terminated
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune encoders into news-topic classifiers with LoRA & friends under a parameter budget.")
 err = Console(stderr=True)
-out = Console()
+out = Console(markup=False)  # user text (paths, predicted texts) printed literally
 
 Overrides = typer.Argument(None, help="recipe overrides: key=value ... (e.g. lora.r=8 train.lr=3e-4)")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)")
@@ -31,6 +31,14 @@ RuntimeOpt = typer.Option(None, "--runtime", help="torch or onnx (default: chose
                           "model.onnx -> onnxruntime)")
 COLUMN_OPTIONS = ("--text-column", "--label-column")  # named in errors about the file's columns
 TEXT_COLUMN_HELP = "default: the text column(s) the model was trained on (data.text_columns joined), else text"
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
+def error_line(message: str) -> None:
+    """``error: <message>`` on stderr, the message printed literally (brackets in paths or examples are not markup)."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
 def friendly(fn):
@@ -44,12 +52,20 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except NewsloraError as e:
             if say:
-                err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+                error_line(str(e))
             raise typer.Exit(2)
         except Terminated as e:  # SIGTERM during training: the run folder records it, the message says how to resume
             if say:
-                err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+                error_line(str(e))
             raise typer.Exit(128 + 15)
+        except OSError as e:  # a full disk or a read-only folder wherever the command writes: one line, not a traceback
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            if say:
+                where = f"{e.filename}: " if e.filename else ""
+                error_line(f"{where}{e.strerror or e}; free some space or choose a writable folder, then run the "
+                           "command again")
+            raise typer.Exit(2)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130)
@@ -260,8 +276,11 @@ def plot(run_dirs: list[Path] = typer.Argument(..., help="run folders")):
     for d in run_dirs:
         if not Run(d).file(Run.INFO).is_file():
             raise NewsloraError(f"{d} is not a run folder (no {Run.INFO})")
-        files = plot_run(d) + [write_workbook(d)]
-        out.print(f"{d}: {', '.join(str(f.relative_to(d)) for f in files)}")
+        failures: list[str] = []
+        files = plot_run(d, failures) + [write_workbook(d)]
+        out.print(f"{d}: {', '.join(str(f.relative_to(d)) for f in files)}", markup=False)
+        if failures:
+            raise NewsloraError(f"{d}: could not draw {'; '.join(failures)}")
 
 
 @command()

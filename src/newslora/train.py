@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArguments, set_seed
 
 from . import distributed, methods, tracking
@@ -335,7 +336,7 @@ def fit(s: Setup) -> RunResult:
             if isinstance(cb, ReadableProgress):
                 cb.close()
         if outcome == "interrupted" and run.writes:
-            console.print(f"[yellow]interrupted; {hint}[/yellow]")
+            console.print(Text(f"interrupted; {hint}", style="yellow"))
         raise
     result = RunResult(run.path, results, s.breakdown)
     if run.writes:  # hooks write into the run folder (distill.json, run.json): rank 0 only under torchrun
@@ -418,10 +419,15 @@ def save_adapter(model, recipe: Recipe, run: Run) -> None:
 
 
 def finalize(run_dir: Path) -> None:
-    """Plots and the metrics workbook (reporting stage); never fails a finished run."""
+    """Plots and the metrics workbook (reporting stage); never fails a finished run. What could not be written is
+    said on the console and recorded in run.json (``report_errors``), so a completed run never hides missing files."""
     from .report import finalize_run
 
     try:
-        finalize_run(run_dir)
+        failures = finalize_run(run_dir)
     except Exception as e:  # a plot must not cost the user a trained model
-        console.print(f"[yellow]warning: report for {run_dir} failed: {e}[/yellow]")
+        failures = [f"{type(e).__name__}: {e}"]
+    if failures:
+        Run(run_dir).update_info(report_errors=failures)
+        console.print(Text(f"warning: the model trained, but its report is incomplete ({'; '.join(failures)}); "
+                           f"write it again with: newslora plot {run_dir}", style="yellow"), soft_wrap=True)

@@ -21,10 +21,18 @@ __all__ = ["plot_run", "write_workbook", "compare_runs", "write_model_card", "ad
 log = logging.getLogger(__name__)
 
 
-def finalize_run(run_dir: str | os.PathLike) -> None:
-    """Plots + workbook at the end of training; never raises, logs a warning instead."""
-    for stage in (plot_run, write_workbook):
-        try:
-            stage(run_dir)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("finalize_run: %s failed for %s: %s", stage.__name__, run_dir, exc)
+def finalize_run(run_dir: str | os.PathLike) -> list[str]:
+    """Plots + workbook at the end of training; never raises: returns what failed (one line each, empty when all was
+    written) and logs a warning for each."""
+    failures: list[str] = []
+    try:
+        plot_run(run_dir, failures)
+    except Exception as exc:  # noqa: BLE001
+        failures.append(f"plots: {type(exc).__name__}: {exc}")
+    try:
+        write_workbook(run_dir)
+    except Exception as exc:  # noqa: BLE001
+        failures.append(f"metrics.xlsx: {type(exc).__name__}: {exc}")
+    for failure in failures:
+        log.warning("finalize_run: %s failed for %s", failure, run_dir)
+    return failures

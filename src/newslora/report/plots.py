@@ -19,6 +19,12 @@ from .common import DPI, SPLITS, _Run, _load
 
 log = logging.getLogger(__name__)
 
+# Past these label counts a plot shows the classes with the most support: its size (and memory) stays bounded for
+# any label set, and every class keeps its numbers in metrics.xlsx.
+MAX_HEATMAP_CLASSES = 30
+MAX_ANNOTATED_CLASSES = 12
+MAX_BAR_CLASSES = 30
+
 
 def _figure(width: float = 7.5, height: float = 4.5) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -103,30 +109,46 @@ def _plot_prf(run: _Run, path: Path) -> Path | None:
                        "Validation macro precision / recall / F1", "score")
 
 
+def _top(support: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of the ``limit`` classes with the most support (all of them, in their order, when few)."""
+    if len(support) <= limit:
+        return np.arange(len(support))
+    return np.sort(np.argsort(-support, kind="stable")[:limit])
+
+
+def _shown(n_shown: int, n: int) -> str:
+    return "" if n_shown == n else f", top {n_shown} of {n:,} classes by support (all in metrics.xlsx)"
+
+
 def _plot_confusion(run: _Run, path: Path) -> Path | None:
     found = run.confusion_split()
     if found is None:
         return None
     split, m = found
-    cm = np.asarray(m["confusion_matrix"], dtype=float)
-    labels = run.labels(m) or [str(i) for i in range(len(cm))]
-    rows = cm.sum(axis=1, keepdims=True)
+    full = np.asarray(m["confusion_matrix"], dtype=np.int64)
+    all_labels = run.labels(m) or [str(i) for i in range(len(full))]
+    rows_all = full.sum(axis=1)
+    keep = _top(rows_all, MAX_HEATMAP_CLASSES)  # a K x K picture of thousands of classes is unreadable and huge
+    cm = full[np.ix_(keep, keep)].astype(float)
+    labels = [all_labels[i] for i in keep]
+    rows = rows_all[keep].astype(float)[:, None]  # % of the whole true class, also of cells not shown
     pct = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0) * 100
     n = len(labels)
-    side = max(4.5, 1.3 * n + 1.5)
+    side = max(4.5, (1.3 if n <= MAX_ANNOTATED_CLASSES else 0.45) * n + 1.5)
     fig, ax = _figure(side + 1.2, side)
     norm = PowerNorm(gamma=0.4, vmin=0, vmax=100)  # make the few-% error cells visible
     im = ax.imshow(pct, cmap="Blues", norm=norm)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{int(cm[i, j]):,}\n{pct[i, j]:.1f}%", ha="center", va="center",
-                    fontsize=9, color="white" if norm(pct[i, j]) > 0.6 else "black")
+    if n <= MAX_ANNOTATED_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{int(cm[i, j]):,}\n{pct[i, j]:.1f}%", ha="center", va="center",
+                        fontsize=9, color="white" if norm(pct[i, j]) > 0.6 else "black")
     long = max(map(len, labels)) > 9
     ax.set_xticks(range(n), labels, rotation=30 if long else 0, ha="right" if long else "center",
                   rotation_mode="anchor")
     ax.set_yticks(range(n), labels)
     ax.set(xlabel="predicted", ylabel="true",
-           title=f"Confusion matrix — {split} (n={int(cm.sum()):,})\n{run.title}")
+           title=f"Confusion matrix — {split} (n={int(full.sum()):,}{_shown(n, len(full))})\n{run.title}")
     fig.colorbar(im, ax=ax, label="% of true class (row-normalised)", shrink=0.8,
                  ticks=[0, 2, 5, 10, 25, 50, 75, 100])
     return _save(fig, path)
@@ -140,7 +162,8 @@ def _grouped_bars(path: Path, classes: Sequence[str], groups: dict[str, Sequence
     for k, (label, values) in enumerate(groups.items()):
         bars = ax.bar(x + (k - (len(groups) - 1) / 2) * width, values, width, label=label)
         ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2)
-    ax.set_xticks(x, classes)
+    long = max(map(len, classes), default=0) > 9
+    ax.set_xticks(x, classes, rotation=30 if long else 0, ha="right" if long else "center", rotation_mode="anchor")
     top = ylim if ylim is not None else max(max(v) for v in groups.values()) or 1
     ax.set_ylim(0, top * 1.12)
     ax.set(title=title, ylabel=ylabel, xlabel="class")
@@ -155,10 +178,15 @@ def _plot_per_class_f1(run: _Run, path: Path) -> Path | None:
         return None
     classes: list[str] = []
     for s, pc in per_split.items():
-        classes += [c for c in (run.labels(run.split(s)) or pc) if c not in classes]
-    groups = {s: [float(pc.get(c, {}).get("f1", np.nan)) for c in classes]
-              for s, pc in per_split.items()}
-    return _grouped_bars(path, classes, groups, f"Per-class F1 — {run.title}", "F1", "%.3f", 1.0)
+        seen = set(classes)
+        classes += [c for c in (run.labels(run.split(s)) or pc) if c not in seen]
+    support = np.array([max(float(pc.get(c, {}).get("support") or 0) for pc in per_split.values())
+                        for c in classes])
+    keep = _top(support, MAX_BAR_CLASSES)
+    shown = [classes[i] for i in keep]
+    groups = {s: [float(pc.get(c, {}).get("f1", np.nan)) for c in shown] for s, pc in per_split.items()}
+    return _grouped_bars(path, shown, groups, f"Per-class F1{_shown(len(shown), len(classes))} — {run.title}",
+                         "F1", "%.3f", 1.0)
 
 
 def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
@@ -166,12 +194,14 @@ def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
     if found is None:
         return None
     split, m = found
-    cm = np.asarray(m["confusion_matrix"], dtype=int)
+    cm = np.asarray(m["confusion_matrix"], dtype=np.int64)
     labels = run.labels(m) or [str(i) for i in range(len(cm))]
-    groups = {"true": cm.sum(axis=1).tolist(), "predicted": cm.sum(axis=0).tolist()}
-    return _grouped_bars(path, labels, groups,
-                         f"True vs predicted label counts — {split}\n{run.title}", "examples",
-                         "{:,.0f}")
+    true, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    keep = _top(true + predicted, MAX_BAR_CLASSES)
+    groups = {"true": true[keep].tolist(), "predicted": predicted[keep].tolist()}
+    return _grouped_bars(path, [labels[i] for i in keep], groups,
+                         f"True vs predicted label counts — {split}{_shown(len(keep), len(cm))}\n{run.title}",
+                         "examples", "{:,.0f}")
 
 
 def _module_label(module: str) -> str:
@@ -240,10 +270,12 @@ _PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
 ]
 
 
-def plot_run(run_dir: str | os.PathLike) -> list[Path]:
+def plot_run(run_dir: str | os.PathLike, failures: list[str] | None = None) -> list[Path]:
     """Write the run's PNG plots into ``run_dir/plots/``; return the files written.
 
-    A plot whose data is missing is skipped (and a failing plot is logged and skipped).
+    A plot whose data is missing is skipped; a failing plot is logged, skipped and, when ``failures`` is given,
+    appended to it as ``"<file>: <error>"``. Either way an older file of that name is removed: the folder never shows
+    a plot of data the run no longer has.
     """
     run = _load(run_dir)
     out = Run(run.path).plots_dir
@@ -254,7 +286,11 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
             result = plot(run, out / filename)
         except Exception as exc:  # noqa: BLE001 - one bad plot must not stop the others
             log.warning("skipping %s for %s: %s", filename, run.path, exc)
-            continue
+            if failures is not None:
+                failures.append(f"{filename}: {type(exc).__name__}: {exc}")
+            result = None
         if result is not None:
             written.append(result)
+        else:
+            (out / filename).unlink(missing_ok=True)
     return written

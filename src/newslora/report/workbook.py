@@ -15,6 +15,8 @@ from openpyxl.utils import get_column_letter
 from ..run import EPOCH_COLUMNS, STEP_COLUMNS, Run
 from .common import _BOLD, PER_CLASS_COLUMNS, SPLITS, _atomic_write, _get, _load, _per_class_rows, _Run
 
+MAX_MATRIX_CLASSES = 50  # past this the confusion sheet lists the non-zero cells instead of a K x K grid
+
 
 def _cell(value: Any) -> Any:
     if isinstance(value, np.generic):
@@ -86,6 +88,8 @@ def _summary_rows(run: _Run) -> list[tuple[str, Any]]:
 
 
 def _confusion_sheet(ws, run: _Run) -> None:
+    """Up to MAX_MATRIX_CLASSES classes: the matrix. More: its non-zero cells as (true, predicted, count) rows, most
+    frequent first -- every count kept, in at most as many rows as evaluated examples, never K x K cells."""
     row = 1
     for split in SPLITS:
         m = run.split(split) or {}
@@ -93,9 +97,17 @@ def _confusion_sheet(ws, run: _Run) -> None:
         if not cm:
             continue
         labels = run.labels(m) or [str(i) for i in range(len(cm))]
-        ws.cell(row, 1, f"{split} (rows = true, columns = predicted)").font = _BOLD
-        row = _table(ws, ["true \\ predicted", *labels],
-                     ([labels[i], *counts] for i, counts in enumerate(cm)), row + 1) + 1
+        if len(cm) <= MAX_MATRIX_CLASSES:
+            ws.cell(row, 1, f"{split} (rows = true, columns = predicted)").font = _BOLD
+            row = _table(ws, ["true \\ predicted", *labels],
+                         ([labels[i], *counts] for i, counts in enumerate(cm)), row + 1) + 1
+            continue
+        a = np.asarray(cm, dtype=np.int64)
+        t, p = np.nonzero(a)
+        order = np.lexsort((p, t, -a[t, p]))
+        ws.cell(row, 1, f"{split}: {len(cm):,} classes, the non-zero cells (rows of true, predicted, count)").font = _BOLD
+        row = _table(ws, ["true", "predicted", "count"],
+                     ((labels[t[i]], labels[p[i]], int(a[t[i], p[i]])) for i in order), row + 1) + 1
     if row == 1:
         _table(ws, ["true \\ predicted"], [])
 
