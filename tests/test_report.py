@@ -374,7 +374,7 @@ def test_many_classes_plots_and_workbook_stay_bounded(tmp_path, k):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["failures"] == []
-    assert res["seconds"] < 30 and res["maxrss_mb"] < 1500, res
+    assert res["seconds"] < 90 and res["maxrss_mb"] < 1500, res  # a 2,000-class run: ~10 s, 0.5 GB
     plots = sorted((run / "plots").iterdir())
     _assert_pngs(plots, BASE_PLOTS)
     for p in plots:

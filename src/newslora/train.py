@@ -33,7 +33,8 @@ from .run import Run
 from .texts import text_record
 # the training loop's parts, importable from here as before
 from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
-                      TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps, planned_steps,
+                      StopOnNonFinite, TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps,
+                      planned_steps,
                       precision_flags,
                       resolve_precision, tf32_matmuls,
                       versions)
@@ -287,7 +288,7 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return summary(classification_metrics(p.label_ids, logits.argmax(-1), splits.label_names))
 
-    callbacks = [TrainTally(), MetricsFileCallback(run), Heartbeat(run, info), *callbacks, *method.callbacks(run, total_steps)]
+    callbacks = [StopOnNonFinite(), TrainTally(), MetricsFileCallback(run), Heartbeat(run, info), *callbacks, *method.callbacks(run, total_steps)]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     kwargs = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,

@@ -367,6 +367,27 @@ class Heartbeat(TrainerCallback):
         self.beat(state)
 
 
+class NonFiniteLoss(NewsloraError):
+    """Training diverged: a logged loss or gradient norm is NaN or infinite."""
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop training at the first logged loss, gradient norm or validation loss that is NaN or infinite, by raising
+    :class:`NonFiniteLoss`: ``fit`` then marks the attempt ``failed`` with this one line, and no NaN model is saved,
+    evaluated or called completed. (Each log already reads the loss on the host: no extra device sync.)"""
+
+    KEYS = ("loss", "grad_norm", "eval_loss")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.KEYS:
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"training stopped at step {state.global_step}: the {key.replace('_', ' ')} is {value} (the "
+                    f"model diverged); lower train.lr (now {args.learning_rate:g}) or check the recipe's numbers, "
+                    "then train again")
+
+
 class MetricsFileCallback(TrainerCallback):
     """Keeps the metric CSVs current after every log, so an interrupted run still has its curves."""
 
