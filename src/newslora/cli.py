@@ -212,8 +212,10 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             runtime: Optional[str] = RuntimeOpt):
     """Write a Kaggle submission (ID,Label) for every text in a file, streamed chunk by chunk, with a progress bar
     on stderr; the output appears only once every row is written."""
+    from .predict import check_batch_size
     from .predict import predict as run_predict
 
+    check_batch_size(batch_size)  # before the model loads
     chunking = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     with rows_progress("predict") as progress:
         path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,

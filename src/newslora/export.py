@@ -35,7 +35,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     there is replaced only with ``overwrite``; any other non-empty folder is refused."""
     from .model import merge_adapter
     from .outputs import check_output_folder, make_parents, remove_created, replace_folder
-    from .predict import Classifier, load_run
+    from .predict import Classifier, load_run, refuse_non_finite
     from .report import write_model_card
     from .run import Run, write_model_meta
 
@@ -46,6 +46,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     target = Path(output) if output else run.merged_dir
     check_output_folder(target, is_export, "merged model (newslora export)", overwrite, protect=[run.path])
     model, tok, names, max_length = load_run(run, full_precision=True)  # QLoRA runs merge into full precision
+    refuse_non_finite(model, run.path)
     model.eval()
     before = Classifier(model, tok, names, max_length).predict_proba(CHECK_TEXTS)
     with torch.inference_mode():

@@ -17,6 +17,12 @@ from .texts import join_columns, text_settings, tokenize_texts
 PICKLE_SUFFIXES = {".pkl", ".pickle"}
 
 
+def check_batch_size(batch_size: int | None, option: str = "--batch-size") -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise NewsloraError(f"{option} {batch_size}: must be a whole number of texts per forward pass, at least 1 "
+                            "(e.g. 32; leave it out for the default)")
+
+
 @torch.inference_mode()
 def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int | None = None,
                    truncation: str = "head") -> np.ndarray:
@@ -24,6 +30,7 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
     says: :func:`newslora.texts.tokenize_texts`) and batched by length (less padding); ``batch_size``: default 128
     on a GPU, 32 on a CPU (faster there: bench/RESULTS.md).
     ``model``: a transformers model, or an :class:`~newslora.onnx_runtime.OnnxModel` (onnxruntime, CPU)."""
+    check_batch_size(batch_size, "batch_size")
     onnx = not isinstance(model, torch.nn.Module)
     out = np.empty((len(texts), model.num_labels if onnx else model.config.num_labels), dtype=np.float32)
     if not len(texts):
@@ -193,12 +200,23 @@ def load_run(run, full_precision: bool = False):
 _load_run = load_run  # the name export and older callers used
 
 
+def refuse_non_finite(model: torch.nn.Module, path: str | Path) -> None:
+    """Refuse a model with NaN or infinite weights (a diverged training): its every prediction would be meaningless
+    (a NaN score, always the first class)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise NewsloraError(f"{path}: the model's weights are not finite (NaN or infinite, e.g. {name}): its "
+                                "training diverged; train it again with a lower train.lr")
+
+
 def load_classifier(path: str | Path, device: str | None = None, runtime: str | None = None) -> Classifier:
     """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``.
-    ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`)."""
+    ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`). A model with
+    non-finite weights is refused."""
     model, tok, names, max_length = load_model(path, runtime)
     reading = text_settings(path)  # how the model reads texts: its text columns and truncation
     if isinstance(model, torch.nn.Module):
+        refuse_non_finite(model, path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
             model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
