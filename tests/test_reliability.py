@@ -38,3 +38,75 @@ def test_non_finite_loss_fails_the_run_at_its_first_occurrence(tmp_path):
     assert info["error"].startswith("NonFiniteLoss: training stopped at step 2: the loss is nan")
     assert not (run / "adapter").exists() and not (run / "eval.json").exists()
     assert not list(run.glob("checkpoints/checkpoint-*"))  # nothing NaN saved to resume from
+
+
+HOLD_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from newslora.train import train
+
+run, started = Path(sys.argv[1]), Path(sys.argv[2])
+
+class Hold(TrainerCallback):  # a slow training: it waits once training has begun
+    def on_train_begin(self, args, state, control, **kwargs):
+        started.write_text("1")
+        time.sleep(600)
+
+train(resume=run, extra_callbacks=[Hold()])
+"""
+
+
+@pytest.fixture(scope="module")
+def cut_run(tmp_path_factory):
+    """An interrupted tiny run with a checkpoint: what ``train --resume`` continues."""
+    from conftest import ctrl_c_after
+
+    from newslora.config import load_recipe
+    from newslora.train import train
+
+    run = tmp_path_factory.mktemp("cut") / "cut"
+    recipe = load_recipe(None, tiny_overrides(**{"train.max_steps": 6, "train.batch_size": 16, "train.eval_steps": 2,
+                                                 "data.max_train_samples": 96}))
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, run_dir=run, extra_callbacks=[ctrl_c_after(3)])
+    assert list(run.glob("checkpoints/checkpoint-2"))
+    return run
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_two_resumes_of_one_folder_the_second_is_refused(cut_run, tmp_path):
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    started = tmp_path / "started"
+    first = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(cut_run), str(started)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not started.exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        before = _snapshot(cut_run)
+        second = subprocess.run([sys.executable, "-m", "newslora", "train", "--resume", str(cut_run)],
+                                capture_output=True, text=True, timeout=240)
+        assert second.returncode == 2, second.stderr[-3000:]
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "another process is training this run folder" in errors[0], second.stderr
+        assert _snapshot(cut_run) == before  # the refused launch wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    fd = os.open(cut_run, os.O_RDONLY)  # the killed holder's lock is gone with it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)

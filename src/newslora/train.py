@@ -27,6 +27,7 @@ from .data import Splits, load_splits, tokenize
 from .distill import Distiller
 from .errors import NewsloraError, Terminated, sigterm_raises
 from .evaluate import classification_metrics, summary
+from .lock import lock_run_folder, unlock_run_folder
 from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
                     count_trainable, load_tokenizer)
 from .run import Run
@@ -110,6 +111,7 @@ def open_resumable(resume: str | Path) -> Run:
     """An interrupted run folder that ``--resume`` can continue (its checkpoints pointed at where it is now)."""
     if not Run.is_run(resume):
         raise NewsloraError(f"--resume {resume}: not a run folder (no {Run.RECIPE})")
+    lock_run_folder(resume, f"--resume {resume}")  # held until train() returns or the process ends
     run = Run.open(resume)
     if completed(run):
         raise NewsloraError(f"--resume {resume}: the run already completed; nothing to resume")
@@ -217,6 +219,8 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
         with distributed.local_main_first():
             hooks.append(Distiller(recipe, splits))
     run.mkdir()
+    if main:  # a --resume of this folder from another process is refused while it trains
+        lock_run_folder(run.path, str(run.path))
     if recipe.train.report_to:  # the MLflow run starts (and its store is opened) once the run folder exists
         hooks.append(tracking.Tracker(recipe, run, b))
     distributed.barrier()  # the folder exists before any rank goes on
@@ -339,6 +343,8 @@ def fit(s: Setup) -> RunResult:
         if outcome == "interrupted" and run.writes:
             console.print(Text(f"interrupted; {hint}", style="yellow"))
         raise
+    finally:
+        unlock_run_folder(run.path)
     result = RunResult(run.path, results, s.breakdown)
     if run.writes:  # hooks write into the run folder (distill.json, run.json): rank 0 only under torchrun
         for hook in s.hooks:
@@ -389,8 +395,12 @@ def train(recipe: Recipe | None = None, run_dir: str | Path | None = None, resum
                 console.print(f"{resume}: the run already completed; nothing to resume, nothing changed",
                           highlight=False, soft_wrap=True)
         return RunResult(Run(resume).path, Run(resume).read_eval(), None)
-    return fit(setup(recipe, run_dir, resume=resume, callbacks=extra_callbacks, hooks=hooks, trainer_cls=trainer_cls,
-                     evaluate_test=evaluate_test))
+    try:
+        return fit(setup(recipe, run_dir, resume=resume, callbacks=extra_callbacks, hooks=hooks,
+                         trainer_cls=trainer_cls, evaluate_test=evaluate_test))
+    finally:
+        if resume is not None:
+            unlock_run_folder(resume)
 
 
 def launch_flags(flags: dict) -> dict:
