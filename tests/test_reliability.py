@@ -110,3 +110,36 @@ def test_two_resumes_of_one_folder_the_second_is_refused(cut_run, tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def test_sigterm_during_export_leaves_no_temp_folder(tiny_run, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "merged"
+    proc = subprocess.Popen([sys.executable, "-m", "newslora", "export", str(tiny_run.run_dir), "--output",
+                             str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list(tmp_path.glob(".merged.*.tmp")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the export ended before its temp folder was seen"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: export terminated (SIGTERM); nothing was written, the run folder is unchanged"]
+    assert list(tmp_path.iterdir()) == []  # no temp folder, no half-written export
+
+
+def test_export_removes_stale_temp_folders(tiny_run, tmp_path):
+    from newslora.export import export
+
+    stale = tmp_path / ".merged.k1ll3d.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    other = tmp_path / ".other.x.tmp"  # not this export's: kept
+    other.mkdir()
+    export(tiny_run.run_dir, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x.tmp", "merged"]

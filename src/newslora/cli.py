@@ -18,7 +18,7 @@ from rich.text import Text
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft, not actionable
 
-from .errors import NewsloraError, Terminated
+from .errors import NewsloraError, Terminated, sigterm_raises
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune encoders into news-topic classifiers with LoRA & friends under a parameter budget.")
@@ -180,6 +180,11 @@ def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
     with --onnx, an ONNX folder that load_classifier/predict/serve run with onnxruntime."""
     if int8 and not onnx:
         raise NewsloraError("--int8 quantizes the ONNX export: add --onnx")
+    with sigterm_raises("export terminated (SIGTERM); nothing was written, the run folder is unchanged"):
+        _export(run_dir, output, overwrite, onnx, int8)
+
+
+def _export(run_dir: Path, output: Optional[Path], overwrite: bool, onnx: bool, int8: bool) -> None:
     if onnx:
         from .export_onnx import export_onnx
         from .run import read_model_meta

@@ -5,7 +5,6 @@ The merged model is checked against the adapter model on a fixed set of texts be
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     """Merge ``run_dir``'s adapter (``merge_and_unload``) into ``run_dir/merged`` (or ``output``). An earlier export
     there is replaced only with ``overwrite``; any other non-empty folder is refused."""
     from .model import merge_adapter
-    from .outputs import check_output_folder, make_parents, remove_created, replace_folder
+    from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
     from .predict import Classifier, load_run, refuse_non_finite
     from .report import write_model_card
     from .run import Run, write_model_meta
@@ -60,8 +59,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
                             "not exported")
     created = make_parents(target)
     # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the exported model private
+    tmp = temp_folder_for(target)
     try:
         merged.config.name_or_path = ""  # the config would otherwise record where the backbone was loaded from
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +80,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
 
     from .export import CHECK_TEXTS, export
 
-    from .outputs import check_output_folder, make_parents, remove_created, replace_folder
+    from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
     from .run import MODEL_META, Run, read_model_meta, write_json
 
     source = Path(source)
@@ -109,8 +108,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
 
     created = make_parents(target)
     # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)
+    tmp = temp_folder_for(target)
     try:
         fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
         try:

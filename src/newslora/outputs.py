@@ -110,6 +110,18 @@ def check_output_folder(path: str | Path, owned: Callable[[Path], bool], what: s
     return path
 
 
+def temp_folder_for(target: Path) -> Path:
+    """A new folder next to ``target`` (``.<name>.<random>.tmp``, mode 755) to build it in before
+    :func:`replace_folder`. Temp folders of an earlier export to ``target`` that was killed (SIGKILL, power loss)
+    are removed first: nothing else writes folders of that name."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the exported model private
+    return tmp
+
+
 def replace_folder(tmp: Path, target: Path) -> Path:
     """Move the finished folder ``tmp`` to ``target``, replacing what is there (checked by
     :func:`check_output_folder`) only once the new one is complete."""
