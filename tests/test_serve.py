@@ -13,7 +13,7 @@ import pytest
 
 from newslora.errors import NewsloraError
 from newslora.predict import load_classifier
-from newslora.serve import ServeOptions, create_app, serve
+from newslora.serve import READ_TIMEOUT_S, ServeOptions, create_app, listen, serve, server_config
 
 TEXTS = ["Stocks fall as oil climbs", "United win the derby", "NASA probe reaches Titan", "Rates held steady",
          "Chipmaker unveils faster laptop processor", "Ceasefire talks resume in Geneva", "Oil", "Cup final tonight"]
@@ -25,14 +25,14 @@ def clf(tiny_model_dir):
 
 
 @contextmanager
-def running(app, graceful_timeout: float = 10):
-    """Serve ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; stop it (graceful shutdown) on exit."""
+def running(app, graceful_timeout: float = 10, read_timeout: float = READ_TIMEOUT_S):
+    """Serve ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread, with ``newslora serve``'s settings; stop
+    it (graceful shutdown) on exit."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_timeout))
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(server_config(app, graceful_timeout=graceful_timeout, read_timeout=read_timeout,
+                                          log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -248,3 +248,47 @@ def test_openapi_docs(tiny_model_dir, clf):
         assert {"/classify", "/labels", "/health", "/metrics"} <= set(spec["paths"])
         assert {"413", "422", "503"} <= set(spec["paths"]["/classify"]["post"]["responses"])
         assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_slow_drip_request_is_cut_at_the_read_deadline(tiny_model_dir, clf):
+    """A client that trickles its headers (or its body) loses the connection at the read deadline; a normal request
+    on a kept-alive connection is unaffected."""
+    with running(create_app(tiny_model_dir, classifier=clf), read_timeout=1.0) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        for head, drip in ((b"POST /classify HTTP/1.1\r\nHost: x\r\n", b"X-a: b\r\n"),
+                           (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{", b" ")):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(head)
+                t0, closed = time.monotonic(), False
+                while time.monotonic() - t0 < 8:
+                    try:
+                        s.sendall(drip)
+                    except OSError:
+                        closed = True
+                        break
+                    s.settimeout(0.3)
+                    try:
+                        if s.recv(1024) == b"":
+                            closed = True
+                            break
+                    except socket.timeout:
+                        pass
+                assert closed and time.monotonic() - t0 < 4, "the slow-drip connection was held open"
+        with httpx.Client(base_url=url, timeout=30) as c:  # keep-alive: two requests, one connection, both fine
+            for _ in range(2):
+                assert c.post("/classify", json={"texts": ["Stocks fall"]}).status_code == 200
+                time.sleep(1.5)  # idle longer than the read deadline between requests: still served
+
+
+def test_token_guards_docs_and_health_is_bare(tiny_model_dir, clf):
+    with running(create_app(tiny_model_dir, classifier=clf, options=ServeOptions(token="s3cret"))) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            health = c.get("/health")
+            assert health.status_code == 200 and str(tiny_model_dir) not in health.text
+            assert "model" not in health.json()
+            for path in ("/docs", "/openapi.json"):
+                assert c.get(path).status_code == 401, path
+                assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+            spec = c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).text
+            assert "/classify" in spec and str(tiny_model_dir) not in spec

@@ -273,8 +273,9 @@ def create_app(model_path: str | Path, classifier=None, options: ServeOptions | 
         finally:  # uvicorn has answered the in-flight requests by now; finish anything still queued
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="newslora", version="1", lifespan=lifespan,
-                  description=f"News topic classifier from {model_path} ({clf.runtime} runtime). Micro-batched: "
+    hidden = {"openapi_url": None, "docs_url": None, "redoc_url": None} if opts.token else {}
+    app = FastAPI(title="newslora", version="1", lifespan=lifespan, **hidden,
+                  description=f"News topic classifier ({clf.runtime} runtime). Micro-batched: "
                               f"up to {opts.max_batch} texts per forward pass; at most {opts.max_texts} texts of "
                               f"{opts.max_text_bytes} UTF-8 bytes per request.")
     app.state.worker, app.state.options = worker, opts
@@ -303,10 +304,20 @@ def create_app(model_path: str | Path, classifier=None, options: ServeOptions | 
 
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health")
+    if opts.token:  # the API's description is for those who hold the token
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorized)])
+        def openapi():
+            return app.openapi()
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized)])
+        def docs():
+            from fastapi.openapi.docs import get_swagger_ui_html
+
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="newslora")
+
+    @app.get("/health")  # open to probes without the token, so it tells nothing about the model or its files
     def health():
-        return {"status": "ok", "model": str(model_path), "runtime": clf.runtime,
-                "queue": worker.queue.qsize(), "max_queue": opts.max_queue}
+        return {"status": "ok", "runtime": clf.runtime, "queue": worker.queue.qsize(), "max_queue": opts.max_queue}
 
     facts = model_facts(model_path, clf.label_names)
     page = resources.files(__package__).joinpath("static", "page.html").read_text(encoding="utf-8")
@@ -366,6 +377,64 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+READ_TIMEOUT_S = 10.0  # a request's headers and body must arrive within this after its first byte
+
+
+def read_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a read deadline: a request whose headers and body have not all arrived
+    ``seconds`` after its first byte (a slow-drip client) has its connection closed, instead of holding it open
+    for as long as the client trickles bytes. Idle keep-alive connections keep uvicorn's own timeout."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeout(H11Protocol):
+        deadline = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.deadline is None and (self.cycle is None or self.cycle.response_complete):  # a new request
+                self.deadline = self.loop.call_later(seconds, self.transport.close)
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete and not self.cycle.more_body:
+                self._disarm()  # the whole request is in
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+    return ReadTimeout
+
+
+def server_config(app, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 30.0,
+                  read_timeout: float = READ_TIMEOUT_S, log_level: str = "info"):
+    """uvicorn's settings for the app: read deadline per request, 5 s idle keep-alive, graceful shutdown (stop
+    accepting, answer in-flight requests with ``Connection: close``, close idle connections)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, access_log=False,
+                          log_level=log_level, timeout_keep_alive=5, http=read_timeout_protocol(read_timeout))
+
+
+def listen(host: str, port: int):
+    """The server's listening socket, bound before the model loads: a wrong or busy port is said at once."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise NewsloraError(f"--port {port}: a TCP port is 0..65535; choose e.g. --port 8000")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise NewsloraError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host, "
+                            "or stop what uses it") from None
+    return sock
+
+
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str | None = None,
           options: ServeOptions | None = None, graceful_timeout: float = 30.0) -> None:
     """Run the app under uvicorn. A non-loopback ``host`` needs a token in ``$NEWSLORA_API_TOKEN``; on SIGINT or
@@ -378,6 +447,9 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, run
     if opts.token is None and not is_loopback(host):
         raise NewsloraError(f"serving on {host} (not loopback) needs a bearer token: set {TOKEN_ENV} "
                             "(clients send 'Authorization: Bearer <token>'), or keep --host 127.0.0.1")
-    app = create_app(model_path, options=opts, runtime=runtime)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, access_log=False,
-                log_level="info")
+    sock = listen(host, port)
+    try:
+        app = create_app(model_path, options=opts, runtime=runtime)
+        uvicorn.Server(server_config(app, host, port, graceful_timeout)).run(sockets=[sock])
+    finally:
+        sock.close()
