@@ -605,6 +605,107 @@ def _dir(env: Env, name: str) -> Path:
     return d
 
 
+# ----------------------------------------------------------------------------- reliability (issue 29)
+
+_held_sockets: list = []  # listening sockets that keep a port busy for a case
+
+
+def _nan_weights(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _nan_run(env: Env) -> Path:
+    run = env.copy_run(env.tiny_run)
+    _nan_weights(run / "adapter" / "adapter_model.safetensors")
+    return run
+
+
+def _nan_merged(env: Env) -> Path:
+    m = env.copy_run(env.merged, "merged")
+    _nan_weights(m / "model.safetensors")
+    return m
+
+
+def _busy_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _held_sockets.append(s)
+    return s.getsockname()[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _disk_full(env: Env, *cmd) -> list:
+    """The command with every rename that would publish a file or folder failing as on a full disk (ENOSPC)."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[-1]))
+
+    env.mp.setattr(os, "replace", full)
+    env.mp.setattr(os, "rename", full)
+    return list(cmd)
+
+
+READ_ONLY = Path("/sys/newslora-out")  # sysfs: no new files or folders, even for root
+
+CASES += [
+    Case("export-non-finite-weights", lambda e: ["export", _nan_run(e), "--output", e.work / "m"],
+         ["not finite", "NaN", "lower train.lr"]),
+    Case("predict-non-finite-weights", lambda e: ["predict", _nan_merged(e), "-i", _texts(e), "-o", "s.csv"],
+         ["not finite", "lower train.lr"]),
+    Case("serve-non-finite-weights", lambda e: ["serve", _nan_merged(e), "--port", _free_port()], ["not finite"]),
+    Case("predict-batch-size-negative", lambda e: ["predict", e.tiny_run, "-i", _texts(e), "-o", "s.csv",
+                                                   "--batch-size", "-1"], ["--batch-size -1", "at least 1"]),
+    Case("predict-batch-size-zero", lambda e: ["predict", e.tiny_run, "-i", _texts(e), "-o", "s.csv",
+                                               "--batch-size", "0"], ["--batch-size 0", "at least 1"]),
+    Case("serve-port-out-of-range", lambda e: ["serve", e.merged, "--port", "70000"], ["--port 70000", "0..65535"]),
+    Case("serve-port-busy", lambda e: ["serve", _dir(e, "no-model-needed"), "--port", _busy_port()],
+         ["cannot listen on 127.0.0.1", "in use", "another --port"]),
+    Case("brackets-in-messages-are-kept", lambda e: ["budget", "lora.target_modules=[]"],
+         ["e.g. [query, value]"]),
+    Case("brackets-in-a-path-are-kept", lambda e: train_args(e, e.work / "a[/x].csv"), ["a[/x].csv"]),
+    Case("predict-read-only-output", lambda e: ["predict", e.tiny_run, "-i", _texts(e), "-o", READ_ONLY / "s.csv"],
+         ["/sys/newslora-out"]),
+    Case("evaluate-read-only-output", lambda e: ["evaluate", e.tiny_run, "--data", write_csv(
+        e.work / "d.csv", balanced(2)), "--output", READ_ONLY / "m.json"], ["/sys/newslora-out"]),
+    Case("export-read-only-output", lambda e: ["export", e.tiny_run, "--output", READ_ONLY / "merged"],
+         ["/sys/newslora-out"]),
+    Case("report-read-only-output", lambda e: ["report", e.tiny_run, "--output", READ_ONLY / "rep"],
+         ["/sys/newslora-out"]),
+    Case("train-read-only-run-dir", lambda e: train_args(e, TRAIN_CSV)[:-1] + [READ_ONLY / "r"],
+         ["/sys/newslora-out"]),
+    Case("baseline-read-only-output", lambda e: ["baseline", *tiny_overrides(), "--output", READ_ONLY / "b.json"],
+         ["/sys/newslora-out"]),
+    Case("predict-disk-full", lambda e: _disk_full(e, "predict", e.tiny_run, "-i", _texts(e), "-o", "s.csv"),
+         ["No space left on device", "free some space"]),
+    Case("evaluate-disk-full", lambda e: _disk_full(e, "evaluate", e.tiny_run, "--data", write_csv(
+        e.work / "d.csv", balanced(2)), "--output", "m.json"), ["No space left on device"]),
+    Case("export-disk-full", lambda e: _disk_full(e, "export", e.tiny_run, "--output", e.work / "m"),
+         ["No space left on device"]),
+    Case("baseline-disk-full", lambda e: _disk_full(e, "baseline", *tiny_overrides(), "--output", "b.json"),
+         ["No space left on device"]),
+    Case("report-disk-full", lambda e: _disk_full(e, "report", e.tiny_run, "--output", e.work / "rep"),
+         ["No space left on device"], changes=["rep"]),
+    Case("train-disk-full", lambda e: _disk_full(e, *train_args(e, TRAIN_CSV)), ["No space left on device"],
+         changes=["runs", "../cache"]),
+]
+
+
 def test_corpus_is_large_enough():
     assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
 
