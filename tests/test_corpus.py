@@ -661,6 +661,32 @@ def _disk_full(env: Env, *cmd) -> list:
     return list(cmd)
 
 
+def _cut_foreign_checkpoint(env: Env) -> Path:
+    run = _cut_without_checkpoints(env)
+    (run / "checkpoints" / "checkpoint-final").mkdir(parents=True)
+    return run
+
+
+def _merged_meta(env: Env, meta: dict) -> Path:
+    m = env.copy_run(env.merged, "merged")
+    (m / "newslora.json").write_text(json.dumps({**json.loads((m / "newslora.json").read_text()), **meta}))
+    return m
+
+
+def _merged_dangling(env: Env) -> Path:
+    m = env.copy_run(env.merged, "merged")
+    (m / "model.safetensors").unlink()
+    (m / "model.safetensors").symlink_to(env.work / "gone.safetensors")
+    return m
+
+
+def _run_info(env: Env, **changes) -> Path:
+    run = env.copy_run(env.tiny_run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, **changes}))
+    return run
+
+
 READ_ONLY = Path("/sys/newslora-out")  # sysfs: no new files or folders, even for root
 
 CASES += [
@@ -701,6 +727,21 @@ CASES += [
          ["No space left on device"]),
     Case("report-disk-full", lambda e: _disk_full(e, "report", e.tiny_run, "--output", e.work / "rep"),
          ["No space left on device"], changes=["rep"]),
+    Case("resume-only-a-foreign-checkpoint-folder", lambda e: ["train", "--resume", _cut_foreign_checkpoint(e)],
+         ["no checkpoint saved yet"]),
+    Case("predict-bad-max-length", lambda e: ["predict", _merged_meta(e, {"max_length": "long"}), "-i", _texts(e),
+                                              "-o", "s.csv"], ["max_length 'long'", "positive whole number"]),
+    Case("predict-negative-max-length", lambda e: ["predict", _merged_meta(e, {"max_length": -5}), "-i", _texts(e),
+                                                   "-o", "s.csv"], ["max_length -5", "positive whole number"]),
+    Case("distill-teacher-dangling-weights-link", lambda e: ["distill", "--teacher", _merged_dangling(e)],
+         ["model.safetensors cannot be read", "link to a missing file"]),
+    Case("search-storage-is-a-text-file", lambda e: ["search", *tiny_overrides(), "--space", Path(
+        __file__).parents[1] / "configs" / "search-space.yaml", "--storage", f"sqlite:///{_file(e, 'notes.txt')}",
+        "--output", e.work / "study"], ["cannot open study storage", "not a database"]),
+    Case("predict-wrong-label-names", lambda e: ["predict", _run_info(e, label_names=["a", "b", "c"]), "-i",
+                                                 _texts(e), "-o", "s.csv"], ["label_names", "3 classes"]),
+    Case("predict-future-schema", lambda e: ["predict", _run_info(e, schema=99), "-i", _texts(e), "-o", "s.csv"],
+         ["schema 99", "upgrade newslora"]),
     Case("train-disk-full", lambda e: _disk_full(e, *train_args(e, TRAIN_CSV)), ["No space left on device"],
          changes=["runs", "../cache"]),
 ]

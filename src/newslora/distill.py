@@ -58,7 +58,7 @@ class Teacher:
 
 def inspect_teacher(path: str | Path) -> Teacher:
     """Cheap look at a teacher (no weights loaded): kind, labels, max_length, identity. Clear one-line errors."""
-    from .run import Run, read_json, read_model_meta
+    from .run import Run, model_max_length, read_json
 
     given = str(path)
     p = Path(path).expanduser()
@@ -82,7 +82,7 @@ def inspect_teacher(path: str | Path) -> Teacher:
         n = len(id2label) or int(config.get("num_labels", 2))
         names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
         files = _weight_files(p, ["config.json", "*.safetensors", "*.bin"])
-        return Teacher(given, p, "model", names, int(read_model_meta(p).get("max_length", 128)), p, files)
+        return Teacher(given, p, "model", names, model_max_length(p), p, files)
     raise NewsloraError(f"distill teacher {given} is neither a newslora run folder (recipe.yaml + adapter/) nor a "
                         "model folder (config.json)")
 
@@ -91,7 +91,11 @@ def _weight_files(root: Path, patterns: list[str]) -> list:
     out = []
     for pat in patterns:
         for f in sorted(root.glob(pat)):
-            st = f.stat()
+            try:
+                st = f.stat()
+            except OSError as e:  # e.g. a link to a file that no longer exists
+                raise NewsloraError(f"distill teacher {root}: {f.relative_to(root)} cannot be read ({e.strerror}; a "
+                                    "link to a missing file?); restore it, or export the teacher again") from None
             out.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
     return out
 

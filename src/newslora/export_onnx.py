@@ -81,7 +81,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     from .export import CHECK_TEXTS, export
 
     from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
-    from .run import MODEL_META, Run, read_model_meta, write_json
+    from .run import MODEL_META, Run, model_max_length, write_json
 
     source = Path(source)
     if Run.is_run(source):
@@ -102,7 +102,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
         target = run.onnx_dir(int8) if run else merged.parent / (Run.ONNX_INT8 if int8 else Run.ONNX)
     check_output_folder(target, is_onnx_export, "ONNX model (newslora export --onnx)", overwrite,
                         protect=[p for p in (run.path if run else None, merged) if p is not None])
-    max_length = read_model_meta(merged).get("max_length", 128)
+    max_length = model_max_length(merged)
     model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     tok = AutoTokenizer.from_pretrained(merged)
 

@@ -41,7 +41,7 @@ def load_onnx(path: str | Path, threads: int | None = None):
     """(OnnxModel, tokenizer, label_names, max_length) from an ONNX folder."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .run import read_model_meta
+    from .run import model_max_length, read_model_meta
 
     path = Path(path)
     if not is_onnx_folder(path):
@@ -59,4 +59,4 @@ def load_onnx(path: str | Path, threads: int | None = None):
     if model.num_labels != len(names):
         raise NewsloraError(f"{path}: {ONNX_FILE} has {model.num_labels} outputs but config.json has {len(names)} "
                             "labels; export the folder again")
-    return model, tok, names, meta.get("max_length", 128)
+    return model, tok, names, model_max_length(path)

@@ -144,7 +144,7 @@ def _load_standalone(path: Path):
     from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .run import read_model_meta
+    from .run import model_max_length
 
     if not any(path.glob("*.safetensors")):
         pickled = [n for n in PICKLE_WEIGHTS if (path / n).exists()]
@@ -157,12 +157,28 @@ def _load_standalone(path: Path):
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
         raise NewsloraError(f"cannot load the model in {path}: {_first_line(e)}; the folder is damaged or "
                             "incomplete: export it again") from None
-    return model, tok, _label_names(model.config), read_model_meta(path).get("max_length", 128)
+    return model, tok, _label_names(model.config), model_max_length(path)
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _head_classes(weights: Path) -> int | None:
+    """How many classes the classifier saved with an adapter has (None: no full head saved, or unreadable)."""
+    import re
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                if re.search(r"(classifier(\.out_proj)?|score)\.weight$", key):
+                    return int(f.get_slice(key).get_shape()[0])
+    except (OSError, SafetensorError):
+        return None
+    return None
 
 
 def load_run(run, full_precision: bool = False):
@@ -182,6 +198,10 @@ def load_run(run, full_precision: bool = False):
         recipe.model.backbone, recipe.model.random_init = str(run.backbone_dir), False
     if full_precision or not torch.cuda.is_available():
         recipe.model.quantization = "none"
+    trained = _head_classes(run.adapter_dir / "adapter_model.safetensors")
+    if trained is not None and trained != len(names):
+        raise NewsloraError(f"{run.file(Run.INFO)} names {len(names)} classes (label_names) but the run's classifier "
+                            f"was trained for {trained}; restore run.json's label_names to the run's classes")
     base = load_backbone(recipe, names, for_training=False)
     if run.head_init.is_file():  # head.type=lora: the head's frozen base weights
         load_head_state(base, run.head_init)

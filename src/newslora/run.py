@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -184,6 +185,10 @@ class Run:
             raise NewsloraError(f"run folder {p} does not exist")
         if need == "exists":
             return run
+        schema = run.read_info().get("schema", SCHEMA_VERSION)
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema > SCHEMA_VERSION:
+            raise NewsloraError(f"{run.file(cls.INFO)} has schema {schema!r}, newer than this newslora reads "
+                                f"({SCHEMA_VERSION}): upgrade newslora (pip install -U newslora) to use this run folder")
         if need == "any":
             if not (run.file(cls.INFO).is_file() or run.file(cls.EVAL).is_file()):
                 raise NewsloraError(f"{p} is not a newslora run folder (it has neither {cls.INFO} nor {cls.EVAL})")
@@ -505,7 +510,11 @@ class Run:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoints(self) -> list[Path]:
-        return sorted(self.checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        """The Trainer's checkpoints, ``checkpoint-<step>`` folders by step; other names are not its (ignored, as
+        the Trainer's own ``get_last_checkpoint`` ignores them)."""
+        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+                 and p.is_dir()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / f"checkpoint-{step}"
@@ -566,3 +575,14 @@ def write_model_meta(model_dir: Path, run: Run, max_length: int, diff: float) ->
 
 def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
     return read_json(Path(model_dir) / MODEL_META)
+
+
+def model_max_length(model_dir: str | os.PathLike, default: int = 128) -> int:
+    """The ``max_length`` a model folder's newslora.json records (``default`` when it records none); a value that is
+    not a positive whole number is refused."""
+    value = read_model_meta(model_dir).get("max_length", default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NewsloraError(f"{Path(model_dir) / MODEL_META}: max_length {value!r} is not a positive whole number of "
+                            f"tokens; set it to what the model was trained with (e.g. {default}), or export the "
+                            "model again")
+    return value

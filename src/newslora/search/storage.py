@@ -91,6 +91,9 @@ def open_storage(url: str, heartbeat: int | None = None):
             raise NewsloraError(f"cannot open study storage {shown(url)}: {_first_line(e)}") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             last = e
+        except sqlalchemy.exc.DatabaseError as e:  # e.g. sqlite:///notes.txt: "file is not a database"
+            raise NewsloraError(f"cannot open study storage {shown(url)}: {_first_line(e)}; point --storage at a "
+                                "study database or a new file") from None
     raise NewsloraError(f"cannot open study storage {shown(url)}: {_first_line(last)}")
 
 
