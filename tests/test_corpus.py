@@ -687,6 +687,15 @@ def _run_info(env: Env, **changes) -> Path:
     return run
 
 
+def _typed(env: Env, name: str, text=lambda t: t, label=lambda v: v) -> Path:
+    """Real rows in a typed file, with texts or labels of another kind."""
+    df = balanced(10)
+    df = pd.DataFrame({"text": [text(t) for t in df["text"]], "label": [label(int(v)) for v in df["label"]]})
+    f = env.work / name
+    df.to_parquet(f) if name.endswith(".parquet") else df.to_json(f, orient="records", lines=True)
+    return f
+
+
 READ_ONLY = Path("/sys/newslora-out")  # sysfs: no new files or folders, even for root
 
 CASES += [
@@ -742,6 +751,14 @@ CASES += [
                                                  _texts(e), "-o", "s.csv"], ["label_names", "3 classes"]),
     Case("predict-future-schema", lambda e: ["predict", _run_info(e, schema=99), "-i", _texts(e), "-o", "s.csv"],
          ["schema 99", "upgrade newslora"]),
+    Case("parquet-list-text", lambda e: train_args(e, _typed(e, "d.parquet", text=lambda t: [t])),
+         ["column 'text' holds a list", "must be a string"]),
+    Case("parquet-struct-text", lambda e: train_args(e, _typed(e, "d.parquet", text=lambda t: {"title": t})),
+         ["column 'text' holds a record", "must be a string"]),
+    Case("parquet-list-labels", lambda e: train_args(e, _typed(e, "d.parquet", label=lambda v: [v])),
+         ["column 'label' holds a list", "integer or a class name"]),
+    Case("jsonl-boolean-label", lambda e: train_args(e, _typed(e, "d.jsonl", label=lambda v: v == 1)),
+         ["column 'label' holds a boolean", "row 0"]),
     Case("train-disk-full", lambda e: _disk_full(e, *train_args(e, TRAIN_CSV)), ["No space left on device"],
          changes=["runs", "../cache"]),
 ]

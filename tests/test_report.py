@@ -392,3 +392,25 @@ def test_many_classes_plots_and_workbook_stay_bounded(tmp_path, k):
     assert sum(cells.values()) == ev["n"]
     t, p = np.unravel_index(cm.argmax(), cm.shape)
     assert cells[(labels[t], labels[p])] == cm.max() == confusion[2][2]
+
+
+def test_plot_without_eval_json_removes_stale_plots(runs):
+    run = runs["lora"]
+    assert {"confusion_test.png", "per_class_f1.png"} <= {p.name for p in plot_run(run)}
+    (run / "eval.json").unlink()
+    names = {p.name for p in plot_run(run)}
+    assert {p.name for p in (run / "plots").iterdir()} == names == CURVES  # no plot of results the run lost
+
+
+def test_a_failed_report_is_recorded_and_said(runs, capsys):
+    from newslora.train import finalize
+
+    run = runs["single"]
+    ev = _eval(run)
+    ev["test"]["confusion_matrix"] = [[1, 2], [3]]  # ragged: the confusion plots cannot be drawn
+    (run / "eval.json").write_text(json.dumps(ev))
+    finalize(run)
+    errors = _info(run)["report_errors"]
+    assert any(e.startswith("confusion_test.png: ") for e in errors), errors
+    assert "report is incomplete" in capsys.readouterr().err
+    assert not (run / "plots" / "confusion_test.png").exists() and (run / "plots" / "loss.png").is_file()

@@ -67,6 +67,8 @@ def read_table(path: str | Path, text_column="text", label_column: str | None = 
         raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     except (ValueError, pd.errors.ParserError) as e:
         raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+    if suffix in (".jsonl", ".json", ".parquet"):  # typed formats: a value may be a list, a record or a boolean
+        check_kinds(df, path, text_column, label_column)
     return _non_empty(select_columns(df, path, text_column, label_column, options, id_column), path)
 
 
@@ -86,6 +88,7 @@ def read_labels(path: str | Path, text_column="text", label_column: str = "label
             names = pq.ParquetFile(path).schema_arrow.names
             select_columns(pd.DataFrame(columns=names), path, text_column, label_column, options)  # names checked
             df = pd.read_parquet(path, columns=[label_column])
+            check_kinds(df, path, None, label_column)
         else:
             sep = "\t" if suffix == ".tsv" else ","
             first = _first_row(path, sep) or []
@@ -98,6 +101,25 @@ def read_labels(path: str | Path, text_column="text", label_column: str = "label
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
     return _non_empty(df.rename(columns={label_column: "label"})[["label"]], path)
+
+
+def check_kinds(df: pd.DataFrame, path: Path, text_column, label_column: str | None) -> None:
+    """Refuse values that only a silent conversion would turn into a text or a label: a list or record as text
+    (its Python repr would be trained on), a list, record or boolean as a label (``[0]`` or ``True`` as a class).
+    ``text_column``: one name, several, or None."""
+    nested = (list, tuple, dict, np.ndarray)
+    checks = [(name, nested, "a string") for name in (_columns(text_column) if text_column is not None else [])]
+    for name, bad, what in (*checks, (label_column, (*nested, bool, np.bool_), "an integer or a class name")):
+        if name is None or name not in df:
+            continue
+        wrong = df[name].map(lambda v: isinstance(v, bad)).to_numpy(dtype=bool)
+        if wrong.any():
+            row = int(np.flatnonzero(wrong)[0])
+            value = df[name].iloc[row]
+            kind = ("a boolean" if isinstance(value, (bool, np.bool_)) else "a record" if isinstance(value, dict)
+                    else "a list")
+            raise NewsloraError(f"{path}: column {name!r} holds {kind} at row {row} ({str(value)[:40]}); each value "
+                                f"must be {what}: convert the column first")
 
 
 def _non_empty(df: pd.DataFrame, path: Path) -> pd.DataFrame:
