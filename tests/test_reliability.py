@@ -143,3 +143,31 @@ def test_export_removes_stale_temp_folders(tiny_run, tmp_path):
     other.mkdir()
     export(tiny_run.run_dir, tmp_path / "merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x.tmp", "merged"]
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_rows_in_train_and_held_out_splits_are_counted_or_dropped(tmp_path, drop, capsys):
+    import pandas as pd
+    from conftest import TRAIN_CSV
+
+    from newslora.config import load_recipe
+    from newslora.train import setup
+
+    df = pd.read_csv(TRAIN_CSV).groupby("label").head(30).reset_index(drop=True)
+    df.to_csv(tmp_path / "train.csv", index=False)
+    val = pd.concat([df.iloc[[0, 40, 80]], pd.read_csv(TRAIN_CSV).iloc[-20:]])  # 3 training rows
+    val.assign(text=val["text"] + pd.Series([" ", "", "\t"] + [""] * 20, index=val.index)).to_csv(
+        tmp_path / "val.csv", index=False)  # surrounding blanks do not hide a copy
+    pd.concat([df.iloc[[1, 2, 41, 100]], pd.read_csv(TRAIN_CSV).iloc[-40:-20]]).to_csv(tmp_path / "test.csv",
+                                                                                   index=False)
+    recipe = load_recipe(None, tiny_overrides(**{"data.source": tmp_path / "train.csv",
+                                                 "data.validation": tmp_path / "val.csv",
+                                                 "data.test": tmp_path / "test.csv",
+                                                 "data.drop_overlap": str(drop).lower()}))
+    s = setup(recipe, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["overlap"] == {"validation": 3, "test": 4, "dropped": 7 if drop else 0}
+    assert info["rows"]["train"] == 120 - (7 if drop else 0) == len(s.train_dataset)
+    err = capsys.readouterr().err
+    assert ("7 training rows also in a held-out split dropped" if drop else "warning: training rows also in a "
+            "held-out split: 3 in validation, 4 in test") in err

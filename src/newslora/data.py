@@ -37,6 +37,26 @@ class Splits:
     test: pd.DataFrame | None
     label_names: list[str]
     source: str
+    overlap: dict | None = None  # set by :func:`check_overlap`
+
+
+def check_overlap(splits: Splits, drop: bool = False) -> dict | None:
+    """Training rows whose text (stripped) is also in the validation or test split: they make held-out scores
+    look better than they are. Records ``{"validation": n, "test": m, "dropped": k}`` on ``splits.overlap`` (None:
+    no overlap); ``drop``: removes those rows from the training split (the held-out splits stay whole)."""
+    train = splits.train["text"].astype(str).str.strip()
+    found, seen = {}, pd.Series(False, index=train.index)
+    for name, df in (("validation", splits.validation), ("test", splits.test)):
+        if df is not None:
+            hit = train.isin(set(df["text"].astype(str).str.strip()))
+            found[name], seen = int(hit.sum()), seen | hit
+    if not seen.any():
+        splits.overlap = None
+        return None
+    if drop:
+        splits.train = splits.train[~seen.to_numpy()].reset_index(drop=True)
+    splits.overlap = {**found, "dropped": int(seen.sum()) if drop else 0}
+    return splits.overlap
 
 
 # ----------------------------------------------------------------------------- labels

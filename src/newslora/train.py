@@ -23,7 +23,7 @@ from transformers import EarlyStoppingCallback, ProgressCallback, TrainingArgume
 from . import distributed, methods, tracking
 from .config import Recipe
 from .class_weights import class_weights, weighted_loss
-from .data import Splits, load_splits, tokenize
+from .data import Splits, check_overlap, load_splits, tokenize
 from .distill import Distiller
 from .errors import NewsloraError, Terminated, sigterm_raises
 from .evaluate import classification_metrics, summary
@@ -96,6 +96,13 @@ def prepare(recipe: Recipe):
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     check_max_length(recipe)
     splits = load_splits(recipe.data)
+    overlap = check_overlap(splits, recipe.data.drop_overlap)
+    if overlap and distributed.is_main():
+        said = ", ".join(f"{n:,} in {k}" for k, n in overlap.items() if k != "dropped" and n)
+        console.print(Text(f"{overlap['dropped']:,} training rows also in a held-out split dropped ({said})"
+                           if overlap["dropped"] else
+                           f"warning: training rows also in a held-out split: {said}; held-out scores may be too "
+                           "high (data.drop_overlap=true drops them)", style="yellow"), soft_wrap=True)
     methods.get(recipe.method).check_schedule(recipe, planned_steps(len(splits.train), recipe.train))
     fit = apply_auto_fit(recipe, splits.label_names)
     b = count_trainable(recipe, splits.label_names, fit=False)
@@ -255,7 +262,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
             "target_modules": recipe.lora.target_modules, "rank": method.get_rank(recipe),
             "rows": {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds) if test_ds else 0,
                      **({"unlabelled": added} if added else {})},
-            "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(), "versions": versions(),
+            "overlap": splits.overlap, "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(),
+            "versions": versions(),
             "precision": precision, "processes": distributed.world_size(), "train_runtime_s": None,
             "train_samples_per_second": None, "text": text_record(recipe),
             "class_weights": class_weights(splits.train["label"], len(splits.label_names), t.class_weights)}
