@@ -292,3 +292,29 @@ def test_token_guards_docs_and_health_is_bare(tiny_model_dir, clf):
                 assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
             spec = c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).text
             assert "/classify" in spec and str(tiny_model_dir) not in spec
+
+
+def test_shutdown_answers_in_flight_and_closes_idle_keep_alive_connections(tiny_model_dir, clf):
+    """SIGTERM's graceful shutdown with keep-alive clients: the in-flight request is answered (and told the
+    connection closes), an idle kept-alive connection is closed cleanly (EOF, not a reset)."""
+    gated = Gated(clf)
+    result = {}
+    with running(create_app(tiny_model_dir, classifier=gated)) as (url, server):
+        host, port = url.removeprefix("http://").split(":")
+        idle = socket.create_connection((host, int(port)), timeout=30)
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in idle.recv(4096)  # answered; the connection stays open, idle
+
+        def client():
+            with httpx.Client(base_url=url, timeout=60) as c:
+                result["r"] = c.post("/classify", json={"texts": ["in flight"]})
+
+        t = threading.Thread(target=client)
+        t.start()
+        assert gated.entered.wait(30)
+        server.should_exit = True  # what SIGTERM does
+        assert idle.recv(4096) == b""  # closed cleanly by the server, no reset
+        idle.close()
+        gated.gate.set()
+        t.join(30)
+    assert result["r"].status_code == 200 and result["r"].headers["connection"] == "close"
