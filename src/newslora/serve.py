@@ -7,8 +7,8 @@ answered 503 with Retry-After. Input is bounded: body bytes (413), texts per req
 (413), empty or invalid-Unicode text (422); with ``max_length`` truncation that bounds the tokens per request to
 ``max_texts * max_length``. ``/metrics`` exposes Prometheus metrics; a bearer token (``NEWSLORA_API_TOKEN``)
 guards ``/classify``, ``/labels``, ``/model``, ``/metrics``, ``/docs`` and ``/openapi.json`` when set, and is
-required to bind a non-loopback host. ``/`` is a page (``static/page.html``) that classifies pasted headlines through those routes; it opens without
-a token and asks for one when the server answers 401.
+required to bind a non-loopback host. ``/`` is a page (``static/page.html``) that classifies pasted headlines
+through those routes; it opens without a token and asks for one when the server answers 401.
 """
 from __future__ import annotations
 
