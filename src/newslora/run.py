@@ -188,7 +188,8 @@ class Run:
         schema = run.read_info().get("schema", SCHEMA_VERSION)
         if not isinstance(schema, int) or isinstance(schema, bool) or schema > SCHEMA_VERSION:
             raise NewsloraError(f"{run.file(cls.INFO)} has schema {schema!r}, newer than this newslora reads "
-                                f"({SCHEMA_VERSION}): upgrade newslora (pip install -U newslora) to use this run folder")
+                                f"({SCHEMA_VERSION}): upgrade newslora (pip install -U newslora) to use this run "
+                                "folder")
         if need == "any":
             if not (run.file(cls.INFO).is_file() or run.file(cls.EVAL).is_file()):
                 raise NewsloraError(f"{p} is not a newslora run folder (it has neither {cls.INFO} nor {cls.EVAL})")
