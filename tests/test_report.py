@@ -352,6 +352,7 @@ m = classification_metrics(y, pred, labels)
 run.mkdir()
 (run / "run.json").write_text(json.dumps({"name": f"many-{k}", "status": "completed", "label_names": labels}))
 (run / "eval.json").write_text(json.dumps({"validation": m, "test": m}))
+(run / "metrics_epochs.csv").write_text("epoch,step,train_loss,eval_loss\n1,2,1.6,1.4\n")
 (run / "metrics_steps.csv").write_text("step,epoch,loss,eval_loss,eval_accuracy,eval_macro_f1\n"
                                         "1,0.5,2.0,,,\n2,1.0,1.5,1.4,0.6,0.5\n")
 t0 = time.time()
