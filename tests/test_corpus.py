@@ -712,7 +712,7 @@ CASES += [
     Case("serve-port-busy", lambda e: ["serve", _dir(e, "no-model-needed"), "--port", _busy_port()],
          ["cannot listen on 127.0.0.1", "in use", "another --port"]),
     Case("brackets-in-messages-are-kept", lambda e: ["budget", "lora.target_modules=[]"],
-         ["e.g. [query, value]"]),
+         ["e.g. ['query', 'value']"]),
     Case("brackets-in-a-path-are-kept", lambda e: train_args(e, e.work / "a[/x].csv"), ["a[/x].csv"]),
     Case("predict-read-only-output", lambda e: ["predict", e.tiny_run, "-i", _texts(e), "-o", READ_ONLY / "s.csv"],
          ["/sys/newslora-out"]),
