@@ -641,6 +641,11 @@ def _busy_port() -> int:
     return s.getsockname()[1]
 
 
+def _release_ports() -> None:
+    while _held_sockets:
+        _held_sockets.pop().close()
+
+
 def _free_port() -> int:
     import socket
 
@@ -710,7 +715,7 @@ CASES += [
                                                "--batch-size", "0"], ["--batch-size 0", "at least 1"]),
     Case("serve-port-out-of-range", lambda e: ["serve", e.merged, "--port", "70000"], ["--port 70000", "0..65535"]),
     Case("serve-port-busy", lambda e: ["serve", _dir(e, "no-model-needed"), "--port", _busy_port()],
-         ["cannot listen on 127.0.0.1", "in use", "another --port"]),
+         ["cannot listen on 127.0.0.1", "in use", "another --port"], check=lambda e: _release_ports()),
     Case("brackets-in-messages-are-kept", lambda e: ["budget", "lora.target_modules=[]"],
          ["e.g. ['query', 'value']"]),
     Case("brackets-in-a-path-are-kept", lambda e: train_args(e, e.work / "a[/x].csv"), ["a[/x].csv"]),
