@@ -29,7 +29,20 @@ Overrides = typer.Argument(None, help="recipe overrides: key=value ... (e.g. lor
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)")
 RuntimeOpt = typer.Option(None, "--runtime", help="torch or onnx (default: chosen by what the folder holds; "
                           "model.onnx -> onnxruntime)")
-COLUMN_OPTIONS = ("--text-column", "--label-column")  # named in errors about the file's columns
+LabelNamesOpt = typer.Option(None, "--label-names", help="a plain PEFT adapter folder's classes, comma-separated in "
+                             "id order (where its base model does not name them)")
+COLUMN_OPTIONS = ("--text-column", "--label-column")
+
+
+def split_names(value: str | None) -> list[str] | None:
+    """``--label-names World,Sports`` as a list; None when not given. Empty names are refused."""
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",")]
+    if not all(names):
+        raise NewsloraError(f"--label-names {value!r} has an empty name: give the classes comma-separated in id "
+                            "order, e.g. --label-names World,Sports,Business,Sci/Tech")
+    return names  # named in errors about the file's columns
 
 
 def friendly(fn):
@@ -138,42 +151,47 @@ def evaluate(model: Path = typer.Argument(..., help="run folder or merged model 
              text_column: str = "text", label_column: str = "label",
              output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here"),
              overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
-             runtime: Optional[str] = RuntimeOpt):
-    """Evaluate a saved run, merged model or ONNX folder on a labelled file."""
+             runtime: Optional[str] = RuntimeOpt, label_names: Optional[str] = LabelNamesOpt):
+    """Evaluate a saved run, merged model, ONNX folder or PEFT adapter folder on a labelled file."""
     from .evaluate import evaluate as run_eval
 
     m = run_eval(model, data, text_column, label_column, output=output, overwrite=overwrite,
-                 options=COLUMN_OPTIONS, runtime=runtime)
+                 options=COLUMN_OPTIONS, runtime=runtime, label_names=split_names(label_names))
     out.print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
     for name, c in m["per_class"].items():
         out.print(f"  {name:<12} P {c['precision']:.3f}  R {c['recall']:.3f}  F1 {c['f1']:.3f}  n={c['support']}")
 
 
 @command()
-def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
+def export(run_dir: Path = typer.Argument(..., help="a finished run folder, or a PEFT adapter folder"),
            output: Optional[Path] = typer.Option(None, "--output", help="default RUN_DIR/merged (RUN_DIR/onnx, "
                                                  "RUN_DIR/onnx-int8 with --onnx)"),
            overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export in --output"),
            onnx: bool = typer.Option(False, "--onnx", help="also export the merged model to ONNX (model.onnx + "
                                      "tokenizer), checked against PyTorch"),
            int8: bool = typer.Option(False, "--int8", help="with --onnx: int8 weights (onnxruntime dynamic "
-                                     "quantization), for fast CPU inference")):
+                                     "quantization), for fast CPU inference"),
+           label_names: Optional[str] = LabelNamesOpt):
     """Merge the adapter into the backbone: a standalone model + tokenizer (safetensors) and a model card;
     with --onnx, an ONNX folder that load_classifier/predict/serve run with onnxruntime."""
     if int8 and not onnx:
         raise NewsloraError("--int8 quantizes the ONNX export: add --onnx")
+    names = split_names(label_names)
+    if onnx and names:
+        raise NewsloraError("--label-names with --onnx: export the adapter folder first (newslora export ADAPTER "
+                            "--label-names ...), then the merged folder with --onnx")
     if onnx:
         from .export_onnx import export_onnx
-        from .run import read_model_meta
+        from .modelfolder import read_meta
 
         path = export_onnx(run_dir, output, int8=int8, overwrite=overwrite)
-        check = read_model_meta(path)["check"]
+        check = read_meta(path)["check"]
         out.print(f"ONNX model: {path} (same argmax as PyTorch on {check['same_argmax']}/{check['n']} check texts, "
                   f"max logit diff {check['max_logit_diff']:.1e})")
         return
     from .export import export as run_export
 
-    out.print(f"merged model: {run_export(run_dir, output, overwrite=overwrite)}")
+    out.print(f"merged model: {run_export(run_dir, output, overwrite=overwrite, label_names=names)}")
 
 
 @command()
@@ -187,7 +205,7 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             chunk_rows: int = typer.Option(None, "--chunk-rows", help="rows read, classified and written at a time "
                                            "(default 10,000; memory stays flat whatever the input's size)"),
             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
-            runtime: Optional[str] = RuntimeOpt):
+            runtime: Optional[str] = RuntimeOpt, label_names: Optional[str] = LabelNamesOpt):
     """Write a Kaggle submission (ID,Label) for every text in a file, streamed chunk by chunk, with a progress bar
     on stderr; the output appears only once every row is written."""
     from .predict import predict as run_predict
@@ -195,7 +213,8 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
     chunking = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     with rows_progress("predict") as progress:
         path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,
-                           options=COLUMN_OPTIONS, runtime=runtime, progress=progress, **chunking)
+                           options=COLUMN_OPTIONS, runtime=runtime, progress=progress,
+                           label_names=split_names(label_names), **chunking)
     out.print(f"wrote {path}")
 
 
@@ -233,13 +252,14 @@ def rows_progress(what: str):
 @command()
 def classify(model: Path = typer.Argument(..., help="run folder or merged model folder"),
              texts: list[str] = typer.Argument(..., help="one or more headlines"),
-             runtime: Optional[str] = RuntimeOpt):
+             runtime: Optional[str] = RuntimeOpt, label_names: Optional[str] = LabelNamesOpt):
     """Classify headlines given on the command line."""
     from .predict import check_text, load_classifier
 
     for i, t in enumerate(texts):  # before the model loads
         check_text(t, f"headline {i + 1}")
-    for text, r in zip(texts, load_classifier(model, runtime=runtime).classify(texts)):
+    clf = load_classifier(model, runtime=runtime, label_names=split_names(label_names))
+    for text, r in zip(texts, clf.classify(texts)):
         out.print(f"{r['label']:<10} {r['score']:.3f}  {text}")
 
 
@@ -279,7 +299,8 @@ def serve(model: Path = typer.Argument(..., help="run folder, merged model folde
           max_queue: int = typer.Option(256, help="requests waiting for inference; more get 503 + Retry-After"),
           max_texts: int = typer.Option(256, help="texts per request (more: 413)"),
           max_text_bytes: int = typer.Option(4096, help="UTF-8 bytes per text (more: 413)"),
-          max_body_bytes: int = typer.Option(2 * 1024 * 1024, help="request body bytes (more: 413)")):
+          max_body_bytes: int = typer.Option(2 * 1024 * 1024, help="request body bytes (more: 413)"),
+          label_names: Optional[str] = LabelNamesOpt):
     """Serve a model over HTTP: POST /classify {"texts": [...]}, GET /labels, /health, /metrics (Prometheus),
     /docs (OpenAPI). Set $NEWSLORA_API_TOKEN to require 'Authorization: Bearer <token>'."""
     from .serve import ServeOptions
@@ -288,7 +309,7 @@ def serve(model: Path = typer.Argument(..., help="run folder, merged model folde
     opts = ServeOptions(max_batch=max_batch, batch_wait_ms=batch_wait_ms, batching=batching, max_queue=max_queue,
                         max_texts=max_texts, max_text_bytes=max_text_bytes, max_body_bytes=max_body_bytes)
     opts.check()
-    run_serve(model, host=host, port=port, runtime=runtime, options=opts)
+    run_serve(model, host=host, port=port, runtime=runtime, options=opts, label_names=split_names(label_names))
 
 
 @command()

@@ -58,7 +58,8 @@ class Teacher:
 
 def inspect_teacher(path: str | Path) -> Teacher:
     """Cheap look at a teacher (no weights loaded): kind, labels, max_length, identity. Clear one-line errors."""
-    from .run import Run, read_json, read_model_meta
+    from .modelfolder import describe
+    from .run import Run
 
     given = str(path)
     p = Path(path).expanduser()
@@ -67,22 +68,18 @@ def inspect_teacher(path: str | Path) -> Teacher:
                             "folder, e.g. runs/distill-teacher or runs/distill-teacher/merged)")
     p = p.resolve()
     if Run.is_run(p):
-        run = Run(p)
-        if not run.is_finished():
+        if not Run(p).is_finished():
             raise NewsloraError(f"distill teacher {given} has no adapter/: that run did not finish; finish it with "
                                 f"newslora train --resume {given}")
-        max_length = int((run.read_recipe_dict().get("model") or {}).get("max_length") or 128)
         a, b = Run.ADAPTER, Run.BACKBONE
+        folder = describe(p, runtime="torch")
         files = _weight_files(p, [Run.RECIPE, "*.safetensors", f"{a}/*.safetensors", f"{a}/*.bin", f"{a}/*.json",
                                   f"{b}/*.safetensors", f"{b}/*.bin", f"{b}/config.json"])
-        return Teacher(given, p, "run", run.label_names(), max_length, run.adapter_dir, files)
+        return Teacher(given, p, "run", folder.label_names, folder.max_length, Run(p).adapter_dir, files)
     if (p / "config.json").is_file():
-        config = read_json(p / "config.json")
-        id2label = config.get("id2label") or {}
-        n = len(id2label) or int(config.get("num_labels", 2))
-        names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+        folder = describe(p, runtime="torch")
         files = _weight_files(p, ["config.json", "*.safetensors", "*.bin"])
-        return Teacher(given, p, "model", names, int(read_model_meta(p).get("max_length", 128)), p, files)
+        return Teacher(given, p, "model", folder.label_names, folder.max_length, p, files)
     raise NewsloraError(f"distill teacher {given} is neither a newslora run folder (recipe.yaml + adapter/) nor a "
                         "model folder (config.json)")
 
@@ -113,7 +110,7 @@ def _load(teacher: Teacher):
 
     from .predict import load_model
 
-    model, tok, _, _ = load_model(teacher.resolved)
+    model, tok, _, _ = load_model(teacher.resolved, runtime="torch")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tok
 

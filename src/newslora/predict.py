@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 
 from .data import pad_batch, pads_right
-from .errors import NewsloraError
+from .errors import NewsloraError, first_line
+from .modelfolder import DEFAULT_MAX_LENGTH, ModelFolder, describe, read_adapter_weights
 
 PICKLE_SUFFIXES = {".pkl", ".pickle"}
 
@@ -47,12 +48,14 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
 class Classifier:
     """A trained news classifier. ``classify("headline")`` -> {"label", "score", "scores"}; a list gives a list."""
 
-    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = 128):
+    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = DEFAULT_MAX_LENGTH,
+                 folder: ModelFolder | None = None):
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.runtime = "torch" if isinstance(model, torch.nn.Module) else "onnx"
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.max_length = max_length
+        self.folder = folder  # what the model folder says (text columns, truncation), when loaded from one
 
     def predict_proba(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """Class probabilities, shape (len(texts), num_labels), in input order (see :func:`batched_logits`)."""
@@ -83,43 +86,29 @@ def check_text(text, where: str = "text") -> None:
                             "send UTF-8 text") from None
 
 
-def _label_names(config) -> list[str]:
-    return [config.id2label[i] for i in range(config.num_labels)]
+def load_model(path: str | Path, runtime: str | None = None, label_names: list[str] | None = None):
+    """(model, tokenizer, label_names, max_length) from any folder :func:`newslora.modelfolder.describe` reads: a
+    run folder, a merged/standalone model folder, an ONNX folder or a plain PEFT adapter folder (``label_names``:
+    its classes where its base model does not name them). ``runtime``: None picks by what the folder holds
+    (``model.onnx`` -> onnxruntime); "onnx" also accepts a run folder with an exported ``onnx/``; "torch" refuses
+    an ONNX-only folder."""
+    model, tok, folder = load_folder(describe(path, runtime, label_names))
+    return model, tok, folder.label_names, folder.max_length
 
 
-def load_model(path: str | Path, runtime: str | None = None):
-    """(model, tokenizer, label_names, max_length) from a run folder, a merged/standalone model folder or an ONNX
-    folder. ``runtime``: None picks by what the folder holds (``model.onnx`` -> onnxruntime); "onnx" also accepts
-    a run folder with an exported ``onnx/`` (or ``onnx-int8/``); "torch" refuses an ONNX-only folder."""
-    from .onnx_runtime import is_onnx_folder
-    from .run import Run
+def load_folder(folder: ModelFolder):
+    """(model, tokenizer, folder) of a described model folder, loaded the way its kind needs."""
+    if folder.kind == "onnx":
+        from .onnx_runtime import load_onnx
 
-    path = Path(path)
-    if not path.exists():
-        raise NewsloraError(f"model not found: {path} (pass a run folder or its merged/ folder)")
-    if runtime not in (None, "torch", "onnx"):
-        raise NewsloraError(f"unknown runtime {runtime!r}: use torch or onnx")
-    if runtime == "onnx" or (runtime is None and is_onnx_folder(path)):
-        return _load_onnx_path(path)
-    if is_onnx_folder(path) and not any(path.glob("*.safetensors")) and not Run.is_run(path):
-        raise NewsloraError(f"{path} holds only an ONNX model: drop --runtime torch, or pass the merged folder")
-    if Run.is_run(path):
-        return load_run(Run.open(path, need="adapter"))
-    if (path / "config.json").is_file():
-        return _load_standalone(path)
-    raise NewsloraError(f"{path} is neither a newslora run folder (recipe.yaml + adapter/) nor a model folder "
-                        "(config.json)")
-
-
-def _load_onnx_path(path: Path):
-    from .onnx_runtime import is_onnx_folder, load_onnx
-    from .run import Run
-
-    for folder in (path, Run(path).onnx_dir(), Run(path).onnx_dir(int8=True)):
-        if is_onnx_folder(folder):
-            return load_onnx(folder)
-    raise NewsloraError(f"{path} holds no ONNX model (model.onnx): export one with newslora export RUN --onnx, "
-                        "or use --runtime torch")
+        model, tok = load_onnx(folder)
+    elif folder.kind == "run":
+        model, tok, _, _ = load_run(folder.path)
+    elif folder.kind == "adapter":
+        model, tok = _load_adapter(folder)
+    else:
+        model, tok = _load_standalone(folder.path)
+    return model, tok, folder
 
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
@@ -131,8 +120,6 @@ def _load_standalone(path: Path):
     from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .run import read_model_meta
-
     if not any(path.glob("*.safetensors")):
         pickled = [n for n in PICKLE_WEIGHTS if (path / n).exists()]
         what = f"holds {pickled[0]}, a pickle-format checkpoint" if pickled else "has no model weights"
@@ -142,14 +129,47 @@ def _load_standalone(path: Path):
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
-        raise NewsloraError(f"cannot load the model in {path}: {_first_line(e)}; the folder is damaged or "
+        raise NewsloraError(f"cannot load the model in {path}: {first_line(e)}; the folder is damaged or "
                             "incomplete: export it again") from None
-    return model, tok, _label_names(model.config), read_model_meta(path).get("max_length", 128)
+    return model, tok
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+def _load_adapter(folder: ModelFolder):
+    """A plain PEFT adapter over its base model: the base's classifier sized to the adapter's classes, the
+    adapter's tensors (see :func:`newslora.modelfolder.read_adapter_weights`) set into it; the tokenizer is the
+    adapter folder's own, else the base model's."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from .model import load_tokenizer, resolve_backbone
+
+    names, base = folder.label_names, resolve_backbone(folder.backbone)
+    config = AutoConfig.from_pretrained(base, num_labels=len(names), id2label=dict(enumerate(names)),
+                                        label2id={n: i for i, n in enumerate(names)})
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the base's own head is replaced by the adapter's: its warning is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True)
+        peft_config = PeftConfig.from_pretrained(folder.path)
+        peft_config.inference_mode = True
+        model = PeftModel(model, peft_config)
+        loaded = set_peft_model_state_dict(model, read_adapter_weights(folder.path))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise NewsloraError(f"cannot load the adapter in {folder.path} over {folder.backbone}: {first_line(e)}; "
+                            "check that base_model_name_or_path names the model it was trained on") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if loaded.unexpected_keys:
+        raise NewsloraError(f"the adapter in {folder.path} has weights its base model {folder.backbone} has no "
+                            f"place for ({loaded.unexpected_keys[0]}, ...): check base_model_name_or_path")
+    for source in (folder.path, Path(base)):
+        if (source / "tokenizer_config.json").is_file():
+            return model.eval(), load_tokenizer(str(source))
+    if Path(base).is_dir():  # transformers would build an empty tokenizer from a folder without one
+        raise NewsloraError(f"neither {folder.path} nor its base model {base} has a tokenizer "
+                            "(tokenizer_config.json): save the base model's tokenizer into one of them")
+    return model.eval(), load_tokenizer(folder.backbone)
 
 
 def load_run(run, full_precision: bool = False):
@@ -179,24 +199,22 @@ def load_run(run, full_precision: bool = False):
     try:
         model = PeftModel.from_pretrained(base, adapter)
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
-        raise NewsloraError(f"cannot load the adapter in {adapter}: {_first_line(e)}; its files are damaged or "
+        raise NewsloraError(f"cannot load the adapter in {adapter}: {first_line(e)}; its files are damaged or "
                             "truncated: train the run again") from None
     return model, load_tokenizer(str(adapter)), names, recipe.model.max_length
 
 
-_load_run = load_run  # the name export and older callers used
-
-
-def load_classifier(path: str | Path, device: str | None = None, runtime: str | None = None) -> Classifier:
+def load_classifier(path: str | Path, device: str | None = None, runtime: str | None = None,
+                    label_names: list[str] | None = None) -> Classifier:
     """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``.
-    ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`)."""
-    model, tok, names, max_length = load_model(path, runtime)
-    if not isinstance(model, torch.nn.Module):
-        return Classifier(model, tok, names, max_length)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
-        model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
-    return Classifier(model, tok, names, max_length)
+    ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`);
+    ``label_names``: the classes of a plain PEFT adapter whose base model does not name them."""
+    model, tok, folder = load_folder(describe(path, runtime, label_names))
+    if isinstance(model, torch.nn.Module):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+            model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
+    return Classifier(model, tok, folder.label_names, folder.max_length, folder)
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -255,32 +273,24 @@ def submission_frame(probs: np.ndarray, label_names: list[str], extra: bool = Fa
     return df
 
 
-def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str], extra: bool = False) -> Path:
-    """Kaggle format: ``ID,Label`` with IDs 0..N-1 and integer labels; ``extra`` adds names and probabilities."""
-    from .outputs import write_file_atomic
-
-    df = submission_frame(probs, label_names, extra)
-    return write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
 def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str = "text",
             trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None,
             overwrite: bool = False, options: tuple[str, str] = ("text_column", "label_column"),
-            runtime: str | None = None, chunk_rows: int = CHUNK_ROWS,
+            runtime: str | None = None, chunk_rows: int = CHUNK_ROWS, label_names: list[str] | None = None,
             progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Classify every text of ``input`` into the submission file ``output`` (never the input itself; an existing
     file only with ``overwrite``), ``chunk_rows`` rows at a time: read, classify, append to a temp file next to
     ``output`` that replaces it once every row is written (on any error, Ctrl-C or SIGTERM it is removed and
     ``output`` is left as it was). ``progress(rows_done, total_or_None)`` is called once the model is loaded and
     after each chunk. ``options``: the caller's names for the column settings, for error messages. ``runtime``:
-    torch or onnx (default: chosen by what the folder holds)."""
+    torch or onnx (default: chosen by what the folder holds). ``label_names``: a plain PEFT adapter's classes."""
     from .errors import sigterm_raises
     from .outputs import check_output_file, write_file_atomic
 
     check_output_file(output, [input], overwrite)
     chunks, total = iter_input(input, text_column, trust_pickle, chunk_rows, options)
     first = next(chunks)  # problems with the input as a whole surface before the model loads
-    clf = load_classifier(model, runtime=runtime)
+    clf = load_classifier(model, runtime=runtime, label_names=label_names)
 
     def write(tmp: Path) -> None:
         done = 0

@@ -38,7 +38,6 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from .errors import NewsloraError
 
@@ -49,7 +48,6 @@ STEP_COLUMNS = ["step", "epoch", "loss", "train_accuracy", "learning_rate", "eva
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "eval_macro_precision",
                  "eval_macro_recall", "eval_macro_f1"]
 RANK_COLUMNS = ["step", "module", "rank"]
-MODEL_META = "newslora.json"  # inside a merged model folder
 HEARTBEAT_S = 30.0  # a running attempt writes its heartbeat into run.json at most this often
 STALE_S = 600.0  # a run on another host whose heartbeat is older than this is dead (20 missed heartbeats)
 # how an attempt ended (run.json "status" is the last attempt's outcome): "dead" is never written by the process
@@ -550,19 +548,3 @@ class Run:
             readme.write_text(adapter_card, encoding="utf-8")
         else:
             readme.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------- merged model folders
-
-
-def write_model_meta(model_dir: Path, run: Run, max_length: int, diff: float) -> None:
-    """``newslora.json`` of a merged model: max_length, the run it came from (a path relative to the model folder,
-    which is the same for the temp folder export writes and its final name next to it), the merge check."""
-    model_dir = Path(model_dir)
-    write_json(model_dir / MODEL_META, {"max_length": max_length,
-                                        "run": os.path.relpath(run.path.resolve(), model_dir.resolve()),
-                                        "merge_max_logit_diff": diff})
-
-
-def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
-    return read_json(Path(model_dir) / MODEL_META)

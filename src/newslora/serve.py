@@ -234,10 +234,11 @@ def model_facts(model_path: str | Path, label_names: list[str]) -> dict:
     """What ``/model`` (and the page) shows: the model's name, labels, trainable parameters, budget and test
     accuracy, from its run folder (run.json, eval.json) or, for an exported folder, the run its newslora.json names;
     None where a folder does not record it."""
-    from .run import MODEL_META, Run, read_json
+    from .modelfolder import read_meta
+    from .run import Run
 
     path = Path(model_path)
-    origin = read_json(path / MODEL_META).get("run")
+    origin = read_meta(path).get("run")
     run = Run(path / origin if isinstance(origin, str) else path)
     info, ev = run.read_info(), run.read_eval()
     trainable = info.get("trainable") if isinstance(info.get("trainable"), dict) else {}
@@ -247,10 +248,10 @@ def model_facts(model_path: str | Path, label_names: list[str]) -> dict:
 
 
 def create_app(model_path: str | Path, classifier=None, options: ServeOptions | None = None,
-               runtime: str | None = None) -> FastAPI:
+               runtime: str | None = None, label_names: list[str] | None = None) -> FastAPI:
     """The app: ``POST /classify {"texts": [...]}``, ``GET /labels``, ``GET /model``, ``GET /health``,
     ``GET /metrics``, the page at ``/``, OpenAPI docs at ``/docs``. The inference worker starts and stops with the
-    app's lifespan."""
+    app's lifespan. ``label_names``: a plain PEFT adapter's classes (see :func:`newslora.modelfolder.describe`)."""
     from prometheus_client import CollectorRegistry, Gauge
     from prometheus_fastapi_instrumentator import Instrumentator
 
@@ -258,7 +259,7 @@ def create_app(model_path: str | Path, classifier=None, options: ServeOptions | 
 
     opts = options or ServeOptions()
     opts.check()
-    clf = classifier or load_classifier(model_path, runtime=runtime)
+    clf = classifier or load_classifier(model_path, runtime=runtime, label_names=label_names)
     registry = CollectorRegistry()  # per app: several apps in one process (tests) do not collide
     metrics = _metrics(registry)
     worker = BatchWorker(clf, opts, metrics)
@@ -367,7 +368,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str | None = None,
-          options: ServeOptions | None = None, graceful_timeout: float = 30.0) -> None:
+          options: ServeOptions | None = None, graceful_timeout: float = 30.0,
+          label_names: list[str] | None = None) -> None:
     """Run the app under uvicorn. A non-loopback ``host`` needs a token in ``$NEWSLORA_API_TOKEN``; on SIGINT or
     SIGTERM uvicorn stops accepting, finishes in-flight requests (up to ``graceful_timeout`` s), then the worker
     drains its queue."""
@@ -378,6 +380,6 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, run
     if opts.token is None and not is_loopback(host):
         raise NewsloraError(f"serving on {host} (not loopback) needs a bearer token: set {TOKEN_ENV} "
                             "(clients send 'Authorization: Bearer <token>'), or keep --host 127.0.0.1")
-    app = create_app(model_path, options=opts, runtime=runtime)
+    app = create_app(model_path, options=opts, runtime=runtime, label_names=label_names)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout, access_log=False,
                 log_level="info")
