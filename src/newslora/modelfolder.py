@@ -194,7 +194,7 @@ def _base_config(base: str) -> dict:
     """The base model's config.json as a mapping (a local folder, a packaged alias or the hub cache)."""
     from transformers import AutoConfig
 
-    from .model import resolve_backbone
+    from .families import resolve_backbone
 
     name = resolve_backbone(base)
     try:

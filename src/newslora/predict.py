@@ -142,7 +142,8 @@ def _load_adapter(folder: ModelFolder):
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from .model import load_tokenizer, resolve_backbone
+    from .families import resolve_backbone
+    from .model import load_tokenizer
 
     names, base = folder.label_names, resolve_backbone(folder.backbone)
     config = AutoConfig.from_pretrained(base, num_labels=len(names), id2label=dict(enumerate(names)),

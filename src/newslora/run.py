@@ -538,7 +538,7 @@ class Run:
         cfg_path = self.adapter_dir / "adapter_config.json"
         cfg = read_json(cfg_path)
         if cfg:
-            from .config import hub_id
+            from .families import hub_id
 
             recipe = self.read_recipe_dict()
             cfg["base_model_name_or_path"] = hub_id(str((recipe.get("model") or {}).get("backbone") or ""))

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from .. import methods
-from ..config import hub_id
+from ..families import hub_id
 from .common import SPLITS, _fmt, _get, _label_names, _label_text, _load, _per_class_rows, _Run, _write_text
 
 
