@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,11 +149,14 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
             loaded[teacher.path] = (model, tok)
     arr = _forward(model, tok, df["text"].tolist(), teacher.max_length, batch_size)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+        from .outputs import write_file_atomic
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+
         try:
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            write_file_atomic(path, save)
         except OSError:
             pass  # read-only or full cache dir: computing again next time is fine
     return arr

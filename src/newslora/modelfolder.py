@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import NewsloraError
+from .outputs import read_json, write_json
 
 # tokens per text in a folder that does not say: the recipe's own model.max_length default, defined there once
 DEFAULT_MAX_LENGTH = ModelConfig().max_length
@@ -58,15 +59,11 @@ class ModelFolder:
 
 def read_meta(folder: str | os.PathLike) -> dict:
     """``newslora.json`` of a merged or ONNX folder as a mapping; {} when missing or damaged."""
-    from .run import read_json
-
     return read_json(Path(folder) / MODEL_META)
 
 
 def write_meta(folder: str | os.PathLike, model: ModelFolder, **extra) -> Path:
     """Write ``folder/newslora.json``: ``model``'s settings (what :func:`describe` reads back) and ``extra``."""
-    from .run import write_json
-
     return write_json(Path(folder) / MODEL_META, {**model.settings(), **extra})
 
 
@@ -134,8 +131,6 @@ def _run(path: Path) -> ModelFolder:
 
 def _described(path: Path, kind: str) -> ModelFolder:
     """A merged or ONNX folder: classes from config.json, the settings from newslora.json."""
-    from .run import read_json
-
     config = read_json(path / "config.json")
     if not config:
         raise NewsloraError(f"{path / 'config.json'} is missing or damaged; it names the model's classes: export "
@@ -163,8 +158,6 @@ def _adapter(path: Path, label_names: list[str] | None) -> ModelFolder:
     """A plain PEFT adapter: its base model names the backbone; the classes are the base model's own, or
     ``label_names`` where the base has only LABEL_i placeholders; the count is checked against the head's
     saved weights."""
-    from .run import read_json
-
     cfg = read_json(path / ADAPTER_CONFIG)
     base = str(cfg.get("base_model_name_or_path") or "")
     if not base:

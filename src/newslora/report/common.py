@@ -37,7 +37,6 @@ class _Run:
     evals: dict  # eval.json
     steps: pd.DataFrame | None
     epochs: pd.DataFrame | None
-    ranks: pd.DataFrame | None
     status: str | None = None  # Run.status(): run.json's status, "dead" for a "running" run whose process is gone
 
     @property
@@ -76,7 +75,7 @@ def _load(run_dir: str | os.PathLike) -> _Run:
     run = Run.open(run_dir, need="exists")
     info = run.read_info()
     return _Run(path=run.path, recipe=run.read_recipe_dict(), info=info, evals=run.read_eval(),
-                steps=run.read_steps(), epochs=run.read_epochs(), ranks=run.read_ranks(), status=run.status(info))
+                steps=run.read_steps(), epochs=run.read_epochs(), status=run.status(info))
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:

@@ -14,7 +14,7 @@ from .. import methods
 from ..outputs import check_folder_place
 from ..run import Run
 from .common import KEY_PLOTS, _atomic_write, _fmt, _get, _load, _Run, _write_text
-from .plots import plot_run
+from .plots import method_plots, plot_run
 from .workbook import _autofit, _table
 
 
@@ -65,7 +65,7 @@ def _markdown(rows: list[dict]) -> str:
 
 def _run_plots(run: _Run) -> list[Path]:
     plots = Run(run.path).plots_dir
-    wanted = [*KEY_PLOTS, *([Run.RANKS_PLOT] if run.ranks is not None else [])]
+    wanted = [*KEY_PLOTS, *(name for name, _ in method_plots(run))]
     if not all((plots / name).is_file() for name in wanted):
         plot_run(run.path)
     return [plots / name for name in wanted if (plots / name).is_file()]

@@ -1,11 +1,9 @@
 """PNG plots of one run: loss (per step and per epoch), accuracy, P/R/F1, confusion matrix, per-class F1, label
-distribution, AdaLoRA ranks."""
+distribution, and the plots the run's method adds (:class:`newslora.methods.MethodPlot`, e.g. AdaLoRA's ranks)."""
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -174,60 +172,6 @@ def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
                          "{:,.0f}")
 
 
-def _module_label(module: str) -> str:
-    """'roberta.encoder.layer.3.attention.self.query' -> 'L3 query'."""
-    m = re.search(r"layers?\.(\d+)\.(.+)$", module)
-    if not m:
-        return ".".join(module.split(".")[-2:])
-    rest = m.group(2)
-    for old, new in (("attention.self.", ""), ("attention.output.dense", "attn.output"),
-                     ("intermediate.dense", "ffn.in"), ("output.dense", "ffn.out")):
-        rest = rest.replace(old, new)
-    return f"L{m.group(1)} {rest}"
-
-
-def _layer(module: str) -> int:
-    m = re.search(r"layers?\.(\d+)\.", module)
-    return int(m.group(1)) if m else -1
-
-
-def _plot_adalora_ranks(run: _Run, path: Path) -> Path | None:
-    df = run.ranks
-    if df is None or not {"step", "module", "rank"} <= set(df.columns):
-        return None
-    df = df.dropna(subset=["step", "module", "rank"])
-    if df.empty:
-        return None
-    table = df.pivot_table(index="module", columns="step", values="rank", aggfunc="last")
-    first_seen = {m: i for i, m in reversed(list(enumerate(df["module"])))}
-    table = table.loc[sorted(table.index, key=lambda m: (_layer(m), first_seen[m]))]
-    labels = [_module_label(m) for m in table.index]
-    title = f"AdaLoRA rank per module — {run.title}"
-    if len(table) <= 8:  # few modules: lines are clearer
-        fig, ax = _figure()
-        for label, (_, row) in zip(labels, table.iterrows()):
-            pts = row.dropna()
-            ax.step(pts.index, pts.values, where="post", marker="o", markersize=3, label=label)
-        ax.set(title=title, xlabel="step", ylabel="rank")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-        return _save(fig, path)
-    steps = list(table.columns)
-    fig, ax = _figure(max(7.5, 0.25 * len(steps) + 4), 0.16 * len(table) + 1.8)
-    im = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap="viridis",
-                   interpolation="nearest")
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    layers = [_layer(m) for m in table.index]
-    for i in range(1, len(layers)):
-        if layers[i] != layers[i - 1]:  # separate transformer layers
-            ax.axhline(i - 0.5, color="white", linewidth=1.2)
-    every = max(1, math.ceil(len(steps) / 12))
-    ax.set_xticks(range(0, len(steps), every), [f"{s:,.0f}" for s in steps[::every]])
-    ax.set(title=title, xlabel="step", ylabel="module")
-    fig.colorbar(im, ax=ax, label="rank", shrink=0.6)
-    return _save(fig, path)
-
-
 _PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
     ("loss.png", _plot_loss),
     ("loss_epochs.png", _plot_loss_epochs),
@@ -236,8 +180,16 @@ _PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
     ("confusion_test.png", _plot_confusion),
     ("per_class_f1.png", _plot_per_class_f1),
     ("label_distribution.png", _plot_label_distribution),
-    (Run.RANKS_PLOT, _plot_adalora_ranks),
 ]
+
+
+def method_plots(run: _Run) -> list[tuple[str, Callable[[_Run, Path], Path | None]]]:
+    """The plots the run's method registers whose data file the run has, as (filename, plot) pairs."""
+    from .. import methods
+
+    folder = Run(run.path)
+    return [(p.filename, lambda r, path, p=p: p.draw(folder, path, r.title, _figure))
+            for p in methods.plots_of(run.method) if folder.file(p.needs).is_file()]
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
@@ -249,7 +201,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     out = Run(run.path).plots_dir
     out.mkdir(exist_ok=True)
     written = []
-    for filename, plot in _PLOTS:
+    for filename, plot in [*_PLOTS, *method_plots(run)]:
         try:
             result = plot(run, out / filename)
         except Exception as exc:  # noqa: BLE001 - one bad plot must not stop the others
