@@ -1,6 +1,7 @@
 """The ``newslora`` command: typed functions as subcommands, each a thin layer over the Python API."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,6 +20,8 @@ from rich.text import Text
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft, not actionable
 
 from .errors import NewsloraError, Terminated
+from .search.space import PRUNERS
+from .serveoptions import ServeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune encoders into news-topic classifiers with LoRA & friends under a parameter budget.")
@@ -287,23 +290,27 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="run folders to compa
         out.print(f"{kind}: {path}")
 
 
+def serve_option(name: str, *decls: str):
+    """A ``newslora serve`` option with the default and help that :class:`ServeOptions` defines for it."""
+    f = next(f for f in dataclasses.fields(ServeOptions) if f.name == name)
+    return typer.Option(f.default, *decls, help=f.metadata["help"])
+
+
 @command()
 def serve(model: Path = typer.Argument(..., help="run folder, merged model folder or ONNX folder"),
           host: str = typer.Option("127.0.0.1", help="address to bind; a non-loopback one needs $NEWSLORA_API_TOKEN"),
           port: int = 8000,
           runtime: Optional[str] = RuntimeOpt,
-          max_batch: int = typer.Option(64, help="texts per forward pass when concurrent requests are merged"),
-          batch_wait_ms: float = typer.Option(5.0, help="how long to wait after a request for others to merge"),
-          batching: bool = typer.Option(True, "--batching/--no-batching", help="merge concurrent requests into "
-                                        "one forward pass (off: one forward per request)"),
-          max_queue: int = typer.Option(256, help="requests waiting for inference; more get 503 + Retry-After"),
-          max_texts: int = typer.Option(256, help="texts per request (more: 413)"),
-          max_text_bytes: int = typer.Option(4096, help="UTF-8 bytes per text (more: 413)"),
-          max_body_bytes: int = typer.Option(2 * 1024 * 1024, help="request body bytes (more: 413)"),
+          max_batch: int = serve_option("max_batch"),
+          batch_wait_ms: float = serve_option("batch_wait_ms"),
+          batching: bool = serve_option("batching", "--batching/--no-batching"),
+          max_queue: int = serve_option("max_queue"),
+          max_texts: int = serve_option("max_texts"),
+          max_text_bytes: int = serve_option("max_text_bytes"),
+          max_body_bytes: int = serve_option("max_body_bytes"),
           label_names: Optional[str] = LabelNamesOpt):
     """Serve a model over HTTP: POST /classify {"texts": [...]}, GET /labels, /health, /metrics (Prometheus),
     /docs (OpenAPI). Set $NEWSLORA_API_TOKEN to require 'Authorization: Bearer <token>'."""
-    from .serve import ServeOptions
     from .serve import serve as run_serve
 
     opts = ServeOptions(max_batch=max_batch, batch_wait_ms=batch_wait_ms, batching=batching, max_queue=max_queue,
@@ -347,9 +354,6 @@ def distill(teacher: str = typer.Option(..., "--teacher", "-t",
     out.print(f"run folder: {res.run_dir}")
 
 
-PRUNERS = "median | successive_halving | hyperband | threshold | none"
-
-
 @command()
 def search(overrides: Optional[list[str]] = typer.Argument(None, help="base recipe overrides: key=value ... "
                                                                        "(e.g. train.max_steps=60)"),
@@ -371,8 +375,8 @@ def search(overrides: Optional[list[str]] = typer.Argument(None, help="base reci
                                                                      "same name continues the study"),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default "
                                                                               "studies/<study>)"),
-           pruner: Optional[str] = typer.Option(None, "--pruner", help=f"{PRUNERS} (default: the space file's, "
-                                                                       "else median)"),
+           pruner: Optional[str] = typer.Option(None, "--pruner", help=f"{' | '.join(PRUNERS)} (default: the "
+                                                                       "space file's, else median)"),
            seed: Optional[int] = typer.Option(None, "--seed", help="sampler seed (default: the space file's, else "
                                                                    "train.seed)")):
     """Hyper-parameter search with Optuna (seeded TPE + pruning) under the parameter budget; writes studies/<study>/."""

@@ -276,7 +276,7 @@ def attach_adapter(base, recipe: Recipe, total_steps: int | None = None, for_cou
     try:
         return get_peft_model(base, cfg)
     except ValueError as e:
-        raise NewsloraError(f"method={recipe.method}: {str(e).splitlines()[0]}") from None
+        raise NewsloraError(f"method={recipe.method}: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------- budget

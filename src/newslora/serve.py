@@ -21,7 +21,6 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -32,32 +31,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from .errors import NewsloraError
-
-TOKEN_ENV = "NEWSLORA_API_TOKEN"
-MAX_TEXTS = 256
-
-
-@dataclass
-class ServeOptions:
-    """Batching and limits of the server (each is a ``newslora serve`` option)."""
-
-    max_batch: int = 64  # texts per forward pass when requests are merged
-    batch_wait_ms: float = 5.0  # how long the worker waits after the first request for more to merge
-    batching: bool = True  # False: one forward pass per request (no merging)
-    max_queue: int = 256  # requests waiting for the worker; more are answered 503
-    max_texts: int = MAX_TEXTS  # texts per request
-    max_text_bytes: int = 4096  # UTF-8 bytes per text
-    max_body_bytes: int = 2 * 1024 * 1024  # request body bytes
-    retry_after_s: int = 1
-    token: str | None = None  # bearer token; None: no auth
-
-    def check(self) -> None:
-        for name in ("max_batch", "max_queue", "max_texts", "max_text_bytes", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise NewsloraError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0:
-            raise NewsloraError(f"batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
-
+from .serveoptions import MAX_TEXTS, TOKEN_ENV, ServeOptions
 
 class ClassifyRequest(BaseModel):
     texts: list[str] = Field(..., min_length=1, description="texts to classify (non-empty UTF-8 strings)")

@@ -23,7 +23,7 @@ from . import distributed, methods, tracking
 from .config import Recipe
 from .data import Splits, load_splits, tokenize
 from .distill import Distiller
-from .errors import NewsloraError, Terminated, sigterm_raises
+from .errors import NewsloraError, Terminated, first_line, sigterm_raises
 from .evaluate import classification_metrics, summary
 from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
                     count_trainable, load_tokenizer)
@@ -301,12 +301,6 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                  total_steps, precision, resuming, info, hooks)
 
 
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` of an exception, as run.json records a failed attempt."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def fit(s: Setup) -> RunResult:
     """Train what :func:`setup` built, evaluate it, save the adapter and complete the run folder.
 
@@ -320,7 +314,7 @@ def fit(s: Setup) -> RunResult:
     except BaseException as e:
         outcome = ("terminated" if isinstance(e, Terminated) else "interrupted" if isinstance(e, KeyboardInterrupt)
                    else "failed")
-        run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else one_line(e))
+        run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else first_line(e, None, with_type=True))
         run.relativize_checkpoints()
         for hook in s.hooks:
             hook.abort(outcome)

@@ -202,7 +202,7 @@ def write_plots(study, out: Path) -> tuple[list[Path], list[str]]:
             files.append(path)
         except Exception as e:
             path.unlink(missing_ok=True)
-            notes.append(f"{name}.png skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            notes.append(f"{name}.png skipped: {first_line(e, with_type=True)}")
         finally:
             plt.close("all")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe, recipe_from_dict, set_key
-from ..errors import NewsloraError
+from ..errors import NewsloraError, first_line
 from ..run import Run
 from .space import Space, load_space, make_pruner, make_sampler
 from .storage import GRACE_FACTOR, HEARTBEAT_S, open_storage, study_lock
@@ -273,7 +273,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
         run.write_error(traceback.format_exc())
         _mark_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-        return finish(TrialState.FAIL, reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        return finish(TrialState.FAIL, reason=first_line(e, None, with_type=True),
                       recipe=recipe)
     if metric == "loss":
         values = [v for _, v in callback.history]
