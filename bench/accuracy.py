@@ -543,7 +543,7 @@ def plain_worker(spec: dict) -> None:
                               TrainingArguments, set_seed)
 
     from newslora.evaluate import classification_metrics
-    from newslora.model import resolve_backbone
+    from newslora.families import resolve_backbone
 
     data, seed = Path(spec["data"]), spec["seed"]
     labels = ["World", "Sports", "Business", "Sci/Tech"]

@@ -13,7 +13,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
 
 from ..run import Run
-from .common import DPI, SPLITS, _Run, _load
+from .common import DPI, SPLITS, RunView, load_view
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _curves(run: _Run) -> pd.DataFrame | None:
+def _curves(run: RunView) -> pd.DataFrame | None:
     """Per-step metrics; falls back to the per-epoch file (train_loss -> loss)."""
     if run.steps is not None:
         return run.steps
@@ -37,7 +37,7 @@ def _curves(run: _Run) -> pd.DataFrame | None:
     return None
 
 
-def _curve_plot(run: _Run, path: Path, series: Sequence[tuple[str, str]], title: str,
+def _curve_plot(run: RunView, path: Path, series: Sequence[tuple[str, str]], title: str,
                 ylabel: str) -> Path | None:
     df = _curves(run)
     if df is None:
@@ -66,12 +66,12 @@ def _curve_plot(run: _Run, path: Path, series: Sequence[tuple[str, str]], title:
     return _save(fig, path)
 
 
-def _plot_loss(run: _Run, path: Path) -> Path | None:
+def _plot_loss(run: RunView, path: Path) -> Path | None:
     return _curve_plot(run, path, [("loss", "train loss"), ("eval_loss", "validation loss")],
                        "Loss", "loss")
 
 
-def _plot_loss_epochs(run: _Run, path: Path) -> Path | None:
+def _plot_loss_epochs(run: RunView, path: Path) -> Path | None:
     """Training and validation loss against epochs (metrics_epochs.csv: one row per epoch)."""
     if run.epochs is None or "epoch" not in run.epochs:
         return None
@@ -89,19 +89,19 @@ def _plot_loss_epochs(run: _Run, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _plot_accuracy(run: _Run, path: Path) -> Path | None:
+def _plot_accuracy(run: RunView, path: Path) -> Path | None:
     return _curve_plot(run, path, [("train_accuracy", "training accuracy"), ("eval_accuracy", "validation accuracy")],
                        "Training vs validation accuracy", "accuracy")
 
 
-def _plot_prf(run: _Run, path: Path) -> Path | None:
+def _plot_prf(run: RunView, path: Path) -> Path | None:
     return _curve_plot(run, path, [("eval_macro_precision", "macro precision"),
                                    ("eval_macro_recall", "macro recall"),
                                    ("eval_macro_f1", "macro F1")],
                        "Validation macro precision / recall / F1", "score")
 
 
-def _plot_confusion(run: _Run, path: Path) -> Path | None:
+def _plot_confusion(run: RunView, path: Path) -> Path | None:
     found = run.confusion_split()
     if found is None:
         return None
@@ -147,7 +147,7 @@ def _grouped_bars(path: Path, classes: Sequence[str], groups: dict[str, Sequence
     return _save(fig, path)
 
 
-def _plot_per_class_f1(run: _Run, path: Path) -> Path | None:
+def _plot_per_class_f1(run: RunView, path: Path) -> Path | None:
     per_split = {s: m["per_class"] for s in SPLITS if (m := run.split(s)) and m.get("per_class")}
     if not per_split:
         return None
@@ -159,7 +159,7 @@ def _plot_per_class_f1(run: _Run, path: Path) -> Path | None:
     return _grouped_bars(path, classes, groups, f"Per-class F1 — {run.title}", "F1", "%.3f", 1.0)
 
 
-def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
+def _plot_label_distribution(run: RunView, path: Path) -> Path | None:
     found = run.confusion_split()
     if found is None:
         return None
@@ -172,7 +172,7 @@ def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
                          "{:,.0f}")
 
 
-_PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
+_PLOTS: list[tuple[str, Callable[[RunView, Path], Path | None]]] = [
     ("loss.png", _plot_loss),
     ("loss_epochs.png", _plot_loss_epochs),
     ("accuracy.png", _plot_accuracy),
@@ -183,7 +183,7 @@ _PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
 ]
 
 
-def method_plots(run: _Run) -> list[tuple[str, Callable[[_Run, Path], Path | None]]]:
+def method_plots(run: RunView) -> list[tuple[str, Callable[[RunView, Path], Path | None]]]:
     """The plots the run's method registers whose data file the run has, as (filename, plot) pairs."""
     from .. import methods
 
@@ -197,7 +197,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
 
     A plot whose data is missing is skipped (and a failing plot is logged and skipped).
     """
-    run = _load(run_dir)
+    run = load_view(run_dir)
     out = Run(run.path).plots_dir
     out.mkdir(exist_ok=True)
     written = []

@@ -15,7 +15,7 @@ from ..config import Recipe, recipe_from_dict, set_key
 from ..outputs import write_file_atomic
 from ..outputs import write_file_atomic, write_json
 from ..run import Run
-from .runner import _console
+from .runner import stderr_console
 from .space import Space
 from .storage import open_storage, shown
 
@@ -94,7 +94,7 @@ def write_results(study_name: str, storage_url: str, out: Path, base: Recipe, sp
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-    con, notes, plots = _console(), [], []
+    con, notes, plots = stderr_console(), [], []
     df = trials_frame(study, space)
     write_file_atomic(out / "trials.csv", lambda tmp: df.to_csv(tmp, index=False))
     _write_xlsx(df, out / "trials.xlsx")
