@@ -32,8 +32,6 @@ from .trainer import TrainHook
 TEACHER_COLUMN = "teacher_probs"
 UNLABELLED = -100  # the label of an unlabelled training row (cross-entropy's ignore index)
 CACHE_VERSION = "v1"
-# teacher forward passes actually run (cache misses); tests read it to prove the cache is used
-STATS = {"teacher_batches": 0, "teacher_rows": 0}
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -123,9 +121,11 @@ def _cache_key(teacher: Teacher, tokenizer, df) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | None = None, cache: bool = True):
+def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | None = None, cache: bool = True,
+                   computed: list | None = None):
     """Logits (n_rows, n_labels) of one teacher over ``df["text"]``, read with the teacher's own tokenizer and
-    max_length; computed once and cached on disk. ``loaded`` (path -> (model, tokenizer)) reuses a loaded model."""
+    max_length; computed once and cached on disk. ``loaded`` (path -> (model, tokenizer)) reuses a loaded model;
+    ``computed`` gets the number of rows the teacher actually ran on (0 when the cache answered)."""
     import numpy as np
 
     from .data import CACHE_ROOT
@@ -138,6 +138,8 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
         try:
             arr = np.load(path)
             if arr.shape == shape:
+                if computed is not None:
+                    computed.append(0)
                 return arr
         except (OSError, ValueError):
             pass  # a damaged cache entry is recomputed below
@@ -148,6 +150,8 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
         if loaded is not None:
             loaded[teacher.path] = (model, tok)
     arr = _forward(model, tok, df["text"].tolist(), teacher.max_length, batch_size)
+    if computed is not None:
+        computed.append(len(df))
     if cache:
         from .outputs import write_file_atomic
 
@@ -163,11 +167,9 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
 
 
 def _forward(model, tokenizer, texts: list[str], max_length: int, batch_size: int):
-    """Teacher logits in input order (the predict stage's length-batched forward), counted in ``STATS``."""
+    """Teacher logits in input order (the predict stage's length-batched forward)."""
     from .predict import batched_logits
 
-    STATS["teacher_batches"] += -(-len(texts) // batch_size)
-    STATS["teacher_rows"] += len(texts)
     return batched_logits(model, tokenizer, texts, max_length, batch_size)
 
 
@@ -292,10 +294,14 @@ class Distiller(TrainHook):
         self.unlabelled = read_unlabelled(d.unlabelled, recipe, splits) if d.unlabelled else None
         self.added_train_rows = 0 if self.unlabelled is None else len(self.unlabelled)
         loaded: dict = {}
-        logits = [teacher_logits(t, splits.train, recipe.train.eval_batch_size, loaded) for t in self.teachers]
+        # rows each teacher ran on, per pass (train split, then unlabelled texts; 0: read from the cache): run.json
+        self.computed: list[int] = []
+        logits = [teacher_logits(t, splits.train, recipe.train.eval_batch_size, loaded, computed=self.computed)
+                  for t in self.teachers]
         self.soft = soft_targets(logits, self.temperature)
         if self.unlabelled is not None:
-            logits = [teacher_logits(t, self.unlabelled, recipe.train.eval_batch_size, loaded) for t in self.teachers]
+            logits = [teacher_logits(t, self.unlabelled, recipe.train.eval_batch_size, loaded, computed=self.computed)
+                      for t in self.teachers]
             self.soft_unlabelled = soft_targets(logits, self.temperature)
         loaded.clear()
 
@@ -327,7 +333,8 @@ class Distiller(TrainHook):
     def record(self, run) -> dict:
         """run.json's ``distill``: teacher paths relative to the student's run folder."""
         out = {"teachers": [run.relative(t.resolved) for t in self.teachers], "temperature": self.temperature,
-               "alpha": self.alpha, "teacher_details": [t.describe(run) for t in self.teachers]}
+               "alpha": self.alpha, "teacher_details": [t.describe(run) for t in self.teachers],
+               "teacher_rows_computed": self.computed}
         if self.unlabelled is not None:
             out.update(unlabelled=self.recipe.distill.unlabelled, unlabelled_rows=len(self.unlabelled),
                        unlabelled_weight=self.unlabelled_weight)

@@ -16,7 +16,7 @@ ffn_out  output.dense                   output.dense        output.dense        
 Paths are relative to an encoder layer (``...layer.<i>.``) and match exactly, so ``o`` (attention output) and
 ``ffn_out`` (feed-forward output) are different modules even where both end in ``output.dense``. ``query``, ``key``
 and ``value`` are synonyms of ``q``, ``k``, ``v`` on every known family (the names recipes have always used). Any
-other name is the family's own module name, matched as a suffix (``value``, ``attention.output.dense``), as before.
+other name is the family's own module name, matched as a suffix (``value``, ``attention.output.dense``).
 
 Each family also names its classification head (trained in full, counted in the budget) and whether it has an
 SDPA attention implementation.

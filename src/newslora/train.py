@@ -28,7 +28,7 @@ from .evaluate import classification_metrics, summary
 from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
                     count_trainable, load_tokenizer)
 from .run import Run
-# the training loop's parts, importable from here as before
+# the training loop's parts, also importable from here: one module for a run's setup and its parts
 from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
                       TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps, planned_steps,
                       precision_flags,
