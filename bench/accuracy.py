@@ -473,7 +473,7 @@ def full_worker(spec: dict) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
     from newslora.evaluate import classification_metrics
-    from newslora.model import resolve_backbone
+    from newslora.families import resolve_backbone
     from newslora.trainer import cpu_has_bf16
 
     data, seed, labels = Path(spec["data"]), spec["seed"], ["World", "Sports", "Business", "Sci/Tech"]
@@ -543,7 +543,7 @@ def plain_worker(spec: dict) -> None:
                               TrainingArguments, set_seed)
 
     from newslora.evaluate import classification_metrics
-    from newslora.model import resolve_backbone
+    from newslora.families import resolve_backbone
 
     data, seed = Path(spec["data"]), spec["seed"]
     labels = ["World", "Sports", "Business", "Sci/Tech"]

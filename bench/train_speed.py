@@ -159,7 +159,7 @@ def run_plain(a, workdir: Path) -> dict:
 
     from newslora.config import load_recipe
     from newslora.data import load_splits
-    from newslora.model import resolve_backbone
+    from newslora.families import resolve_backbone
 
     recipe = load_recipe(None, recipe_overrides(a, "plain"))
     splits = load_splits(recipe.data)  # the same rows newslora trains and validates on

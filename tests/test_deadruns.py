@@ -50,9 +50,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     info = read(cut)
     assert info["status"] == "running" and info["attempts"][0]["pid"] == p.pid
     assert Run(cut).status() == "dead"
-    from newslora.report.common import _load
+    from newslora.report.common import load_view
 
-    assert _load(cut).title.endswith("[dead]")
+    assert load_view(cut).title.endswith("[dead]")
 
     r = subprocess.run(newslora("train", "--resume", cut), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

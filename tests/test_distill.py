@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROBERTA, minilm_path, tiny_overrides
 from newslora import distill
+from newslora.data import CACHE_ROOT
 from newslora.config import load_recipe
 from newslora.data import AG_NEWS_LABELS as AG_LABELS
 from newslora.errors import NewsloraError
@@ -36,8 +37,9 @@ def _recipe(**extra):
     return load_recipe(None, tiny_overrides(**extra))
 
 
-def _rows() -> int:
-    return distill.STATS["teacher_rows"]
+def _cached() -> list[str]:
+    """The teacher outputs in the on-disk cache."""
+    return sorted(p.name for p in (CACHE_ROOT / "teacher_logits").glob("*.npy"))
 
 
 def _step_losses(run_dir: Path) -> dict[int, float]:
@@ -53,11 +55,10 @@ def test_teacher_outputs_cached_and_run_folder_records_distillation(tiny_run, tm
     teacher = tiny_run.run_dir
     extra = {"distill.teachers": _teacher_list(teacher), "distill.temperature": 3, "distill.alpha": 0.3,
              "data.max_train_samples": 64, "train.epochs": 2, "train.eval_steps": 2}
-    before = _rows()
     res = train(_recipe(**extra), run_dir=tmp_path / "student")
     run = json.loads((res.run_dir / "run.json").read_text())
     assert run["optimizer_steps"] == 4 and run["rows"]["train"] == 64  # two epochs of two steps
-    assert _rows() - before == 64  # one teacher pass over the train split, not one per epoch
+    assert run["distill"]["teacher_rows_computed"] == [64]  # one teacher pass over the train split
     # the distillation loss is in use: 0.3 * CE + 0.7 * T^2 * KL against a near-uniform tiny teacher, far below
     # the plain CE of an untrained 4-class model (~1.39)
     assert _step_losses(res.run_dir)[1] < 0.8
@@ -75,9 +76,8 @@ def test_teacher_outputs_cached_and_run_folder_records_distillation(tiny_run, tm
     assert load_recipe(res.run_dir / "recipe.yaml").distill.teachers == [str(teacher)]
 
     # a second run on the same rows reads the cache: no teacher forward pass at all
-    before = _rows()
     res2 = train(_recipe(**{**extra, "train.max_steps": 1, "train.eval_steps": 1}), run_dir=tmp_path / "again")
-    assert _rows() == before
+    assert json.loads((res2.run_dir / "run.json").read_text())["distill"]["teacher_rows_computed"] == [0]
     assert (res2.run_dir / "distill.json").is_file()
 
 
@@ -140,12 +140,12 @@ def _fake_model_folder(path: Path, labels: list[str]) -> Path:
 @pytest.mark.parametrize("labels", [["World", "Sports", "Business"], ["a", "b", "c", "d"]])
 def test_teacher_with_other_labels_refused_before_the_run_folder(tmp_path, labels):
     teacher = _fake_model_folder(tmp_path / "teacher", labels)
-    before = _rows()
+    before = _cached()
     with pytest.raises(NewsloraError) as e:
         train(_recipe(**{"distill.teachers": _teacher_list(teacher)}), run_dir=tmp_path / "student")
     msg = str(e.value)
     assert "\n" not in msg and str(teacher) in msg and str(labels) in msg and str(AG_LABELS) in msg
-    assert not (tmp_path / "student").exists() and _rows() == before
+    assert not (tmp_path / "student").exists() and _cached() == before  # no teacher ran
 
 
 def test_missing_teacher_and_over_budget_student_refused(tmp_path):
@@ -239,12 +239,11 @@ def test_unlabelled_texts_join_training_and_are_recorded(tiny_run, tmp_path):
     (tmp_path / "unl.csv").write_text(texts.to_frame().to_csv(index=False))
     extra = {"distill.teachers": _teacher_list(tiny_run.run_dir), "distill.unlabelled": str(tmp_path / "unl.csv"),
              "distill.unlabelled_weight": 0.5, "data.max_train_samples": 64, "train.eval_steps": 2}
-    before = _rows()
     res = train(_recipe(**extra), run_dir=tmp_path / "student")
     run = json.loads((res.run_dir / "run.json").read_text())
     assert run["rows"]["train"] == 64 and run["rows"]["unlabelled"] == 96
     assert run["optimizer_steps"] == 5  # (64 + 96) / 32 rows a step: the unlabelled rows are trained on
-    assert _rows() - before >= 96  # the teacher labelled them
+    assert run["distill"]["teacher_rows_computed"][-1] == 96  # the teacher labelled them
     assert run["distill"]["unlabelled_rows"] == 96 and run["distill"]["unlabelled_weight"] == 0.5
     assert all(np.isfinite(v) for v in _step_losses(res.run_dir).values())
 

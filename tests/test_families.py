@@ -298,3 +298,31 @@ def test_roberta_base_seed_settings_with_neutral_names(extra, count):
     r = cli("budget", *args, f"model.backbone={ROBERTA}", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["trainable"] == count
+
+
+# ----------------------------------------------------------------------------- the backbone table
+
+# ids of models that exist on the Hugging Face hub (their model pages), written out here, not derived
+KNOWN_HUB_IDS = {"sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-mpnet-base-v2",
+                 "FacebookAI/roberta-base"}
+
+
+@pytest.mark.parametrize("alias", sorted(families.BACKBONES))
+def test_every_alias_names_a_real_hub_model(alias):
+    hub = families.hub_id(alias)
+    assert hub in KNOWN_HUB_IDS and hub.count("/") == 1
+    assert families.hub_id(alias.upper()) == hub  # recipes may write the alias in any case
+    assert families.BACKBONES[alias].family in families.FAMILIES
+
+
+def test_adapter_config_names_the_hub_id(tmp_path):
+    """A run on an alias records the hub id of its alias in adapter_config.json, where PEFT and the hub read it."""
+    from newslora.run import Run
+
+    run = Run(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "recipe.yaml").write_text("model:\n  backbone: mpnet-base\n")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/abs/x"}))
+    run.finish_adapter()
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "sentence-transformers/all-mpnet-base-v2"

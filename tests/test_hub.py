@@ -59,7 +59,8 @@ def test_train_evaluate_predict_through_the_hub_cache(hub_cache, tmp_path, backb
 
 def test_the_alias_loads_the_hub_id_not_a_folder_of_that_name(hub_cache, tmp_path):
     """``roberta-base`` reads FacebookAI/roberta-base's snapshot: the tiny config the cache holds (2 layers)."""
-    code = ("from newslora.model import load_tokenizer, resolve_backbone; from transformers import AutoConfig;"
+    code = ("from newslora.families import resolve_backbone; from newslora.model import load_tokenizer;"
+            " from transformers import AutoConfig;"
             "print(resolve_backbone('roberta-base'), AutoConfig.from_pretrained(resolve_backbone('roberta-base'))"
             ".num_hidden_layers, load_tokenizer('roberta-base').vocab_size)")
     env = {**os.environ, **hubcache.env(hub_cache), "PYTHONPATH": str(REPO / "src")}

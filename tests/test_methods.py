@@ -14,13 +14,14 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from conftest import ROBERTA, TINY, ctrl_c_after, tiny_overrides
 
+from newslora import methods
 from newslora.config import load_recipe
 from newslora.errors import NewsloraError
 from newslora.export import CHECK_TEXTS, export
 from newslora.predict import load_classifier
 from newslora.train import train
 
-METHODS = ["lora", "adalora", "dora", "rslora", "pissa", "loraplus", "vera"]
+METHODS = list(methods.names())  # every registered method: a new one is tested without editing this file
 FAST = {"train.max_steps": 8, "train.batch_size": 16, "train.eval_steps": 4, "train.logging_steps": 2,
         "data.max_train_samples": 96, "data.validation_size": 32, "data.max_test_samples": 16, "vera.r": 16}
 ADALORA = {"adalora.init_r": 6, "adalora.target_r": 2, "adalora.tinit": 1, "adalora.tfinal": 3, "adalora.deltaT": 1}
@@ -263,31 +264,54 @@ def test_loraplus_optimizer_gives_b_a_larger_lr(tiny_recipe):
 # ----------------------------------------------------------------------------- the registry
 
 
-def test_a_new_method_is_one_class_registered_nowhere_else(monkeypatch, tmp_path):
+def test_a_new_method_is_one_class_registered_nowhere_else(tmp_path):
     """What a method module does (newslora/methods/<name>.py): subclass Method and register it. Nothing else
-    changes, yet the method validates, counts exactly, trains, reloads and appears in the error of a wrong name."""
-    from newslora import methods
-    from newslora.methods import base
+    changes, yet the method validates, counts exactly, trains, reloads, appears in the error of a wrong name, and
+    writes its own file into the run folder and its own plot into the run's report."""
     from newslora.methods.lora import Lora
     from newslora.model import build_model, count_trainable
+    from newslora.report import plot_run
+
+    def plot_norms(run, path, title, figure):
+        norms = json.loads(run.file("b_norms.json").read_text())
+        fig, ax = figure()
+        ax.bar(range(len(norms)), list(norms.values()))
+        ax.set(title=f"lora_B norms — {title}")
+        fig.savefig(path, bbox_inches="tight")
+        return path
 
     class OrthogonalLora(Lora):  # LoRA whose A and B start orthogonal (PEFT's init_lora_weights="orthogonal")
         name, display, order = "orthogonal-lora", "orthogonal LoRA", 50
+        artifacts = ("b_norms.json",)
+        plots = (methods.MethodPlot("b_norms.png", "b_norms.json", plot_norms),)
 
         def init_weights(self, for_count):
             return True if for_count else "orthogonal"
 
-    monkeypatch.setitem(base._METHODS, "orthogonal-lora", OrthogonalLora())
-    with pytest.raises(NewsloraError, match="choose one of: .*orthogonal-lora"):
-        load_recipe(None, tiny_overrides(method="orthogonal-lorax"))
-    recipe = load_recipe(None, tiny_overrides(method="orthogonal-lora", **{"lora.r": 4}))
-    names = ["World", "Sports", "Business", "Sci/Tech"]
-    model, built = build_model(recipe, names)
-    assert count_trainable(recipe, names).total == built.total
-    b = model.base_model.model.roberta.encoder.layer[0].attention.self.query.lora_B["default"].weight
-    assert b.abs().sum() > 0  # orthogonal start, not LoRA's zero B
-    grab = Grab()
-    run_dir = train(recipe, run_dir=tmp_path / "run", extra_callbacks=[grab]).run_dir
-    clf = load_classifier(run_dir)
-    assert torch.allclose(logits(clf.model, clf.tokenizer), logits(grab.model, clf.tokenizer), atol=1e-5)
-    assert methods.get("orthogonal-lora").display == "orthogonal LoRA"
+        def after_train(self, model, run, global_step, callbacks):
+            run.write_record("b_norms.json", {n: float(p.norm()) for n, p in model.named_parameters()
+                                              if "lora_B" in n})
+
+    methods.register(OrthogonalLora())
+    try:
+        with pytest.raises(NewsloraError, match="choose one of: .*orthogonal-lora"):
+            load_recipe(None, tiny_overrides(method="orthogonal-lorax"))
+        recipe = load_recipe(None, tiny_overrides(method="orthogonal-lora", **{"lora.r": 4}))
+        names = ["World", "Sports", "Business", "Sci/Tech"]
+        model, built = build_model(recipe, names)
+        assert count_trainable(recipe, names).total == built.total
+        b = model.base_model.model.roberta.encoder.layer[0].attention.self.query.lora_B["default"].weight
+        assert b.abs().sum() > 0  # orthogonal start, not LoRA's zero B
+        grab = Grab()
+        run_dir = train(recipe, run_dir=tmp_path / "run", extra_callbacks=[grab]).run_dir
+        clf = load_classifier(run_dir)
+        assert torch.allclose(logits(clf.model, clf.tokenizer), logits(grab.model, clf.tokenizer), atol=1e-5)
+        assert methods.get("orthogonal-lora").display == "orthogonal LoRA"
+        norms = json.loads((run_dir / "b_norms.json").read_text())
+        assert len(norms) == 4 and all(v > 0 for v in norms.values())  # q and v of 2 layers, trained
+        assert methods.artifacts()["b_norms.json"] == "orthogonal-lora"
+        assert run_dir / "plots" / "b_norms.png" in plot_run(run_dir)
+        assert (run_dir / "plots" / "b_norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        methods.unregister("orthogonal-lora")
+    assert "orthogonal-lora" not in methods.names()

@@ -29,3 +29,15 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_new_folder(tmp_path):
     with pytest.raises(RuntimeError):
         write_file_atomic(tmp_path / "new" / "deeper" / "x.csv", fail)
     assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]
+
+
+@pytest.mark.parametrize("exc, line, typed", [
+    (ValueError(), "ValueError", "ValueError"),
+    (OSError("\n  \ncannot open x\nmore"), "cannot open x", "OSError: cannot open x"),
+    (KeyError("k"), "'k'", "KeyError: 'k'"),
+])
+def test_the_error_line_of_any_exception(exc, line, typed):
+    """One helper quotes a library's exception in an ``error:`` line, safe on an empty or blank message."""
+    from newslora.errors import first_line
+
+    assert first_line(exc) == line and first_line(exc, with_type=True) == typed

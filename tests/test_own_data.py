@@ -259,10 +259,11 @@ def test_skewed_class_too_small_to_stratify(tmp_path):
 def test_merged_folder_reads_like_its_run(own_run, tmp_path):
     """The merged export answers with its run's columns and truncation, so predict needs no --text-column."""
     from newslora.export import export
-    from newslora.texts import text_settings
+    from newslora.modelfolder import describe
 
-    merged = export(own_run, tmp_path / "merged")
-    assert text_settings(merged) == {"text_columns": ["title", "body"], "truncation": "head_tail"}
+    merged = describe(export(own_run, tmp_path / "merged"))
+    assert (merged.text_columns, merged.truncation) == (["title", "body"], "head_tail")
+    merged = merged.path
     src = tmp_path / "new.jsonl"
     pd.DataFrame({"id": [5, 6], "title": ["t1", "t2"], "body": ["b1", "b2"]}).to_json(src, orient="records",
                                                                                    lines=True)

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from conftest import TEST_CSV, ctrl_c_after, tiny_overrides
 from newslora.cli import app
-from newslora.config import hub_id, load_recipe
+from newslora.config import load_recipe
+from newslora.families import hub_id
 from newslora.errors import NewsloraError
 from newslora.run import SCHEMA_VERSION, Run
 from newslora.train import train
@@ -88,6 +89,7 @@ def test_create_and_open_refuse_what_they_cannot_use(tmp_path):
 
 @pytest.mark.parametrize("backbone, expected", [
     ("minilm", "sentence-transformers/all-MiniLM-L6-v2"), ("roberta-base", "FacebookAI/roberta-base"),
+    ("Mpnet-Base", "sentence-transformers/all-mpnet-base-v2"),
     ("FacebookAI/roberta-base", "FacebookAI/roberta-base"), ("/data/models/roberta", None), ("./local", None),
     ("", None)])
 def test_hub_id_of_a_backbone(backbone, expected):

@@ -18,7 +18,7 @@ from conftest import TEST_CSV
 from newslora.cli import app
 from newslora.readers import iter_texts, read_table
 from newslora.errors import NewsloraError, Terminated
-from newslora.predict import Classifier, load_classifier, predict, write_submission
+from newslora.predict import Classifier, load_classifier, predict, submission_frame
 
 runner = CliRunner()
 N = 45  # rows per input: 7 chunks of 7 (the last one short) against one chunk
@@ -49,10 +49,11 @@ def rows():
 @pytest.fixture(scope="module")
 def whole_file(tiny_model_dir, rows, tmp_path_factory):
     """The submission of the rows classified all at once (batches of one text: the chunking cannot change a
-    single logit), as ``write_submission`` writes it, and the probabilities."""
+    single logit), as one frame written whole, and the probabilities."""
     clf = load_classifier(tiny_model_dir)
     probs = clf.predict_proba(rows["text"].tolist(), batch_size=1)
-    path = write_submission(tmp_path_factory.mktemp("whole") / "whole.csv", probs, clf.label_names, extra=True)
+    path = tmp_path_factory.mktemp("whole") / "whole.csv"
+    submission_frame(probs, clf.label_names, extra=True).to_csv(path, index=False)
     return path.read_bytes(), probs
 
 

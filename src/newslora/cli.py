@@ -1,6 +1,7 @@
 """The ``newslora`` command: typed functions as subcommands, each a thin layer over the Python API."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -19,6 +20,8 @@ from rich.text import Text
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft, not actionable
 
 from .errors import NewsloraError, Terminated, sigterm_raises
+from .search.space import PRUNERS
+from .serveoptions import ServeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune encoders into news-topic classifiers with LoRA & friends under a parameter budget.")
@@ -29,16 +32,27 @@ Overrides = typer.Argument(None, help="recipe overrides: key=value ... (e.g. lor
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)")
 RuntimeOpt = typer.Option(None, "--runtime", help="torch or onnx (default: chosen by what the folder holds; "
                           "model.onnx -> onnxruntime)")
+LabelNamesOpt = typer.Option(None, "--label-names", help="a plain PEFT adapter folder's classes, comma-separated in "
+                             "id order (where its base model does not name them)")
 COLUMN_OPTIONS = ("--text-column", "--label-column")  # named in errors about the file's columns
 TEXT_COLUMN_HELP = "default: the text column(s) the model was trained on (data.text_columns joined), else text"
-
-
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
 def error_line(message: str) -> None:
     """``error: <message>`` on stderr, the message printed literally (brackets in paths or examples are not markup)."""
     err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
+def split_names(value: str | None) -> list[str] | None:
+    """``--label-names World,Sports`` as a list; None when not given. Empty names are refused."""
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",")]
+    if not all(names):
+        raise NewsloraError(f"--label-names {value!r} has an empty name: give the classes comma-separated in id "
+                            "order, e.g. --label-names World,Sports,Business,Sci/Tech")
+    return names
 
 
 def friendly(fn):
@@ -156,47 +170,53 @@ def evaluate(model: Path = typer.Argument(..., help="run folder or merged model 
              text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP), label_column: str = "label",
              output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here"),
              overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
-             runtime: Optional[str] = RuntimeOpt):
-    """Evaluate a saved run, merged model or ONNX folder on a labelled file."""
+             runtime: Optional[str] = RuntimeOpt, label_names: Optional[str] = LabelNamesOpt):
+    """Evaluate a saved run, merged model, ONNX folder or PEFT adapter folder on a labelled file."""
     from .evaluate import evaluate as run_eval
 
     m = run_eval(model, data, text_column, label_column, output=output, overwrite=overwrite,
-                 options=COLUMN_OPTIONS, runtime=runtime)
+                 options=COLUMN_OPTIONS, runtime=runtime, label_names=split_names(label_names))
     out.print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
     for name, c in m["per_class"].items():
         out.print(f"  {name:<12} P {c['precision']:.3f}  R {c['recall']:.3f}  F1 {c['f1']:.3f}  n={c['support']}")
 
 
 @command()
-def export(run_dir: Path = typer.Argument(..., help="a finished run folder"),
+def export(run_dir: Path = typer.Argument(..., help="a finished run folder, or a PEFT adapter folder"),
            output: Optional[Path] = typer.Option(None, "--output", help="default RUN_DIR/merged (RUN_DIR/onnx, "
                                                  "RUN_DIR/onnx-int8 with --onnx)"),
            overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export in --output"),
            onnx: bool = typer.Option(False, "--onnx", help="also export the merged model to ONNX (model.onnx + "
                                      "tokenizer), checked against PyTorch"),
            int8: bool = typer.Option(False, "--int8", help="with --onnx: int8 weights (onnxruntime dynamic "
-                                     "quantization), for fast CPU inference")):
+                                     "quantization), for fast CPU inference"),
+           label_names: Optional[str] = LabelNamesOpt):
     """Merge the adapter into the backbone: a standalone model + tokenizer (safetensors) and a model card;
     with --onnx, an ONNX folder that load_classifier/predict/serve run with onnxruntime."""
     if int8 and not onnx:
         raise NewsloraError("--int8 quantizes the ONNX export: add --onnx")
+    names = split_names(label_names)
+    if onnx and names:
+        raise NewsloraError("--label-names with --onnx: export the adapter folder first (newslora export ADAPTER "
+                            "--label-names ...), then the merged folder with --onnx")
     with sigterm_raises("export terminated (SIGTERM); nothing was written, the run folder is unchanged"):
-        _export(run_dir, output, overwrite, onnx, int8)
+        _export(run_dir, output, overwrite, onnx, int8, names)
 
 
-def _export(run_dir: Path, output: Optional[Path], overwrite: bool, onnx: bool, int8: bool) -> None:
+def _export(run_dir: Path, output: Optional[Path], overwrite: bool, onnx: bool, int8: bool,
+            names: list[str] | None) -> None:
     if onnx:
         from .export_onnx import export_onnx
-        from .run import read_model_meta
+        from .modelfolder import read_meta
 
         path = export_onnx(run_dir, output, int8=int8, overwrite=overwrite)
-        check = read_model_meta(path)["check"]
+        check = read_meta(path)["check"]
         out.print(f"ONNX model: {path} (same argmax as PyTorch on {check['same_argmax']}/{check['n']} check texts, "
                   f"max logit diff {check['max_logit_diff']:.1e})")
         return
     from .export import export as run_export
 
-    out.print(f"merged model: {run_export(run_dir, output, overwrite=overwrite)}")
+    out.print(f"merged model: {run_export(run_dir, output, overwrite=overwrite, label_names=names)}")
 
 
 @command()
@@ -214,7 +234,7 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
             chunk_rows: int = typer.Option(None, "--chunk-rows", help="rows read, classified and written at a time "
                                            "(default 10,000; memory stays flat whatever the input's size)"),
             overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output file"),
-            runtime: Optional[str] = RuntimeOpt):
+            runtime: Optional[str] = RuntimeOpt, label_names: Optional[str] = LabelNamesOpt):
     """Write a Kaggle submission (ID,Label) for every text in a file, streamed chunk by chunk, with a progress bar
     on stderr; the output appears only once every row is written."""
     from .predict import check_batch_size
@@ -225,7 +245,7 @@ def predict(model: Path = typer.Argument(..., help="run folder or merged model f
     with rows_progress("predict") as progress:
         path = run_predict(model, input, output, text_column, trust_pickle, extra_columns, batch_size, overwrite,
                            options=COLUMN_OPTIONS, runtime=runtime, progress=progress, id_column=id_column,
-                           **chunking)
+                           label_names=split_names(label_names), **chunking)
     out.print(f"wrote {path}")
 
 
@@ -263,13 +283,14 @@ def rows_progress(what: str):
 @command()
 def classify(model: Path = typer.Argument(..., help="run folder or merged model folder"),
              texts: list[str] = typer.Argument(..., help="one or more headlines"),
-             runtime: Optional[str] = RuntimeOpt):
+             runtime: Optional[str] = RuntimeOpt, label_names: Optional[str] = LabelNamesOpt):
     """Classify headlines given on the command line."""
     from .predict import check_text, load_classifier
 
     for i, t in enumerate(texts):  # before the model loads
         check_text(t, f"headline {i + 1}")
-    for text, r in zip(texts, load_classifier(model, runtime=runtime).classify(texts)):
+    clf = load_classifier(model, runtime=runtime, label_names=split_names(label_names))
+    for text, r in zip(texts, clf.classify(texts)):
         out.print(f"{r['label']:<10} {r['score']:.3f}  {text}")
 
 
@@ -300,28 +321,33 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="run folders to compa
         out.print(f"{kind}: {path}")
 
 
+def serve_option(name: str, *decls: str):
+    """A ``newslora serve`` option with the default and help that :class:`ServeOptions` defines for it."""
+    f = next(f for f in dataclasses.fields(ServeOptions) if f.name == name)
+    return typer.Option(f.default, *decls, help=f.metadata["help"])
+
+
 @command()
 def serve(model: Path = typer.Argument(..., help="run folder, merged model folder or ONNX folder"),
           host: str = typer.Option("127.0.0.1", help="address to bind; a non-loopback one needs $NEWSLORA_API_TOKEN"),
           port: int = 8000,
           runtime: Optional[str] = RuntimeOpt,
-          max_batch: int = typer.Option(64, help="texts per forward pass when concurrent requests are merged"),
-          batch_wait_ms: float = typer.Option(5.0, help="how long to wait after a request for others to merge"),
-          batching: bool = typer.Option(True, "--batching/--no-batching", help="merge concurrent requests into "
-                                        "one forward pass (off: one forward per request)"),
-          max_queue: int = typer.Option(256, help="requests waiting for inference; more get 503 + Retry-After"),
-          max_texts: int = typer.Option(256, help="texts per request (more: 413)"),
-          max_text_bytes: int = typer.Option(4096, help="UTF-8 bytes per text (more: 413)"),
-          max_body_bytes: int = typer.Option(2 * 1024 * 1024, help="request body bytes (more: 413)")):
+          max_batch: int = serve_option("max_batch"),
+          batch_wait_ms: float = serve_option("batch_wait_ms"),
+          batching: bool = serve_option("batching", "--batching/--no-batching"),
+          max_queue: int = serve_option("max_queue"),
+          max_texts: int = serve_option("max_texts"),
+          max_text_bytes: int = serve_option("max_text_bytes"),
+          max_body_bytes: int = serve_option("max_body_bytes"),
+          label_names: Optional[str] = LabelNamesOpt):
     """Serve a model over HTTP: POST /classify {"texts": [...]}, GET /labels, /health, /metrics (Prometheus),
     /docs (OpenAPI). Set $NEWSLORA_API_TOKEN to require 'Authorization: Bearer <token>'."""
-    from .serve import ServeOptions
     from .serve import serve as run_serve
 
     opts = ServeOptions(max_batch=max_batch, batch_wait_ms=batch_wait_ms, batching=batching, max_queue=max_queue,
                         max_texts=max_texts, max_text_bytes=max_text_bytes, max_body_bytes=max_body_bytes)
     opts.check()
-    run_serve(model, host=host, port=port, runtime=runtime, options=opts)
+    run_serve(model, host=host, port=port, runtime=runtime, options=opts, label_names=split_names(label_names))
 
 
 @command()
@@ -359,9 +385,6 @@ def distill(teacher: str = typer.Option(..., "--teacher", "-t",
     out.print(f"run folder: {res.run_dir}")
 
 
-PRUNERS = "median | successive_halving | hyperband | threshold | none"
-
-
 @command()
 def search(overrides: Optional[list[str]] = typer.Argument(None, help="base recipe overrides: key=value ... "
                                                                        "(e.g. train.max_steps=60)"),
@@ -383,8 +406,8 @@ def search(overrides: Optional[list[str]] = typer.Argument(None, help="base reci
                                                                      "same name continues the study"),
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="study folder (default "
                                                                               "studies/<study>)"),
-           pruner: Optional[str] = typer.Option(None, "--pruner", help=f"{PRUNERS} (default: the space file's, "
-                                                                       "else median)"),
+           pruner: Optional[str] = typer.Option(None, "--pruner", help=f"{' | '.join(PRUNERS)} (default: the "
+                                                                       "space file's, else median)"),
            seed: Optional[int] = typer.Option(None, "--seed", help="sampler seed (default: the space file's, else "
                                                                    "train.seed)")):
     """Hyper-parameter search with Optuna (seeded TPE + pruning) under the parameter budget; writes studies/<study>/."""

@@ -27,24 +27,6 @@ from .methods.vera import VeraSection  # noqa: F401
 from .sections import Float, Int, List, Section, Str
 from .yamlfile import parse_yaml, read_yaml_mapping
 
-# short backbone names newslora accepts, with the hub id of the same model (model cards, adapter configs)
-BACKBONE_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
-                    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
-                    "roberta-base": "FacebookAI/roberta-base"}  # the id the hub serves roberta-base under today
-
-
-def hub_id(backbone: str) -> str | None:
-    """The Hugging Face hub id of a recipe's ``model.backbone``, or None for a local folder (not a hub model)."""
-    name = str(backbone or "").strip()
-    if not name:
-        return None
-    if name.lower() in BACKBONE_ALIASES:
-        return BACKBONE_ALIASES[name.lower()]
-    if name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1:
-        return None
-    return name
-
-
 # numpy's and torch's seeds are unsigned 32-bit
 MAX_SEED = 2**32 - 1
 # a run plans at most this many optimizer steps (more is a typo such as train.epochs=1e9, not a run)

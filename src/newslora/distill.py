@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from .trainer import TrainHook
 TEACHER_COLUMN = "teacher_probs"
 UNLABELLED = -100  # the label of an unlabelled training row (cross-entropy's ignore index)
 CACHE_VERSION = "v1"
-# teacher forward passes actually run (cache misses); tests read it to prove the cache is used
-STATS = {"teacher_batches": 0, "teacher_rows": 0}
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -58,7 +55,8 @@ class Teacher:
 
 def inspect_teacher(path: str | Path) -> Teacher:
     """Cheap look at a teacher (no weights loaded): kind, labels, max_length, identity. Clear one-line errors."""
-    from .run import Run, model_max_length, read_json
+    from .modelfolder import describe
+    from .run import Run
 
     given = str(path)
     p = Path(path).expanduser()
@@ -67,22 +65,18 @@ def inspect_teacher(path: str | Path) -> Teacher:
                             "folder, e.g. runs/distill-teacher or runs/distill-teacher/merged)")
     p = p.resolve()
     if Run.is_run(p):
-        run = Run(p)
-        if not run.is_finished():
+        if not Run(p).is_finished():
             raise NewsloraError(f"distill teacher {given} has no adapter/: that run did not finish; finish it with "
                                 f"newslora train --resume {given}")
-        max_length = int((run.read_recipe_dict().get("model") or {}).get("max_length") or 128)
         a, b = Run.ADAPTER, Run.BACKBONE
+        folder = describe(p, runtime="torch")
         files = _weight_files(p, [Run.RECIPE, "*.safetensors", f"{a}/*.safetensors", f"{a}/*.bin", f"{a}/*.json",
                                   f"{b}/*.safetensors", f"{b}/*.bin", f"{b}/config.json"])
-        return Teacher(given, p, "run", run.label_names(), max_length, run.adapter_dir, files)
+        return Teacher(given, p, "run", folder.label_names, folder.max_length, Run(p).adapter_dir, files)
     if (p / "config.json").is_file():
-        config = read_json(p / "config.json")
-        id2label = config.get("id2label") or {}
-        n = len(id2label) or int(config.get("num_labels", 2))
-        names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+        folder = describe(p, runtime="torch")
         files = _weight_files(p, ["config.json", "*.safetensors", "*.bin"])
-        return Teacher(given, p, "model", names, model_max_length(p), p, files)
+        return Teacher(given, p, "model", folder.label_names, folder.max_length, p, files)
     raise NewsloraError(f"distill teacher {given} is neither a newslora run folder (recipe.yaml + adapter/) nor a "
                         "model folder (config.json)")
 
@@ -117,7 +111,7 @@ def _load(teacher: Teacher):
 
     from .predict import load_model
 
-    model, tok, _, _ = load_model(teacher.resolved)
+    model, tok, _, _ = load_model(teacher.resolved, runtime="torch")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tok
 
@@ -131,9 +125,11 @@ def _cache_key(teacher: Teacher, tokenizer, df) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | None = None, cache: bool = True):
+def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | None = None, cache: bool = True,
+                   computed: list | None = None):
     """Logits (n_rows, n_labels) of one teacher over ``df["text"]``, read with the teacher's own tokenizer and
-    max_length; computed once and cached on disk. ``loaded`` (path -> (model, tokenizer)) reuses a loaded model."""
+    max_length; computed once and cached on disk. ``loaded`` (path -> (model, tokenizer)) reuses a loaded model;
+    ``computed`` gets the number of rows the teacher actually ran on (0 when the cache answered)."""
     import numpy as np
 
     from .data import CACHE_ROOT
@@ -146,6 +142,8 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
         try:
             arr = np.load(path)
             if arr.shape == shape:
+                if computed is not None:
+                    computed.append(0)
                 return arr
         except (OSError, ValueError):
             pass  # a damaged cache entry is recomputed below
@@ -156,23 +154,26 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
         if loaded is not None:
             loaded[teacher.path] = (model, tok)
     arr = _forward(model, tok, df["text"].tolist(), teacher.max_length, batch_size)
+    if computed is not None:
+        computed.append(len(df))
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+        from .outputs import write_file_atomic
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+
         try:
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            write_file_atomic(path, save)
         except OSError:
             pass  # read-only or full cache dir: computing again next time is fine
     return arr
 
 
 def _forward(model, tokenizer, texts: list[str], max_length: int, batch_size: int):
-    """Teacher logits in input order (the predict stage's length-batched forward), counted in ``STATS``."""
+    """Teacher logits in input order (the predict stage's length-batched forward)."""
     from .predict import batched_logits
 
-    STATS["teacher_batches"] += -(-len(texts) // batch_size)
-    STATS["teacher_rows"] += len(texts)
     return batched_logits(model, tokenizer, texts, max_length, batch_size)
 
 
@@ -297,10 +298,14 @@ class Distiller(TrainHook):
         self.unlabelled = read_unlabelled(d.unlabelled, recipe, splits) if d.unlabelled else None
         self.added_train_rows = 0 if self.unlabelled is None else len(self.unlabelled)
         loaded: dict = {}
-        logits = [teacher_logits(t, splits.train, recipe.train.eval_batch_size, loaded) for t in self.teachers]
+        # rows each teacher ran on, per pass (train split, then unlabelled texts; 0: read from the cache): run.json
+        self.computed: list[int] = []
+        logits = [teacher_logits(t, splits.train, recipe.train.eval_batch_size, loaded, computed=self.computed)
+                  for t in self.teachers]
         self.soft = soft_targets(logits, self.temperature)
         if self.unlabelled is not None:
-            logits = [teacher_logits(t, self.unlabelled, recipe.train.eval_batch_size, loaded) for t in self.teachers]
+            logits = [teacher_logits(t, self.unlabelled, recipe.train.eval_batch_size, loaded, computed=self.computed)
+                      for t in self.teachers]
             self.soft_unlabelled = soft_targets(logits, self.temperature)
         loaded.clear()
 
@@ -333,7 +338,8 @@ class Distiller(TrainHook):
     def record(self, run) -> dict:
         """run.json's ``distill``: teacher paths relative to the student's run folder."""
         out = {"teachers": [run.relative(t.resolved) for t in self.teachers], "temperature": self.temperature,
-               "alpha": self.alpha, "teacher_details": [t.describe(run) for t in self.teachers]}
+               "alpha": self.alpha, "teacher_details": [t.describe(run) for t in self.teachers],
+               "teacher_rows_computed": self.computed}
         if self.unlabelled is not None:
             out.update(unlabelled=self.recipe.distill.unlabelled, unlabelled_rows=len(self.unlabelled),
                        unlabelled_weight=self.unlabelled_weight)

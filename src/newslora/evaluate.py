@@ -8,7 +8,6 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 
-
 def classification_metrics(y_true, y_pred, label_names: list[str]) -> dict:
     """Accuracy, macro P/R/F1, per-class P/R/F1/support and the confusion matrix (rows true, columns predicted)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -35,12 +34,14 @@ def summary(m: dict) -> dict:
 
 def evaluate(model_path: str | Path, data: str | Path, text_column: str | None = None, label_column: str = "label",
              batch_size: int | None = None, output: str | Path | None = None, overwrite: bool = False,
-             options: tuple[str, str] = ("text_column", "label_column"), runtime: str | None = None) -> dict:
+             options: tuple[str, str] = ("text_column", "label_column"), runtime: str | None = None,
+             label_names: list[str] | None = None) -> dict:
     """Evaluate a run folder or merged model on a labelled file; optionally write the metrics as JSON (never over
     the data file; over an existing file only with ``overwrite``). ``options``: the caller's names for the column
     settings, for error messages. The labels must be the model's classes (ids 0..K-1 or its label names).
     ``runtime``: torch or onnx (default: chosen by what the folder holds). ``text_column``: default the columns
-    the model was trained on (:func:`newslora.predict.input_columns`)."""
+    the model was trained on (:func:`newslora.predict.input_columns`). ``label_names``: a plain PEFT adapter's
+    classes."""
     from .data import encode_labels
     from .readers import check_texts, read_table
     from .outputs import check_output_file, write_file_atomic
@@ -48,9 +49,9 @@ def evaluate(model_path: str | Path, data: str | Path, text_column: str | None =
 
     if output:
         check_output_file(output, [data], overwrite)
-    df = check_texts(read_table(data, input_columns(model_path, text_column), label_column, options),
+    df = check_texts(read_table(data, input_columns(model_path, text_column, runtime, label_names), label_column, options),
                      str(data))  # before the model loads
-    clf = load_classifier(model_path, runtime=runtime)
+    clf = load_classifier(model_path, runtime=runtime, label_names=label_names)
     df, _ = encode_labels(df, clf.label_names, str(data), names_from=f"the model {model_path}",
                           fix="evaluate on a file with the model's classes")
     pred = clf.predict_proba(df["text"].tolist(), batch_size=batch_size).argmax(-1)

@@ -4,6 +4,7 @@ The merged model is checked against the adapter model on a fixed set of texts be
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import NewsloraError
+from .modelfolder import ADAPTER_CONFIG, MODEL_META, describe, is_adapter_folder, write_meta
 
 CHECK_TEXTS = [
     "Stocks fall as oil prices climb to a record high",
@@ -24,28 +26,38 @@ CHECK_TEXTS = [
 
 def is_export(path: Path) -> bool:
     """A folder written by :func:`export` (its ``newslora.json`` marker next to a model config)."""
-    from .run import MODEL_META
-
     return (path / MODEL_META).is_file() and (path / "config.json").is_file()
 
 
-def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 1e-4, overwrite: bool = False) -> Path:
-    """Merge ``run_dir``'s adapter (``merge_and_unload``) into ``run_dir/merged`` (or ``output``). An earlier export
-    there is replaced only with ``overwrite``; any other non-empty folder is refused."""
+def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 1e-4, overwrite: bool = False,
+           label_names: list[str] | None = None) -> Path:
+    """Merge ``run_dir``'s adapter (``merge_and_unload``) into ``run_dir/merged`` (or ``output``). ``run_dir`` may
+    also be a plain PEFT adapter folder (``label_names``: its classes where its base model does not name them).
+    An earlier export there is replaced only with ``overwrite``; any other non-empty folder is refused."""
     from .model import merge_adapter
     from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
-    from .predict import Classifier, load_run, refuse_non_finite
+    from .predict import Classifier, load_folder, load_run, refuse_non_finite
     from .report import write_model_card
-    from .run import Run, write_model_meta
+    from .run import Run
 
-    run_path = Path(run_dir)
-    if not Run.is_run(run_path) or not (run_path / Run.ADAPTER).is_dir():
-        raise NewsloraError(f"{run_path} is not a finished run folder (needs {Run.RECIPE} and {Run.ADAPTER}/)")
-    run = Run.open(run_path, need="adapter")
-    target = Path(output) if output else run.merged_dir
-    check_output_folder(target, is_export, "merged model (newslora export)", overwrite, protect=[run.path])
-    model, tok, names, max_length = load_run(run, full_precision=True)  # QLoRA runs merge into full precision
-    refuse_non_finite(model, run.path)
+    source = Path(run_dir)
+    if is_adapter_folder(source) and not Run.is_run(source):
+        run, folder = None, describe(source, "torch", label_names)
+        target = Path(output) if output else source / Run.MERGED
+    else:
+        if not Run.is_run(source) or not (source / Run.ADAPTER).is_dir():
+            raise NewsloraError(f"{source} is not a finished run folder (needs {Run.RECIPE} and {Run.ADAPTER}/) "
+                                f"nor a PEFT adapter folder ({ADAPTER_CONFIG})")
+        run = Run.open(source, need="adapter")
+        folder = describe(source, "torch", label_names)
+        target = Path(output) if output else run.merged_dir
+    names, max_length = folder.label_names, folder.max_length
+    check_output_folder(target, is_export, "merged model (newslora export)", overwrite, protect=[source])
+    if run is None:
+        model, tok, _ = load_folder(folder)
+    else:
+        model, tok, _, _ = load_run(run, full_precision=True)  # QLoRA runs merge into full precision
+    refuse_non_finite(model, source)
     model.eval()
     before = Classifier(model, tok, names, max_length).predict_proba(CHECK_TEXTS)
     with torch.inference_mode():
@@ -64,11 +76,14 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
         merged.config.name_or_path = ""  # the config would otherwise record where the backbone was loaded from
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_model_meta(tmp, run, max_length, diff)
+        # where it came from: a path relative to the model folder, the same for the temp folder and its final name
+        origin = os.path.relpath(source.resolve(), tmp.resolve())
+        write_meta(tmp, folder, **({"run": origin} if run else {"adapter": origin}), merge_max_logit_diff=diff)
         after = Classifier(_reload(tmp), tok, names, max_length).predict_proba(CHECK_TEXTS)
         if not np.array_equal(before.argmax(-1), after.argmax(-1)):
             raise NewsloraError("the saved merged model predicts differently from the adapter model; not exported")
-        write_model_card(tmp, run.path, model_path=_display_path(target, run))
+        if run is not None:
+            write_model_card(tmp, run.path, model_path=_display_path(target, run))
         return replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NewsloraError
-from .onnx_runtime import ONNX_FILE, OnnxModel, is_onnx_folder, load_onnx  # noqa: F401 - load_onnx re-exported
+from .errors import NewsloraError, first_line
+from .modelfolder import MODEL_META, ONNX_FILE, describe, is_onnx_folder, write_meta
+from .onnx_runtime import OnnxModel
 
 # int8 weights move logits by a few hundredths on trained models; the argmax must still agree on the sample
 ATOL = {"fp32": 1e-3, "int8": 0.5}
@@ -25,8 +26,6 @@ ATOL = {"fp32": 1e-3, "int8": 0.5}
 
 def is_onnx_export(path: Path) -> bool:
     """A folder written by :func:`export_onnx` (``model.onnx`` beside its ``newslora.json``)."""
-    from .run import MODEL_META
-
     return is_onnx_folder(path) and (path / MODEL_META).is_file()
 
 
@@ -81,7 +80,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     from .export import CHECK_TEXTS, export
 
     from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
-    from .run import MODEL_META, Run, model_max_length, write_json
+    from .run import Run
 
     source = Path(source)
     if Run.is_run(source):
@@ -102,7 +101,8 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
         target = run.onnx_dir(int8) if run else merged.parent / (Run.ONNX_INT8 if int8 else Run.ONNX)
     check_output_folder(target, is_onnx_export, "ONNX model (newslora export --onnx)", overwrite,
                         protect=[p for p in (run.path if run else None, merged) if p is not None])
-    max_length = model_max_length(merged)
+    described = describe(merged, runtime="torch")
+    max_length = described.max_length
     model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     tok = AutoTokenizer.from_pretrained(merged)
 
@@ -117,8 +117,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
                 _quantize_int8(fp32, tmp / ONNX_FILE)
                 fp32.unlink()
         except Exception as e:  # the exporter's errors (an unsupported operator, a model torch.export can't trace)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise NewsloraError(f"ONNX export of {merged} failed: {first}; the merged folder still works with "
+            raise NewsloraError(f"ONNX export of {merged} failed: {first_line(e)}; the merged folder still works with "
                                 "--runtime torch") from None
         texts = list(check_texts or CHECK_TEXTS)
         check = {**check_against_torch(model, tok, tmp / ONNX_FILE, max_length, texts), "atol": atol}
@@ -131,13 +130,13 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
         import onnxruntime
         import torch
 
-        info = {"max_length": max_length, "runtime": "onnx", "precision": precision,
+        info = {"runtime": "onnx", "precision": precision,
                 "source": os.path.relpath(merged.resolve(), target.resolve()),
                 "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}",
                 "onnxruntime": onnxruntime.__version__, "check": check}
         if run is not None:
             info["run"] = os.path.relpath(run.path.resolve(), target.resolve())
-        write_json(tmp / MODEL_META, info)
+        write_meta(tmp, described, **info)
         _write_card(tmp, target.name, merged, info)
         return replace_folder(tmp, target)
     except BaseException:

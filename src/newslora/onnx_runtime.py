@@ -6,13 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NewsloraError
-
-ONNX_FILE = "model.onnx"
-
-
-def is_onnx_folder(path: str | Path) -> bool:
-    return (Path(path) / ONNX_FILE).is_file()
+from .errors import NewsloraError, first_line
+from .modelfolder import ONNX_FILE, ModelFolder
 
 
 class OnnxModel:
@@ -37,26 +32,18 @@ class OnnxModel:
         return self.session.run(None, feed)[0].astype(np.float32, copy=False)
 
 
-def load_onnx(path: str | Path, threads: int | None = None):
-    """(OnnxModel, tokenizer, label_names, max_length) from an ONNX folder."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_onnx(folder: ModelFolder, threads: int | None = None):
+    """(OnnxModel, tokenizer) of an ONNX folder described by :func:`newslora.modelfolder.describe`."""
+    from transformers import AutoTokenizer
 
-    from .run import model_max_length, read_model_meta
-
-    path = Path(path)
-    if not is_onnx_folder(path):
-        raise NewsloraError(f"{path} has no {ONNX_FILE}: export one with newslora export RUN --onnx")
+    path = folder.path
     try:
-        config = AutoConfig.from_pretrained(path)
         model = OnnxModel(path / ONNX_FILE, threads)
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # onnxruntime and transformers raise many kinds for a damaged or partial folder
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise NewsloraError(f"cannot load the ONNX model in {path}: {first}; the folder is damaged or incomplete: "
-                            "export it again with newslora export RUN --onnx") from None
-    meta = read_model_meta(path)
-    names = [config.id2label[i] for i in range(config.num_labels)]
-    if model.num_labels != len(names):
-        raise NewsloraError(f"{path}: {ONNX_FILE} has {model.num_labels} outputs but config.json has {len(names)} "
-                            "labels; export the folder again")
-    return model, tok, names, model_max_length(path)
+        raise NewsloraError(f"cannot load the ONNX model in {path}: {first_line(e)}; the folder is damaged or "
+                            "incomplete: export it again with newslora export RUN --onnx") from None
+    if model.num_labels != len(folder.label_names):
+        raise NewsloraError(f"{path}: {ONNX_FILE} has {model.num_labels} outputs but config.json has "
+                            f"{len(folder.label_names)} labels; export the folder again")
+    return model, tok

@@ -2,6 +2,7 @@
 without ``--overwrite``), written through a temp file in the same folder that never outlives a failure."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -134,3 +135,18 @@ def replace_folder(tmp: Path, target: Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """JSON through a temp file and a rename (:func:`write_file_atomic`): a reader never sees half a file."""
+    text = json.dumps(obj, indent=2, default=str)
+    return write_file_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON mapping, or {} when the file is missing, damaged or not a mapping (interrupted runs)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

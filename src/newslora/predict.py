@@ -11,8 +11,9 @@ import pandas as pd
 import torch
 
 from .data import pad_batch, pads_right
-from .errors import NewsloraError
-from .texts import join_columns, text_settings, tokenize_texts
+from .errors import NewsloraError, first_line
+from .modelfolder import DEFAULT_MAX_LENGTH, DEFAULT_TRUNCATION, ModelFolder, describe, read_adapter_weights
+from .texts import join_columns, tokenize_texts
 
 PICKLE_SUFFIXES = {".pkl", ".pickle"}
 
@@ -57,15 +58,16 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
 class Classifier:
     """A trained news classifier. ``classify("headline")`` -> {"label", "score", "scores"}; a list gives a list."""
 
-    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = 128, truncation: str = "head",
-                 text_columns: list[str] | None = None):
+    def __init__(self, model, tokenizer, label_names: list[str], max_length: int = DEFAULT_MAX_LENGTH,
+                 folder: ModelFolder | None = None):
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.runtime = "torch" if isinstance(model, torch.nn.Module) else "onnx"
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.max_length = max_length
-        self.truncation = truncation  # which end of a long text the model reads (as it was trained)
-        self.text_columns = text_columns  # the columns joined into its texts when it reads a file
+        self.folder = folder  # what the model folder says (text columns, truncation), when loaded from one
+        self.truncation = folder.truncation if folder else DEFAULT_TRUNCATION  # which end of a long text it reads
+        self.text_columns = folder.text_columns if folder else None  # the columns joined into its texts
 
     def predict_proba(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """Class probabilities, shape (len(texts), num_labels), in input order (see :func:`batched_logits`)."""
@@ -96,43 +98,29 @@ def check_text(text, where: str = "text") -> None:
                             "send UTF-8 text") from None
 
 
-def _label_names(config) -> list[str]:
-    return [config.id2label[i] for i in range(config.num_labels)]
+def load_model(path: str | Path, runtime: str | None = None, label_names: list[str] | None = None):
+    """(model, tokenizer, label_names, max_length) from any folder :func:`newslora.modelfolder.describe` reads: a
+    run folder, a merged/standalone model folder, an ONNX folder or a plain PEFT adapter folder (``label_names``:
+    its classes where its base model does not name them). ``runtime``: None picks by what the folder holds
+    (``model.onnx`` -> onnxruntime); "onnx" also accepts a run folder with an exported ``onnx/``; "torch" refuses
+    an ONNX-only folder."""
+    model, tok, folder = load_folder(describe(path, runtime, label_names))
+    return model, tok, folder.label_names, folder.max_length
 
 
-def load_model(path: str | Path, runtime: str | None = None):
-    """(model, tokenizer, label_names, max_length) from a run folder, a merged/standalone model folder or an ONNX
-    folder. ``runtime``: None picks by what the folder holds (``model.onnx`` -> onnxruntime); "onnx" also accepts
-    a run folder with an exported ``onnx/`` (or ``onnx-int8/``); "torch" refuses an ONNX-only folder."""
-    from .onnx_runtime import is_onnx_folder
-    from .run import Run
+def load_folder(folder: ModelFolder):
+    """(model, tokenizer, folder) of a described model folder, loaded the way its kind needs."""
+    if folder.kind == "onnx":
+        from .onnx_runtime import load_onnx
 
-    path = Path(path)
-    if not path.exists():
-        raise NewsloraError(f"model not found: {path} (pass a run folder or its merged/ folder)")
-    if runtime not in (None, "torch", "onnx"):
-        raise NewsloraError(f"unknown runtime {runtime!r}: use torch or onnx")
-    if runtime == "onnx" or (runtime is None and is_onnx_folder(path)):
-        return _load_onnx_path(path)
-    if is_onnx_folder(path) and not any(path.glob("*.safetensors")) and not Run.is_run(path):
-        raise NewsloraError(f"{path} holds only an ONNX model: drop --runtime torch, or pass the merged folder")
-    if Run.is_run(path):
-        return load_run(Run.open(path, need="adapter"))
-    if (path / "config.json").is_file():
-        return _load_standalone(path)
-    raise NewsloraError(f"{path} is neither a newslora run folder (recipe.yaml + adapter/) nor a model folder "
-                        "(config.json)")
-
-
-def _load_onnx_path(path: Path):
-    from .onnx_runtime import is_onnx_folder, load_onnx
-    from .run import Run
-
-    for folder in (path, Run(path).onnx_dir(), Run(path).onnx_dir(int8=True)):
-        if is_onnx_folder(folder):
-            return load_onnx(folder)
-    raise NewsloraError(f"{path} holds no ONNX model (model.onnx): export one with newslora export RUN --onnx, "
-                        "or use --runtime torch")
+        model, tok = load_onnx(folder)
+    elif folder.kind == "run":
+        model, tok, _, _ = load_run(folder.path)
+    elif folder.kind == "adapter":
+        model, tok = _load_adapter(folder)
+    else:
+        model, tok = _load_standalone(folder.path)
+    return model, tok, folder
 
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
@@ -144,8 +132,6 @@ def _load_standalone(path: Path):
     from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .run import model_max_length
-
     if not any(path.glob("*.safetensors")):
         pickled = [n for n in PICKLE_WEIGHTS if (path / n).exists()]
         what = f"holds {pickled[0]}, a pickle-format checkpoint" if pickled else "has no model weights"
@@ -155,14 +141,48 @@ def _load_standalone(path: Path):
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
-        raise NewsloraError(f"cannot load the model in {path}: {_first_line(e)}; the folder is damaged or "
+        raise NewsloraError(f"cannot load the model in {path}: {first_line(e)}; the folder is damaged or "
                             "incomplete: export it again") from None
-    return model, tok, _label_names(model.config), model_max_length(path)
+    return model, tok
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+def _load_adapter(folder: ModelFolder):
+    """A plain PEFT adapter over its base model: the base's classifier sized to the adapter's classes, the
+    adapter's tensors (see :func:`newslora.modelfolder.read_adapter_weights`) set into it; the tokenizer is the
+    adapter folder's own, else the base model's."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from .families import resolve_backbone
+    from .model import load_tokenizer
+
+    names, base = folder.label_names, resolve_backbone(folder.backbone)
+    config = AutoConfig.from_pretrained(base, num_labels=len(names), id2label=dict(enumerate(names)),
+                                        label2id={n: i for i, n in enumerate(names)})
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the base's own head is replaced by the adapter's: its warning is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True)
+        peft_config = PeftConfig.from_pretrained(folder.path)
+        peft_config.inference_mode = True
+        model = PeftModel(model, peft_config)
+        loaded = set_peft_model_state_dict(model, read_adapter_weights(folder.path))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise NewsloraError(f"cannot load the adapter in {folder.path} over {folder.backbone}: {first_line(e)}; "
+                            "check that base_model_name_or_path names the model it was trained on") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if loaded.unexpected_keys:
+        raise NewsloraError(f"the adapter in {folder.path} has weights its base model {folder.backbone} has no "
+                            f"place for ({loaded.unexpected_keys[0]}, ...): check base_model_name_or_path")
+    for source in (folder.path, Path(base)):
+        if (source / "tokenizer_config.json").is_file():
+            return model.eval(), load_tokenizer(str(source))
+    if Path(base).is_dir():  # transformers would build an empty tokenizer from a folder without one
+        raise NewsloraError(f"neither {folder.path} nor its base model {base} has a tokenizer "
+                            "(tokenizer_config.json): save the base model's tokenizer into one of them")
+    return model.eval(), load_tokenizer(folder.backbone)
 
 
 def _head_classes(weights: Path) -> int | None:
@@ -212,12 +232,9 @@ def load_run(run, full_precision: bool = False):
     try:
         model = PeftModel.from_pretrained(base, adapter)
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
-        raise NewsloraError(f"cannot load the adapter in {adapter}: {_first_line(e)}; its files are damaged or "
+        raise NewsloraError(f"cannot load the adapter in {adapter}: {first_line(e)}; its files are damaged or "
                             "truncated: train the run again") from None
     return model, load_tokenizer(str(adapter)), names, recipe.model.max_length
-
-
-_load_run = load_run  # the name export and older callers used
 
 
 def refuse_non_finite(model: torch.nn.Module, path: str | Path) -> None:
@@ -229,18 +246,19 @@ def refuse_non_finite(model: torch.nn.Module, path: str | Path) -> None:
                                 "training diverged; train it again with a lower train.lr")
 
 
-def load_classifier(path: str | Path, device: str | None = None, runtime: str | None = None) -> Classifier:
+def load_classifier(path: str | Path, device: str | None = None, runtime: str | None = None,
+                    label_names: list[str] | None = None) -> Classifier:
     """``from newslora import load_classifier; clf = load_classifier("runs/demo"); clf.classify("...")``.
-    ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`). A model with
+    ``runtime``: "torch" or "onnx" (default: chosen by what the folder holds, see :func:`load_model`);
+    ``label_names``: the classes of a plain PEFT adapter whose base model does not name them. A model with
     non-finite weights is refused."""
-    model, tok, names, max_length = load_model(path, runtime)
-    reading = text_settings(path)  # how the model reads texts: its text columns and truncation
+    model, tok, folder = load_folder(describe(path, runtime, label_names))
     if isinstance(model, torch.nn.Module):
         refuse_non_finite(model, path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
             model = model.to(device)  # bitsandbytes models are placed at load time and cannot be moved
-    return Classifier(model, tok, names, max_length, reading["truncation"], reading["text_columns"])
+    return Classifier(model, tok, folder.label_names, folder.max_length, folder)
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -302,18 +320,10 @@ def submission_frame(probs: np.ndarray, label_names: list[str], extra: bool = Fa
     return df
 
 
-def write_submission(path: str | Path, probs: np.ndarray, label_names: list[str], extra: bool = False) -> Path:
-    """Kaggle format: ``ID,Label`` with IDs 0..N-1 and integer labels; ``extra`` adds names and probabilities."""
-    from .outputs import write_file_atomic
-
-    df = submission_frame(probs, label_names, extra)
-    return write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
 def predict(model: str | Path, input: str | Path, output: str | Path, text_column: str | None = None,
             trust_pickle: bool = False, extra_columns: bool = False, batch_size: int | None = None,
             overwrite: bool = False, options: tuple[str, str] = ("text_column", "label_column"),
-            runtime: str | None = None, chunk_rows: int = CHUNK_ROWS,
+            runtime: str | None = None, chunk_rows: int = CHUNK_ROWS, label_names: list[str] | None = None,
             progress: Callable[[int, int | None], None] | None = None, id_column: str | None = None) -> Path:
     """Classify every text of ``input`` into the submission file ``output`` (never the input itself; an existing
     file only with ``overwrite``), ``chunk_rows`` rows at a time: read, classify, append to a temp file next to
@@ -322,7 +332,8 @@ def predict(model: str | Path, input: str | Path, output: str | Path, text_colum
     after each chunk. ``options``: the caller's names for the column settings, for error messages. ``runtime``:
     torch or onnx (default: chosen by what the folder holds). ``text_column``: default the columns the model was
     trained on (:func:`input_columns`). The output's extension picks its format (:mod:`newslora.writers`); the
-    input's ID column (``id_column``, else ``id`` or ``ID`` when there is one) gives the rows' IDs, else 0..N-1."""
+    input's ID column (``id_column``, else ``id`` or ``ID`` when there is one) gives the rows' IDs, else 0..N-1.
+    ``label_names``: a plain PEFT adapter's classes."""
     from .errors import sigterm_raises
     from .outputs import check_output_file, write_file_atomic
     from .readers import find_id_column
@@ -332,10 +343,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, text_colum
     fmt = output_format(output)
     if Path(input).suffix.lower() not in PICKLE_SUFFIXES:
         id_column = find_id_column(input, id_column)
-    chunks, total = iter_input(input, input_columns(model, text_column), trust_pickle, chunk_rows, options,
-                               id_column)
+    columns = input_columns(model, text_column, runtime, label_names)
+    chunks, total = iter_input(input, columns, trust_pickle, chunk_rows, options, id_column)
     first = next(chunks)  # problems with the input as a whole surface before the model loads
-    clf = load_classifier(model, runtime=runtime)
+    clf = load_classifier(model, runtime=runtime, label_names=label_names)
 
     def write(tmp: Path) -> None:
         done = 0
@@ -353,9 +364,10 @@ def predict(model: str | Path, input: str | Path, output: str | Path, text_colum
         return write_file_atomic(output, write)
 
 
-def input_columns(model: str | Path, text_column: str | None = None):
+def input_columns(model: str | Path, text_column: str | None = None, runtime: str | None = None,
+                  label_names: list[str] | None = None):
     """The text column(s) to read a file with for ``model``: ``text_column`` when given, else the columns the model
-    was trained on (``data.text_columns``, joined as in training), else ``text``."""
+    was trained on (``data.text_columns``, joined as in training: what its folder records), else ``text``."""
     if text_column is not None:
         return text_column
-    return text_settings(model)["text_columns"] or "text"
+    return describe(model, runtime, label_names).text_columns or "text"

@@ -1,7 +1,7 @@
 """The run folder: its layout, its schema and every read and write of it.
 
 A run folder is what ``newslora train`` leaves behind and what every later stage (predict, export, report,
-distill, search, resume) reads. This module is the only one that knows its file names::
+distill, search, resume) reads. This module knows every file name but the methods' own::
 
     recipe.yaml            resolved recipe (re-runnable)
     run.json               schema version, trainable-parameter breakdown, device, versions, times, status and
@@ -13,8 +13,8 @@ distill, search, resume) reads. This module is the only one that knows its file 
     checkpoints/           Trainer checkpoints (resume)
     backbone/              random-init backbone weights (model.random_init only)
     head_init.safetensors  the frozen base weights of a LoRA head (head.type=lora)
-    pissa_init/            PiSSA's starting adapter (converted to a plain LoRA when saved)
-    adalora_ranks.csv, adalora_rank_pattern.json   AdaLoRA's rank allocation over time
+    <a method's own files> each method names those it writes (``Method.artifacts`` in :mod:`newslora.methods`,
+                           e.g. PiSSA's pissa_init/, AdaLoRA's rank log) and writes them through this class
     distill.json           teacher vs student accuracy (distillation)
     trial.json, error.txt  a search trial's outcome
     merged/                after ``newslora export``: standalone model + tokenizer + card + newslora.json
@@ -22,26 +22,22 @@ distill, search, resume) reads. This module is the only one that knows its file 
 
 Every path written inside a run folder is relative to it, so a run folder can be moved, copied or zipped
 and still load, export, report and resume. Heavy imports (pandas, yaml's recipe model) stay inside methods.
-The module is about 500 lines because it is the one owner of all these files and of a run's status (attempts,
-heartbeat, dead-process detection): splitting it would
-give the run folder two owners again.
 """
 from __future__ import annotations
 
 import csv
 import functools
-import json
 import math
 import os
 import re
 import shutil
 import socket
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from .errors import NewsloraError
+from .outputs import read_json, write_file_atomic, write_json
+from .processes import now_iso, pid_alive, seconds_between
 
 SCHEMA_VERSION = 2  # run.json "schema"; 1: the layout before this module (absolute paths, no version)
 
@@ -49,51 +45,11 @@ STEP_COLUMNS = ["step", "epoch", "loss", "train_accuracy", "learning_rate", "eva
                 "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"]
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "eval_macro_precision",
                  "eval_macro_recall", "eval_macro_f1"]
-RANK_COLUMNS = ["step", "module", "rank"]
-MODEL_META = "newslora.json"  # inside a merged model folder
 HEARTBEAT_S = 30.0  # a running attempt writes its heartbeat into run.json at most this often
 STALE_S = 600.0  # a run on another host whose heartbeat is older than this is dead (20 missed heartbeats)
 # how an attempt ended (run.json "status" is the last attempt's outcome): "dead" is never written by the process
 # itself, it is what a reader concludes for a "running" attempt whose process is gone (kill -9, power loss)
 OUTCOMES = ("running", "completed", "interrupted", "terminated", "failed", "dead")
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _seconds_between(start: str | None, end: str | None) -> float | None:
-    try:
-        return max(0.0, (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds())
-    except (TypeError, ValueError):
-        return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host and is not a zombie (killed, not yet reaped by its parent)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    except (OSError, OverflowError, ValueError):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill(0) is all we know
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """JSON through a temp file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-    return path
 
 
 def _writes(method):
@@ -106,15 +62,6 @@ def _writes(method):
         return None
 
     return wrapper
-
-
-def read_json(path: Path) -> dict:
-    """A JSON mapping, or {} when the file is missing, damaged or not a mapping (interrupted runs)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class Run:
@@ -135,10 +82,6 @@ class Run:
     CHECKPOINTS = "checkpoints"
     BACKBONE = "backbone"
     HEAD_INIT = "head_init.safetensors"
-    PISSA_INIT = "pissa_init"
-    RANKS = "adalora_ranks.csv"
-    RANKS_PLOT = "adalora_ranks.png"  # in plots/
-    RANK_PATTERN = "adalora_rank_pattern.json"
     DISTILL = "distill.json"
     TRIAL = "trial.json"
     ERROR = "error.txt"
@@ -248,10 +191,6 @@ class Run:
     def head_init(self) -> Path:
         return self.path / self.HEAD_INIT
 
-    @property
-    def pissa_init(self) -> Path:
-        return self.path / self.PISSA_INIT
-
     def relative(self, path: str | os.PathLike | None) -> str | None:
         """``path`` relative to the run folder (as stored in the folder's files), or None."""
         if path is None:
@@ -266,9 +205,8 @@ class Run:
 
     @_writes
     def write_recipe(self, recipe) -> None:
-        tmp = self.file(self.RECIPE + ".tmp")
-        tmp.write_text(recipe.to_yaml())
-        tmp.replace(self.file(self.RECIPE))
+        text = recipe.to_yaml()
+        write_file_atomic(self.file(self.RECIPE), lambda tmp: tmp.write_text(text))
 
     def read_recipe(self):
         """The run's recipe as a validated :class:`~newslora.config.Recipe`."""
@@ -313,7 +251,7 @@ class Run:
         for a in attempts:
             if a.get("outcome") == "running":
                 a.update(outcome="dead", ended=a.get("heartbeat"),
-                         runtime_s=_seconds_between(a.get("started"), a.get("heartbeat")))
+                         runtime_s=seconds_between(a.get("started"), a.get("heartbeat")))
         started = now_iso()
         attempts.append({"started": started, "ended": None, "start_step": step, "steps": step, "outcome": "running",
                          "error": None, "runtime_s": None, "pid": os.getpid(), "host": socket.gethostname(),
@@ -339,7 +277,7 @@ class Run:
         assert outcome in OUTCOMES and outcome not in ("running", "dead"), outcome
         a, ended = info["attempts"][-1], now_iso()
         clock = getattr(self, "_clock", None)
-        runtime = time.monotonic() - clock if clock is not None else _seconds_between(a["started"], ended)
+        runtime = time.monotonic() - clock if clock is not None else seconds_between(a["started"], ended)
         a.update(ended=ended, heartbeat=ended, outcome=outcome, error=error, runtime_s=round(runtime or 0.0, 2))
         if step is not None:
             a["steps"] = step
@@ -349,7 +287,7 @@ class Run:
 
     @staticmethod
     def _total_runtime(attempts: list[dict]) -> float:
-        return round(sum(a.get("runtime_s") or _seconds_between(a.get("started"), a.get("heartbeat")) or 0.0
+        return round(sum(a.get("runtime_s") or seconds_between(a.get("started"), a.get("heartbeat")) or 0.0
                          for a in attempts), 2)
 
     def status(self, info: dict | None = None) -> str | None:
@@ -366,7 +304,7 @@ class Run:
             return "dead"  # written before attempts were recorded, and never finished
         if a.get("host") == socket.gethostname():
             return "running" if pid_alive(int(a["pid"])) else "dead"
-        age = _seconds_between(a.get("heartbeat"), now_iso())
+        age = seconds_between(a.get("heartbeat"), now_iso())
         return "dead" if age is None or age > STALE_S else "running"
 
     def running_attempt(self) -> dict | None:
@@ -395,8 +333,39 @@ class Run:
         write_json(self.file(self.DISTILL), record)
 
     @_writes
-    def write_rank_pattern(self, summary: dict) -> None:
-        write_json(self.file(self.RANK_PATTERN), summary)
+    def write_record(self, name: str, record: dict) -> None:
+        """A JSON file of the run folder that a method or another stage owns (its name is theirs)."""
+        write_json(self.file(name), record)
+
+    @_writes
+    def write_csv(self, name: str, columns: list[str], rows, append: bool = False) -> None:
+        """A CSV file of the run folder that a method owns: ``rows`` (mappings or sequences in ``columns``' order)
+        written anew, or appended (the header only when the file is new)."""
+        path = self.file(name)
+        new = not append or not path.is_file()
+        with open(path, "a" if append else "w", newline="") as f:
+            rows = list(rows)
+            if rows and isinstance(rows[0], dict):
+                w = csv.DictWriter(f, columns)
+                if new:
+                    w.writeheader()
+            else:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(columns)
+            w.writerows(rows)
+
+    def read_csv_rows(self, name: str) -> list[dict]:
+        """A CSV file of the run folder as mappings of strings; [] when missing."""
+        path = self.file(name)
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    @_writes
+    def remove(self, name: str) -> None:
+        self.file(name).unlink(missing_ok=True)
 
     @_writes
     def write_trial(self, record: dict) -> None:
@@ -476,38 +445,6 @@ class Run:
     def read_epochs(self):
         return self.read_table(self.EPOCHS, EPOCH_COLUMNS)
 
-    def read_ranks(self):
-        return self.read_table(self.RANKS, ["step", "rank"])
-
-    def rank_rows(self, until: int | None = None) -> list[dict]:
-        """adalora_ranks.csv rows (step <= ``until``), as read by a resumed AdaLoRA run."""
-        path = self.file(self.RANKS)
-        if not path.is_file():
-            return []
-        with open(path, newline="") as f:
-            return [r for r in csv.DictReader(f) if until is None or int(r["step"]) <= until]
-
-    @_writes
-    def write_rank_rows(self, rows: list[dict]) -> None:
-        with open(self.file(self.RANKS), "w", newline="") as f:
-            w = csv.DictWriter(f, RANK_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-
-    @_writes
-    def rank_rows_reset(self) -> None:
-        self.file(self.RANKS).unlink(missing_ok=True)
-
-    @_writes
-    def append_ranks(self, step: int, ranks: dict[str, int]) -> None:
-        path = self.file(self.RANKS)
-        new = not path.is_file()
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(RANK_COLUMNS)
-            w.writerows((step, m, n) for m, n in ranks.items())
-
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoints(self) -> list[Path]:
@@ -550,7 +487,7 @@ class Run:
         cfg_path = self.adapter_dir / "adapter_config.json"
         cfg = read_json(cfg_path)
         if cfg:
-            from .config import hub_id
+            from .families import hub_id
 
             recipe = self.read_recipe_dict()
             cfg["base_model_name_or_path"] = hub_id(str((recipe.get("model") or {}).get("backbone") or ""))
@@ -560,30 +497,3 @@ class Run:
             readme.write_text(adapter_card, encoding="utf-8")
         else:
             readme.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------- merged model folders
-
-
-def write_model_meta(model_dir: Path, run: Run, max_length: int, diff: float) -> None:
-    """``newslora.json`` of a merged model: max_length, the run it came from (a path relative to the model folder,
-    which is the same for the temp folder export writes and its final name next to it), the merge check."""
-    model_dir = Path(model_dir)
-    write_json(model_dir / MODEL_META, {"max_length": max_length,
-                                        "run": os.path.relpath(run.path.resolve(), model_dir.resolve()),
-                                        "merge_max_logit_diff": diff})
-
-
-def read_model_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
-    return read_json(Path(model_dir) / MODEL_META)
-
-
-def model_max_length(model_dir: str | os.PathLike, default: int = 128) -> int:
-    """The ``max_length`` a model folder's newslora.json records (``default`` when it records none); a value that is
-    not a positive whole number is refused."""
-    value = read_model_meta(model_dir).get("max_length", default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise NewsloraError(f"{Path(model_dir) / MODEL_META}: max_length {value!r} is not a positive whole number of "
-                            f"tokens; set it to what the model was trained with (e.g. {default}), or export the "
-                            "model again")
-    return value

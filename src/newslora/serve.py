@@ -21,7 +21,6 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -32,32 +31,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from .errors import NewsloraError
-
-TOKEN_ENV = "NEWSLORA_API_TOKEN"
-MAX_TEXTS = 256
-
-
-@dataclass
-class ServeOptions:
-    """Batching and limits of the server (each is a ``newslora serve`` option)."""
-
-    max_batch: int = 64  # texts per forward pass when requests are merged
-    batch_wait_ms: float = 5.0  # how long the worker waits after the first request for more to merge
-    batching: bool = True  # False: one forward pass per request (no merging)
-    max_queue: int = 256  # requests waiting for the worker; more are answered 503
-    max_texts: int = MAX_TEXTS  # texts per request
-    max_text_bytes: int = 4096  # UTF-8 bytes per text
-    max_body_bytes: int = 2 * 1024 * 1024  # request body bytes
-    retry_after_s: int = 1
-    token: str | None = None  # bearer token; None: no auth
-
-    def check(self) -> None:
-        for name in ("max_batch", "max_queue", "max_texts", "max_text_bytes", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise NewsloraError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0:
-            raise NewsloraError(f"batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
-
+from .serveoptions import MAX_TEXTS, TOKEN_ENV, ServeOptions
 
 class ClassifyRequest(BaseModel):
     texts: list[str] = Field(..., min_length=1, description="texts to classify (non-empty UTF-8 strings)")
@@ -234,10 +208,11 @@ def model_facts(model_path: str | Path, label_names: list[str]) -> dict:
     """What ``/model`` (and the page) shows: the model's name, labels, trainable parameters, budget and test
     accuracy, from its run folder (run.json, eval.json) or, for an exported folder, the run its newslora.json names;
     None where a folder does not record it."""
-    from .run import MODEL_META, Run, read_json
+    from .modelfolder import read_meta
+    from .run import Run
 
     path = Path(model_path)
-    origin = read_json(path / MODEL_META).get("run")
+    origin = read_meta(path).get("run")
     run = Run(path / origin if isinstance(origin, str) else path)
     info, ev = run.read_info(), run.read_eval()
     trainable = info.get("trainable") if isinstance(info.get("trainable"), dict) else {}
@@ -247,10 +222,10 @@ def model_facts(model_path: str | Path, label_names: list[str]) -> dict:
 
 
 def create_app(model_path: str | Path, classifier=None, options: ServeOptions | None = None,
-               runtime: str | None = None) -> FastAPI:
+               runtime: str | None = None, label_names: list[str] | None = None) -> FastAPI:
     """The app: ``POST /classify {"texts": [...]}``, ``GET /labels``, ``GET /model``, ``GET /health``,
     ``GET /metrics``, the page at ``/``, OpenAPI docs at ``/docs``. The inference worker starts and stops with the
-    app's lifespan."""
+    app's lifespan. ``label_names``: a plain PEFT adapter's classes (see :func:`newslora.modelfolder.describe`)."""
     from prometheus_client import CollectorRegistry, Gauge
     from prometheus_fastapi_instrumentator import Instrumentator
 
@@ -258,7 +233,7 @@ def create_app(model_path: str | Path, classifier=None, options: ServeOptions | 
 
     opts = options or ServeOptions()
     opts.check()
-    clf = classifier or load_classifier(model_path, runtime=runtime)
+    clf = classifier or load_classifier(model_path, runtime=runtime, label_names=label_names)
     registry = CollectorRegistry()  # per app: several apps in one process (tests) do not collide
     metrics = _metrics(registry)
     worker = BatchWorker(clf, opts, metrics)
@@ -436,7 +411,8 @@ def listen(host: str, port: int):
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str | None = None,
-          options: ServeOptions | None = None, graceful_timeout: float = 30.0) -> None:
+          options: ServeOptions | None = None, graceful_timeout: float = 30.0,
+          label_names: list[str] | None = None) -> None:
     """Run the app under uvicorn. A non-loopback ``host`` needs a token in ``$NEWSLORA_API_TOKEN``; on SIGINT or
     SIGTERM uvicorn stops accepting, finishes in-flight requests (up to ``graceful_timeout`` s), then the worker
     drains its queue."""
@@ -449,7 +425,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, run
                             "(clients send 'Authorization: Bearer <token>'), or keep --host 127.0.0.1")
     sock = listen(host, port)
     try:
-        app = create_app(model_path, options=opts, runtime=runtime)
+        app = create_app(model_path, options=opts, runtime=runtime, label_names=label_names)
         uvicorn.Server(server_config(app, host, port, graceful_timeout)).run(sockets=[sock])
     finally:
         sock.close()

@@ -3,7 +3,6 @@ head, the tail or both ends of a text longer than ``max_length``. Training, eval
 all go through :func:`tokenize_texts`, so a model sees its texts cut the same way it was trained on them."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 
@@ -61,38 +60,3 @@ def special_ends(tokenizer) -> tuple[list[int], list[int]]:
 def text_record(recipe) -> dict:
     """What run.json records of how the run read its texts (and how its model reads new ones)."""
     return {"text_columns": recipe.data.text_columns, "truncation": recipe.model.truncation}
-
-
-def text_settings(model_path: str | Path) -> dict:
-    """``{"text_columns": [...] or None, "truncation": "head"}``: how the model at ``model_path`` (a run folder,
-    or a merged/ONNX folder of one) reads texts, from the recipe it was trained with. A merged or ONNX folder
-    answers from its ``newslora.json`` when that names them, else from the run folder it came from."""
-    import json
-
-    import yaml
-
-    path = Path(model_path)
-    settings = {"text_columns": None, "truncation": "head"}
-    for _ in range(3):  # an ONNX folder -> the merged folder it came from -> the run folder
-        if (path / "recipe.yaml").is_file() or not (path / "newslora.json").is_file():
-            break
-        try:
-            meta = json.loads((path / "newslora.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            break  # a damaged folder: loading the model names the problem
-        if not isinstance(meta, dict):
-            break
-        if "truncation" in meta or "text_columns" in meta:
-            return {**settings, **{k: meta[k] for k in settings if k in meta}}
-        if not (meta.get("run") or meta.get("source")):
-            break
-        path = (path / (meta.get("run") or meta["source"])).resolve()
-    recipe = path / "recipe.yaml"
-    try:
-        data = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
-    except (OSError, ValueError, yaml.YAMLError):
-        data = None  # a damaged run folder: loading the model names the problem
-    if isinstance(data, dict):
-        settings["text_columns"] = (data.get("data") or {}).get("text_columns")
-        settings["truncation"] = (data.get("model") or {}).get("truncation") or "head"
-    return settings

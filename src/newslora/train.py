@@ -25,14 +25,14 @@ from .config import Recipe
 from .class_weights import class_weights, weighted_loss
 from .data import Splits, check_overlap, load_splits, tokenize
 from .distill import Distiller
-from .errors import NewsloraError, Terminated, sigterm_raises
+from .errors import NewsloraError, Terminated, first_line, sigterm_raises
 from .evaluate import classification_metrics, summary
 from .lock import lock_run_folder, unlock_run_folder
 from .model import (Breakdown, apply_auto_fit, build_model, check_budget, check_max_length, check_quantization,
                     count_trainable, load_tokenizer)
 from .run import Run
 from .texts import text_record
-# the training loop's parts, importable from here as before
+# the training loop's parts, also importable from here: one module for a run's setup and its parts
 from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
                       StopOnNonFinite, TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps,
                       planned_steps,
@@ -322,12 +322,6 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                  total_steps, precision, resuming, info, hooks)
 
 
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` of an exception, as run.json records a failed attempt."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def fit(s: Setup) -> RunResult:
     """Train what :func:`setup` built, evaluate it, save the adapter and complete the run folder.
 
@@ -341,7 +335,7 @@ def fit(s: Setup) -> RunResult:
     except BaseException as e:
         outcome = ("terminated" if isinstance(e, Terminated) else "interrupted" if isinstance(e, KeyboardInterrupt)
                    else "failed")
-        run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else one_line(e))
+        run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else first_line(e, None, with_type=True))
         run.relativize_checkpoints()
         for hook in s.hooks:
             hook.abort(outcome)

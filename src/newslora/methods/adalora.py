@@ -7,12 +7,18 @@ the adapter. This module is longer than the others because the allocator's state
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 from pydantic import Field, model_validator
 
 from ..errors import NewsloraError
 from ..sections import Float, Int, Section
-from .base import Method, register, register_section
+from .base import Method, MethodPlot, register, register_section
+
+# its files in the run folder: the rank log (step, module, rank) and the final allocation; its plot in plots/
+RANKS, RANK_PATTERN, RANKS_PLOT = "adalora_ranks.csv", "adalora_rank_pattern.json", "adalora_ranks.png"
+RANK_COLUMNS = ["step", "module", "rank"]
 
 
 @register_section("adalora", order=1)
@@ -72,6 +78,8 @@ class AdaLora(Method):
     # (and more than target_r ranks)
     keeps_best_checkpoint = False
     head_rank_pattern = False
+    artifacts = (RANKS, RANK_PATTERN)
+    plots = (MethodPlot(RANKS_PLOT, RANKS, lambda *args: plot_ranks(*args)),)  # plot_ranks: defined below
 
     def min_rank(self, recipe):
         return recipe.adalora.target_r + 1, f"adalora.init_r must exceed adalora.target_r={recipe.adalora.target_r}"
@@ -106,6 +114,71 @@ class AdaLora(Method):
 
 
 register(AdaLora())
+
+
+# ----------------------------------------------------------------------------- the rank log and its plot
+
+
+def rank_rows(run, until: int | None = None) -> list[dict]:
+    """The rank log's rows (step <= ``until``), as a resumed run reads them back."""
+    return [r for r in run.read_csv_rows(RANKS) if until is None or int(r["step"]) <= until]
+
+
+def _module_label(module: str) -> str:
+    """'roberta.encoder.layer.3.attention.self.query' -> 'L3 query'."""
+    m = re.search(r"layers?\.(\d+)\.(.+)$", module)
+    if not m:
+        return ".".join(module.split(".")[-2:])
+    rest = m.group(2)
+    for old, new in (("attention.self.", ""), ("attention.output.dense", "attn.output"),
+                     ("intermediate.dense", "ffn.in"), ("output.dense", "ffn.out")):
+        rest = rest.replace(old, new)
+    return f"L{m.group(1)} {rest}"
+
+
+def _layer(module: str) -> int:
+    m = re.search(r"layers?\.(\d+)\.", module)
+    return int(m.group(1)) if m else -1
+
+
+def plot_ranks(run, path, title: str, figure):
+    """Rank per module over the optimizer steps: step lines for a few modules, a heat map (one row per module,
+    transformer layers separated) for more. None when the log holds no rows."""
+    df = run.read_table(RANKS, ["step", "rank"])
+    if df is None or not set(RANK_COLUMNS) <= set(df.columns):
+        return None
+    df = df.dropna(subset=RANK_COLUMNS)
+    if df.empty:
+        return None
+    table = df.pivot_table(index="module", columns="step", values="rank", aggfunc="last")
+    first_seen = {m: i for i, m in reversed(list(enumerate(df["module"])))}
+    table = table.loc[sorted(table.index, key=lambda m: (_layer(m), first_seen[m]))]
+    labels = [_module_label(m) for m in table.index]
+    title = f"AdaLoRA rank per module — {title}"
+    if len(table) <= 8:  # few modules: lines are clearer
+        fig, ax = figure()
+        for label, (_, row) in zip(labels, table.iterrows()):
+            pts = row.dropna()
+            ax.step(pts.index, pts.values, where="post", marker="o", markersize=3, label=label)
+        ax.set(title=title, xlabel="step", ylabel="rank")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        fig.savefig(path, bbox_inches="tight")
+        return path
+    steps = list(table.columns)
+    fig, ax = figure(max(7.5, 0.25 * len(steps) + 4), 0.16 * len(table) + 1.8)
+    im = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    layers = [_layer(m) for m in table.index]
+    for i in range(1, len(layers)):
+        if layers[i] != layers[i - 1]:  # separate transformer layers
+            ax.axhline(i - 0.5, color="white", linewidth=1.2)
+    every = max(1, math.ceil(len(steps) / 12))
+    ax.set_xticks(range(0, len(steps), every), [f"{s:,.0f}" for s in steps[::every]])
+    ax.set(title=title, xlabel="step", ylabel="module")
+    fig.colorbar(im, ax=ax, label="rank", shrink=0.6)
+    fig.savefig(path, bbox_inches="tight")
+    return path
 
 
 @functools.cache
@@ -152,12 +225,12 @@ def allocator_callback_class():
 
         def _truncate(self, keep_until: int) -> dict[str, int]:
             """Resumed: drop the rows the interrupted part logged after the checkpoint; return the last ranks."""
-            rows = self.run.rank_rows(until=keep_until)
-            self.run.write_rank_rows(rows)
+            rows = rank_rows(self.run, until=keep_until)
+            self.run.write_csv(RANKS, RANK_COLUMNS, rows)
             return {r["module"]: int(r["rank"]) for r in rows}
 
         def _write(self, step: int, ranks: dict[str, int]) -> None:
-            self.run.append_ranks(step, ranks)
+            self.run.write_csv(RANKS, RANK_COLUMNS, [(step, m, n) for m, n in ranks.items()], append=True)
             self.last = dict(ranks)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -175,7 +248,7 @@ def allocator_callback_class():
                 if self.ranks(model) != self.last:
                     self._write(state.global_step, self.ranks(model))
             else:
-                self.run.rank_rows_reset()
+                self.run.remove(RANKS)
                 self._write(0, self.ranks(model))
 
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -210,7 +283,7 @@ def allocator_callback_class():
             summary = {**a, "ranks": ranks, "total_rank": sum(ranks.values()),
                        "target_total_rank": cfg.target_r * len(ranks),
                        "rank_pattern": {k: [bool(x) for x in v] for k, v in (self.pattern or {}).items()}}
-            self.run.write_rank_pattern(summary)
+            self.run.write_record(RANK_PATTERN, summary)
             return {**a, "optimizer_step_calls": self.calls, "total_rank": summary["total_rank"],
                     "ranks_changed": any(n != cfg.init_r for n in ranks.values())}
 

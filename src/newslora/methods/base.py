@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
 from ..errors import NewsloraError
 
 _METHODS: dict[str, "Method"] = {}
 _SECTIONS: dict[str, tuple[int, type]] = {}
+
+
+@dataclass(frozen=True)
+class MethodPlot:
+    """A plot a method adds to its runs' ``plots/`` folder, drawn from one of its own files."""
+
+    filename: str  # the PNG's name in plots/
+    needs: str  # the run-folder file it is drawn from: no such file, no plot
+    # draw(run, png path, title, figure) -> the PNG, or None when the data holds nothing to draw; ``run`` is the
+    # :class:`newslora.run.Run`, ``figure(width, height)`` a (Figure, Axes) pair in the report's style, to be
+    # saved with ``fig.savefig(path, bbox_inches="tight")``
+    draw: Callable[..., Path | None]
 
 
 class Method:
@@ -23,6 +39,8 @@ class Method:
     constant_params: tuple[str, ...] = ()  # parameters PEFT marks trainable that are constants (not counted)
     keeps_best_checkpoint: bool = True  # load the best validation checkpoint at the end of training
     head_rank_pattern: bool = True  # head.type=lora: the head's dense layer gets rank head.r through rank_pattern
+    artifacts: tuple[str, ...] = ()  # the files and folders it writes into a run folder (names relative to it)
+    plots: tuple[MethodPlot, ...] = ()  # the plots it adds to the report of its runs
 
     # ------------------------------------------------------------------ rank
 
@@ -83,6 +101,11 @@ def register(method: Method) -> Method:
     return method
 
 
+def unregister(name: str) -> None:
+    """Remove a registered method (a method defined for a while, as tests do)."""
+    _METHODS.pop(name, None)
+
+
 def register_section(name: str, order: int):
     """Class decorator: a recipe section (a :class:`newslora.sections.Section` model) that a method brings, e.g.
     ``adalora``; ``order`` places it among the recipe's sections."""
@@ -112,6 +135,17 @@ def names() -> tuple[str, ...]:
 def sections() -> list[tuple[str, type]]:
     """(name, section model) of every method's recipe section, in recipe order."""
     return [(n, cls) for n, (_, cls) in sorted(_SECTIONS.items(), key=lambda kv: kv[1][0])]
+
+
+def plots_of(name: str | None) -> tuple[MethodPlot, ...]:
+    """The plots method ``name`` adds; none for a name not registered (a run from another version)."""
+    method = _METHODS.get(name or "")
+    return method.plots if method else ()
+
+
+def artifacts() -> dict[str, str]:
+    """{run-folder file name: the method that writes it} over every registered method."""
+    return {a: m.name for m in all_methods() for a in m.artifacts}
 
 
 def param_prefixes() -> tuple[str, ...]:

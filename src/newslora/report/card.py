@@ -8,8 +8,9 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from .. import methods
-from ..config import hub_id
-from .common import SPLITS, _fmt, _get, _label_names, _label_text, _load, _per_class_rows, _Run, _write_text
+from ..families import hub_id
+from .common import (SPLITS, RunView, format_value, get_key, label_text, load_view, per_class_rows, view_label_names,
+                     write_text_atomic)
 
 
 def _method_name(method: str | None) -> str:
@@ -19,7 +20,7 @@ def _method_name(method: str | None) -> str:
 
 
 def _dataset_id(recipe: dict) -> str:
-    source = _get(recipe, "data.source")
+    source = get_key(recipe, "data.source")
     if not isinstance(source, str) or not source.strip():
         return "ag_news"
     source = source.strip().removeprefix("hf:")
@@ -28,7 +29,7 @@ def _dataset_id(recipe: dict) -> str:
     return "ag_news" if local else source
 
 
-def _card_metadata(run: _Run, dataset: str) -> dict:
+def _card_metadata(run: RunView, dataset: str) -> dict:
     meta: dict[str, Any] = {}
     if hub_id(run.backbone or ""):  # a local backbone folder is no hub model: no base_model
         meta["base_model"] = hub_id(run.backbone)
@@ -55,13 +56,13 @@ def _card_metadata(run: _Run, dataset: str) -> dict:
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _card_budget(run: _Run) -> str:
+def _card_budget(run: RunView) -> str:
     t = run.info.get("trainable") or {}
-    budget = t.get("budget", _get(run.recipe, "budget.max_params"))
+    budget = t.get("budget", get_key(run.recipe, "budget.max_params"))
     if not t and budget is None:
         return "Trainable-parameter counts were not recorded for this run."
     rows = [("total", t.get("total")), ("classification head", t.get("head")),
@@ -72,7 +73,7 @@ def _card_budget(run: _Run) -> str:
     return text
 
 
-def _card_results(run: _Run) -> str:
+def _card_results(run: RunView) -> str:
     splits = [(s, m) for s in SPLITS if (m := run.split(s))]
     if not splits:
         return "No evaluation results were recorded for this run."
@@ -80,13 +81,13 @@ def _card_results(run: _Run) -> str:
                         [(s, m.get("accuracy"), m.get("macro_precision"), m.get("macro_recall"),
                           m.get("macro_f1"), m.get("n")) for s, m in splits])
     per_class = _md_table(["split", "class", "precision", "recall", "F1", "support"],
-                          _per_class_rows(run))
+                          per_class_rows(run))
     return f"{overall}\n\n### Per class\n\n{per_class}"
 
 
-def _card_limitations(run: _Run, dataset: str) -> str:
-    labels = _label_names(run)
-    sample = _get(run.info, "rows.train")  # training examples the run really used
+def _card_limitations(run: RunView, dataset: str) -> str:
+    labels = view_label_names(run)
+    sample = get_key(run.info, "rows.train")  # training examples the run really used
     sample = sample if isinstance(sample, int) else None
     items = [
         "Trained and evaluated on English news headlines/snippets only; other languages and "
@@ -110,7 +111,7 @@ def write_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike,
                      model_path: str | None = None) -> Path:
     """Write a Hugging Face model card ``export_dir/README.md`` for an exported run. ``model_path``: how the card
     names the model folder (export writes into a temp folder first and passes the final one)."""
-    run, export = _load(run_dir), Path(export_dir)
+    run, export = load_view(run_dir), Path(export_dir)
     dataset = _dataset_id(run.recipe)
     model = model_path or export.name or "path/to/model"
     recipe_yaml = (yaml.safe_dump(run.recipe, sort_keys=False, allow_unicode=True).strip()
@@ -122,7 +123,7 @@ def write_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike,
     sections = [
         f"# {run.name}",
         "## Model description",
-        f"{backbone} fine-tuned for news topic classification ({_label_text(run)}) on "
+        f"{backbone} fine-tuned for news topic classification ({label_text(run)}) on "
         f"`{dataset}` with **{method}** adapters under a trainable-parameter budget, using "
         "newslora. Trained on "
         f"`{run.info.get('device', 'unknown device')}` with "
@@ -147,13 +148,13 @@ def write_model_card(export_dir: str | os.PathLike, run_dir: str | os.PathLike,
         _card_limitations(run, dataset),
     ]
     front = yaml.safe_dump(_card_metadata(run, dataset), sort_keys=False, allow_unicode=True)
-    return _write_text(export / "README.md", f"---\n{front}---\n\n" + "\n\n".join(sections) + "\n")
+    return write_text_atomic(export / "README.md", f"---\n{front}---\n\n" + "\n\n".join(sections) + "\n")
 
 
 def adapter_card(run_dir: str | os.PathLike) -> str:
     """The README of a run's ``adapter/`` folder (instead of PEFT's empty template): what the adapter is and how to
     load it. It is written at the end of training, before evaluation, so it carries no results."""
-    run = _load(run_dir)
+    run = load_view(run_dir)
     meta: dict[str, Any] = {}
     if hub_id(run.backbone or ""):
         meta["base_model"] = hub_id(run.backbone)
@@ -163,7 +164,7 @@ def adapter_card(run_dir: str | os.PathLike) -> str:
     method = _method_name(run.method)
     return (f"---\n{front}---\n\n# {run.name}: {method} adapter\n\n"
             f"The {method} adapter (with its classification head) of the newslora run in the parent folder, for "
-            f"{_label_text(run)}. The run folder's `recipe.yaml` names the backbone and every setting.\n\n"
+            f"{label_text(run)}. The run folder's `recipe.yaml` names the backbone and every setting.\n\n"
             "Load it through its run folder, which also restores anything the adapter alone lacks (a random-init "
             "backbone, a LoRA head's frozen base weights):\n\n"
             '```python\nfrom newslora import load_classifier\n\nclf = load_classifier("path/to/run")\n```\n\n'

@@ -6,11 +6,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 from openpyxl.styles import Font
 
+from ..outputs import write_file_atomic
 from ..run import Run
 
 
@@ -18,10 +19,10 @@ DPI = 120
 SPLITS = ("validation", "test")
 PER_CLASS_COLUMNS = ["split", "class", "precision", "recall", "f1", "support"]
 KEY_PLOTS = ("loss.png", "accuracy.png", "confusion_test.png", "per_class_f1.png")
-_BOLD = Font(bold=True)
+BOLD = Font(bold=True)
 
 
-def _get(d: Any, dotted: str, default: Any = None) -> Any:
+def get_key(d: Any, dotted: str, default: Any = None) -> Any:
     for key in dotted.split("."):
         if not isinstance(d, dict) or key not in d:
             return default
@@ -30,14 +31,13 @@ def _get(d: Any, dotted: str, default: Any = None) -> Any:
 
 
 @dataclass
-class _Run:
+class RunView:
     path: Path
     recipe: dict
     info: dict  # run.json
     evals: dict  # eval.json
     steps: pd.DataFrame | None
     epochs: pd.DataFrame | None
-    ranks: pd.DataFrame | None
     status: str | None = None  # Run.status(): run.json's status, "dead" for a "running" run whose process is gone
 
     @property
@@ -54,7 +54,7 @@ class _Run:
 
     @property
     def backbone(self) -> str | None:
-        return self.info.get("backbone") or _get(self.recipe, "model.backbone")
+        return self.info.get("backbone") or get_key(self.recipe, "model.backbone")
 
     def split(self, name: str) -> dict | None:
         m = self.evals.get(name)
@@ -72,25 +72,18 @@ class _Run:
         return None
 
 
-def _load(run_dir: str | os.PathLike) -> _Run:
+def load_view(run_dir: str | os.PathLike) -> RunView:
     run = Run.open(run_dir, need="exists")
     info = run.read_info()
-    return _Run(path=run.path, recipe=run.read_recipe_dict(), info=info, evals=run.read_eval(),
-                steps=run.read_steps(), epochs=run.read_epochs(), ranks=run.read_ranks(), status=run.status(info))
+    return RunView(path=run.path, recipe=run.read_recipe_dict(), info=info, evals=run.read_eval(),
+                steps=run.read_steps(), epochs=run.read_epochs(), status=run.status(info))
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write via a temp file in the same folder, then rename over ``path``."""
-    from ..outputs import write_file_atomic
-
-    return write_file_atomic(path, write)
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_file_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, bool):
@@ -102,7 +95,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _per_class_rows(run: _Run) -> list[list[Any]]:
+def per_class_rows(run: RunView) -> list[list[Any]]:
     rows = []
     for split in SPLITS:
         m = run.split(split) or {}
@@ -112,11 +105,11 @@ def _per_class_rows(run: _Run) -> list[list[Any]]:
     return rows
 
 
-def _label_names(run: _Run) -> list[str]:
+def view_label_names(run: RunView) -> list[str]:
     return run.info.get("label_names") or next(
         (run.labels(m) for s in SPLITS if (m := run.split(s))), [])
 
 
-def _label_text(run: _Run) -> str:
-    labels = _label_names(run)
+def label_text(run: RunView) -> str:
+    labels = view_label_names(run)
     return f"{len(labels)} classes: {', '.join(labels)}" if labels else "AG News topics"

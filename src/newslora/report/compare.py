@@ -11,11 +11,11 @@ from typing import Any, Iterable
 from openpyxl import Workbook
 
 from .. import methods
-from ..outputs import check_folder_place
+from ..outputs import check_folder_place, write_file_atomic
 from ..run import Run
-from .common import KEY_PLOTS, _atomic_write, _fmt, _get, _load, _Run, _write_text
-from .plots import plot_run
-from .workbook import _autofit, _table
+from .common import KEY_PLOTS, RunView, format_value, get_key, load_view, write_text_atomic
+from .plots import method_plots, plot_run
+from .workbook import autofit, write_table
 
 
 COMPARE_COLUMNS = ["name", "method", "modules", "rank", "trainable", "budget", "val_accuracy",
@@ -31,19 +31,19 @@ section{margin-top:2.5rem;border-top:1px solid #ddd}code{font-size:.85rem;color:
 """
 
 
-def _compare_row(run: _Run) -> dict[str, Any]:
+def _compare_row(run: RunView) -> dict[str, Any]:
     info, recipe = run.info, run.recipe
     trainable = info.get("trainable") or {}
-    modules = info.get("target_modules") or _get(recipe, "lora.target_modules") or []
+    modules = info.get("target_modules") or get_key(recipe, "lora.target_modules") or []
     rank = info.get("rank")  # the rank training counted: lora.r, adalora.init_r, vera.r, ...
     if rank is None and run.method in methods.names():
-        rank = _get(recipe, methods.get(run.method).rank_key)
+        rank = get_key(recipe, methods.get(run.method).rank_key)
     val, test = run.split("validation") or {}, run.split("test") or {}
     return {
         "name": run.name, "method": run.method,
         "modules": ",".join(modules) if isinstance(modules, list) else modules,
         "rank": rank, "trainable": trainable.get("total"),
-        "budget": trainable.get("budget", _get(recipe, "budget.max_params")),
+        "budget": trainable.get("budget", get_key(recipe, "budget.max_params")),
         "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
         "val_macro_f1": val.get("macro_f1"), "test_macro_f1": test.get("macro_f1"),
         "train_time_s": info.get("train_runtime_s"),
@@ -58,26 +58,26 @@ def _markdown(rows: list[dict]) -> str:
         "| " + " | ".join(COMPARE_COLUMNS) + " |",
         "|" + "|".join("---" for _ in COMPARE_COLUMNS) + "|",
     ]
-    lines += ["| " + " | ".join(_fmt(r[c]).replace("|", "\\|") for c in COMPARE_COLUMNS) + " |"
+    lines += ["| " + " | ".join(format_value(r[c]).replace("|", "\\|") for c in COMPARE_COLUMNS) + " |"
               for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def _run_plots(run: _Run) -> list[Path]:
+def _run_plots(run: RunView) -> list[Path]:
     plots = Run(run.path).plots_dir
-    wanted = [*KEY_PLOTS, *([Run.RANKS_PLOT] if run.ranks is not None else [])]
+    wanted = [*KEY_PLOTS, *(name for name, _ in method_plots(run))]
     if not all((plots / name).is_file() for name in wanted):
         plot_run(run.path)
     return [plots / name for name in wanted if (plots / name).is_file()]
 
 
-def _html(runs: list[_Run], rows: list[dict]) -> str:
+def _html(runs: list[RunView], rows: list[dict]) -> str:
     esc = html.escape
     numeric = {"rank", "trainable", "budget", "val_accuracy", "test_accuracy", "val_macro_f1",
                "test_macro_f1", "train_time_s", "samples_per_s"}
     head = "".join(f"<th>{esc(c)}</th>" for c in COMPARE_COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f'<td{"" if c in numeric else " class=t"}>{esc(_fmt(r[c]))}</td>'
+        "<tr>" + "".join(f'<td{"" if c in numeric else " class=t"}>{esc(format_value(r[c]))}</td>'
                          for c in COMPARE_COLUMNS) + "</tr>\n" for r in rows)
     sections = []
     for run in runs:
@@ -103,7 +103,7 @@ def compare_runs(run_dirs: Iterable[str | os.PathLike],
     check_folder_place(output_dir, "report.md, report.html and report.xlsx")
     for path in paths:
         Run.open(path, need="any")  # every folder checked before anything is written
-    runs = [_load(p) for p in paths]
+    runs = [load_view(p) for p in paths]
     pairs = sorted(zip(runs, map(_compare_row, runs)),
                    key=lambda rr: (rr[1]["val_accuracy"] is None, -(rr[1]["val_accuracy"] or 0)))
     runs, rows = [r for r, _ in pairs], [row for _, row in pairs]
@@ -111,10 +111,10 @@ def compare_runs(run_dirs: Iterable[str | os.PathLike],
     out.mkdir(parents=True, exist_ok=True)
     wb = Workbook()
     wb.active.title = "comparison"
-    _table(wb.active, COMPARE_COLUMNS, ([r[c] for c in COMPARE_COLUMNS] for r in rows))
-    _autofit(wb)
+    write_table(wb.active, COMPARE_COLUMNS, ([r[c] for c in COMPARE_COLUMNS] for r in rows))
+    autofit(wb)
     return {
-        "md": _write_text(out / "report.md", _markdown(rows)),
-        "html": _write_text(out / "report.html", _html(runs, rows)),
-        "xlsx": _atomic_write(out / "report.xlsx", lambda p: wb.save(p)),
+        "md": write_text_atomic(out / "report.md", _markdown(rows)),
+        "html": write_text_atomic(out / "report.html", _html(runs, rows)),
+        "xlsx": write_file_atomic(out / "report.xlsx", lambda p: wb.save(p)),
     }

@@ -1,11 +1,9 @@
 """PNG plots of one run: loss (per step and per epoch), accuracy, P/R/F1, confusion matrix, per-class F1, label
-distribution, AdaLoRA ranks."""
+distribution, and the plots the run's method adds (:class:`newslora.methods.MethodPlot`, e.g. AdaLoRA's ranks)."""
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,7 +13,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
 
 from ..run import Run
-from .common import DPI, SPLITS, _Run, _load
+from .common import DPI, SPLITS, RunView, load_view
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _curves(run: _Run) -> pd.DataFrame | None:
+def _curves(run: RunView) -> pd.DataFrame | None:
     """Per-step metrics; falls back to the per-epoch file (train_loss -> loss)."""
     if run.steps is not None:
         return run.steps
@@ -45,7 +43,7 @@ def _curves(run: _Run) -> pd.DataFrame | None:
     return None
 
 
-def _curve_plot(run: _Run, path: Path, series: Sequence[tuple[str, str]], title: str,
+def _curve_plot(run: RunView, path: Path, series: Sequence[tuple[str, str]], title: str,
                 ylabel: str) -> Path | None:
     df = _curves(run)
     if df is None:
@@ -74,12 +72,12 @@ def _curve_plot(run: _Run, path: Path, series: Sequence[tuple[str, str]], title:
     return _save(fig, path)
 
 
-def _plot_loss(run: _Run, path: Path) -> Path | None:
+def _plot_loss(run: RunView, path: Path) -> Path | None:
     return _curve_plot(run, path, [("loss", "train loss"), ("eval_loss", "validation loss")],
                        "Loss", "loss")
 
 
-def _plot_loss_epochs(run: _Run, path: Path) -> Path | None:
+def _plot_loss_epochs(run: RunView, path: Path) -> Path | None:
     """Training and validation loss against epochs (metrics_epochs.csv: one row per epoch)."""
     if run.epochs is None or "epoch" not in run.epochs:
         return None
@@ -97,12 +95,12 @@ def _plot_loss_epochs(run: _Run, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _plot_accuracy(run: _Run, path: Path) -> Path | None:
+def _plot_accuracy(run: RunView, path: Path) -> Path | None:
     return _curve_plot(run, path, [("train_accuracy", "training accuracy"), ("eval_accuracy", "validation accuracy")],
                        "Training vs validation accuracy", "accuracy")
 
 
-def _plot_prf(run: _Run, path: Path) -> Path | None:
+def _plot_prf(run: RunView, path: Path) -> Path | None:
     return _curve_plot(run, path, [("eval_macro_precision", "macro precision"),
                                    ("eval_macro_recall", "macro recall"),
                                    ("eval_macro_f1", "macro F1")],
@@ -120,7 +118,7 @@ def _shown(n_shown: int, n: int) -> str:
     return "" if n_shown == n else f", top {n_shown} of {n:,} classes by support (all in metrics.xlsx)"
 
 
-def _plot_confusion(run: _Run, path: Path) -> Path | None:
+def _plot_confusion(run: RunView, path: Path) -> Path | None:
     found = run.confusion_split()
     if found is None:
         return None
@@ -172,7 +170,7 @@ def _grouped_bars(path: Path, classes: Sequence[str], groups: dict[str, Sequence
     return _save(fig, path)
 
 
-def _plot_per_class_f1(run: _Run, path: Path) -> Path | None:
+def _plot_per_class_f1(run: RunView, path: Path) -> Path | None:
     per_split = {s: m["per_class"] for s in SPLITS if (m := run.split(s)) and m.get("per_class")}
     if not per_split:
         return None
@@ -189,7 +187,7 @@ def _plot_per_class_f1(run: _Run, path: Path) -> Path | None:
                          "F1", "%.3f", 1.0)
 
 
-def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
+def _plot_label_distribution(run: RunView, path: Path) -> Path | None:
     found = run.confusion_split()
     if found is None:
         return None
@@ -204,61 +202,7 @@ def _plot_label_distribution(run: _Run, path: Path) -> Path | None:
                          "examples", "{:,.0f}")
 
 
-def _module_label(module: str) -> str:
-    """'roberta.encoder.layer.3.attention.self.query' -> 'L3 query'."""
-    m = re.search(r"layers?\.(\d+)\.(.+)$", module)
-    if not m:
-        return ".".join(module.split(".")[-2:])
-    rest = m.group(2)
-    for old, new in (("attention.self.", ""), ("attention.output.dense", "attn.output"),
-                     ("intermediate.dense", "ffn.in"), ("output.dense", "ffn.out")):
-        rest = rest.replace(old, new)
-    return f"L{m.group(1)} {rest}"
-
-
-def _layer(module: str) -> int:
-    m = re.search(r"layers?\.(\d+)\.", module)
-    return int(m.group(1)) if m else -1
-
-
-def _plot_adalora_ranks(run: _Run, path: Path) -> Path | None:
-    df = run.ranks
-    if df is None or not {"step", "module", "rank"} <= set(df.columns):
-        return None
-    df = df.dropna(subset=["step", "module", "rank"])
-    if df.empty:
-        return None
-    table = df.pivot_table(index="module", columns="step", values="rank", aggfunc="last")
-    first_seen = {m: i for i, m in reversed(list(enumerate(df["module"])))}
-    table = table.loc[sorted(table.index, key=lambda m: (_layer(m), first_seen[m]))]
-    labels = [_module_label(m) for m in table.index]
-    title = f"AdaLoRA rank per module — {run.title}"
-    if len(table) <= 8:  # few modules: lines are clearer
-        fig, ax = _figure()
-        for label, (_, row) in zip(labels, table.iterrows()):
-            pts = row.dropna()
-            ax.step(pts.index, pts.values, where="post", marker="o", markersize=3, label=label)
-        ax.set(title=title, xlabel="step", ylabel="rank")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-        return _save(fig, path)
-    steps = list(table.columns)
-    fig, ax = _figure(max(7.5, 0.25 * len(steps) + 4), 0.16 * len(table) + 1.8)
-    im = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap="viridis",
-                   interpolation="nearest")
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    layers = [_layer(m) for m in table.index]
-    for i in range(1, len(layers)):
-        if layers[i] != layers[i - 1]:  # separate transformer layers
-            ax.axhline(i - 0.5, color="white", linewidth=1.2)
-    every = max(1, math.ceil(len(steps) / 12))
-    ax.set_xticks(range(0, len(steps), every), [f"{s:,.0f}" for s in steps[::every]])
-    ax.set(title=title, xlabel="step", ylabel="module")
-    fig.colorbar(im, ax=ax, label="rank", shrink=0.6)
-    return _save(fig, path)
-
-
-_PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
+_PLOTS: list[tuple[str, Callable[[RunView, Path], Path | None]]] = [
     ("loss.png", _plot_loss),
     ("loss_epochs.png", _plot_loss_epochs),
     ("accuracy.png", _plot_accuracy),
@@ -266,8 +210,16 @@ _PLOTS: list[tuple[str, Callable[[_Run, Path], Path | None]]] = [
     ("confusion_test.png", _plot_confusion),
     ("per_class_f1.png", _plot_per_class_f1),
     ("label_distribution.png", _plot_label_distribution),
-    (Run.RANKS_PLOT, _plot_adalora_ranks),
 ]
+
+
+def method_plots(run: RunView) -> list[tuple[str, Callable[[RunView, Path], Path | None]]]:
+    """The plots the run's method registers whose data file the run has, as (filename, plot) pairs."""
+    from .. import methods
+
+    folder = Run(run.path)
+    return [(p.filename, lambda r, path, p=p: p.draw(folder, path, r.title, _figure))
+            for p in methods.plots_of(run.method) if folder.file(p.needs).is_file()]
 
 
 def plot_run(run_dir: str | os.PathLike, failures: list[str] | None = None) -> list[Path]:
@@ -277,11 +229,11 @@ def plot_run(run_dir: str | os.PathLike, failures: list[str] | None = None) -> l
     appended to it as ``"<file>: <error>"``. Either way an older file of that name is removed: the folder never shows
     a plot of data the run no longer has.
     """
-    run = _load(run_dir)
+    run = load_view(run_dir)
     out = Run(run.path).plots_dir
     out.mkdir(exist_ok=True)
     written = []
-    for filename, plot in _PLOTS:
+    for filename, plot in [*_PLOTS, *method_plots(run)]:
         try:
             result = plot(run, out / filename)
         except Exception as exc:  # noqa: BLE001 - one bad plot must not stop the others

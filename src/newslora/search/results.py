@@ -12,9 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import Recipe, recipe_from_dict, set_key
-from ..outputs import write_file_atomic
-from ..run import Run, write_json
-from .runner import _console
+from ..errors import first_line
+from ..outputs import write_file_atomic, write_json
+from ..run import Run
+from .runner import stderr_console
 from .space import Space
 from .storage import open_storage, shown
 
@@ -70,17 +71,20 @@ def _write_xlsx(df, path: Path) -> None:
     from openpyxl.styles import Font
     from openpyxl.utils import get_column_letter
 
-    tmp = path.with_name(path.stem + ".tmp.xlsx")
-    with __import__("pandas").ExcelWriter(tmp, engine="openpyxl") as xw:
-        df.to_excel(xw, sheet_name="trials", index=False)
-        ws = xw.sheets["trials"]
-        for cell in ws[1]:
-            cell.font = Font(bold=True)
-        for i, col in enumerate(df.columns, 1):
-            width = max([len(str(col))] + [len(str(v)) for v in df[col].tolist()])
-            ws.column_dimensions[get_column_letter(i)].width = min(60, width + 2)
-        ws.freeze_panes = "A2"
-    tmp.replace(path)
+    import pandas as pd
+
+    def write(tmp: Path) -> None:
+        with pd.ExcelWriter(tmp, engine="openpyxl") as xw:
+            df.to_excel(xw, sheet_name="trials", index=False)
+            ws = xw.sheets["trials"]
+            for cell in ws[1]:
+                cell.font = Font(bold=True)
+            for i, col in enumerate(df.columns, 1):
+                width = max([len(str(col))] + [len(str(v)) for v in df[col].tolist()])
+                ws.column_dimensions[get_column_letter(i)].width = min(60, width + 2)
+            ws.freeze_panes = "A2"
+
+    write_file_atomic(path, write)
 
 
 def write_results(study_name: str, storage_url: str, out: Path, base: Recipe, space: Space,
@@ -90,7 +94,7 @@ def write_results(study_name: str, storage_url: str, out: Path, base: Recipe, sp
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-    con, notes, plots = _console(), [], []
+    con, notes, plots = stderr_console(), [], []
     df = trials_frame(study, space)
     write_file_atomic(out / "trials.csv", lambda tmp: df.to_csv(tmp, index=False))
     _write_xlsx(df, out / "trials.xlsx")
@@ -198,7 +202,7 @@ def write_plots(study, out: Path) -> tuple[list[Path], list[str]]:
             files.append(path)
         except Exception as e:
             path.unlink(missing_ok=True)
-            notes.append(f"{name}.png skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            notes.append(f"{name}.png skipped: {first_line(e, with_type=True)}")
         finally:
             plt.close("all")
 

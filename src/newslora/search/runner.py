@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe, recipe_from_dict, set_key
-from ..errors import NewsloraError
+from ..errors import NewsloraError, first_line
 from ..run import Run
 from .space import Space, load_space, make_pruner, make_sampler
 from .storage import GRACE_FACTOR, HEARTBEAT_S, open_storage, study_lock
@@ -147,7 +147,7 @@ def _claim(study, storage, job: Job):
     return trial, 0
 
 
-def _console():
+def stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)
@@ -179,7 +179,7 @@ def run_worker(job: Job) -> int:
                 break
             # the study is full only if those trials finish: wait, to retry any whose worker died
             if not waited:
-                _console().print(f"worker {job.worker}: waiting for {running} trial(s) running elsewhere",
+                stderr_console().print(f"worker {job.worker}: waiting for {running} trial(s) running elsewhere",
                                  highlight=False)
                 waited = True
             time.sleep(min(job.heartbeat, 5))
@@ -205,7 +205,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
     from .. import train as train_mod
     from ..model import count_trainable
 
-    con = _console()
+    con = stderr_console()
     out = Path(job.output)
     run_dir = out / "trials" / str(trial.number)
     run = Run(run_dir)
@@ -273,7 +273,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
         run.write_error(traceback.format_exc())
         _mark_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-        return finish(TrialState.FAIL, reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        return finish(TrialState.FAIL, reason=first_line(e, None, with_type=True),
                       recipe=recipe)
     if metric == "loss":
         values = [v for _, v in callback.history]
@@ -300,11 +300,11 @@ def _worker_main(job: Job) -> None:  # entry point of a spawned worker process
     except KeyboardInterrupt:
         sys.exit(130)
     except NewsloraError as e:
-        _console().print(f"[bold red]worker {job.worker}: error:[/bold red] {e}", highlight=False)
+        stderr_console().print(f"[bold red]worker {job.worker}: error:[/bold red] {e}", highlight=False)
         sys.exit(2)
 
 
-def _run_processes(jobs: list[Job]) -> None:
+def run_processes(jobs: list[Job]) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")

@@ -87,8 +87,9 @@ class Space:
         """Optuna params that reproduce the recipe's own values, or None when the space cannot express them."""
         out = {}
         for p in self.params:
-            v = p.encode(_get(recipe_dict, p.key))
-            if v is None and not (p.kind == "categorical" and _get(recipe_dict, p.key) is None and None in p.choices):
+            given = get_key(recipe_dict, p.key)
+            v = p.encode(given)
+            if v is None and not (p.kind == "categorical" and given is None and None in p.choices):
                 return None
             out[p.key] = v
         return out
@@ -117,7 +118,7 @@ def load_space(space: str | Path | dict, base: Recipe | None = None) -> Space:
     base_dict = base.to_dict()
     params = [_parse_param(key, spec, where, base_dict) for key, spec in _flatten_space(params_node, where)]
     pruner = opts.get("pruner", "median")
-    _pruner_spec(pruner, where)  # validate now
+    pruner_spec(pruner, where)  # validate now
     sampler = opts.get("sampler") or {}
     if not isinstance(sampler, dict):
         raise NewsloraError(f"{where}: sampler must be a mapping of TPESampler arguments, e.g. {{n_startup_trials: 5}}")
@@ -248,16 +249,16 @@ def _check_value(base_dict: dict, key: str, value, what: str):
         r = recipe_from_dict(d)
     except NewsloraError as e:
         raise NewsloraError(f"{what}: {e}") from None
-    return _get(r.to_dict(), key)
+    return get_key(r.to_dict(), key)
 
 
-def _get(d: dict, key: str):
+def get_key(d: dict, key: str):
     for part in key.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
 
 
-def _pruner_spec(spec, where: str = "search space") -> tuple[str, dict]:
+def pruner_spec(spec, where: str = "search space") -> tuple[str, dict]:
     if isinstance(spec, str) or spec is None:
         name, kwargs = (spec or "none"), {}
     elif isinstance(spec, dict) and "type" in spec:
@@ -274,7 +275,7 @@ def _pruner_spec(spec, where: str = "search space") -> tuple[str, dict]:
 def make_pruner(spec, where: str = "search space"):
     import optuna
 
-    name, kwargs = _pruner_spec(spec, where)
+    name, kwargs = pruner_spec(spec, where)
     if name == "median":
         kwargs = {"n_startup_trials": 3, "n_warmup_steps": 0, **kwargs}  # optuna's 5 startup trials: too many here
     cls = {"median": optuna.pruners.MedianPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner,

@@ -19,7 +19,7 @@ import hashlib
 import warnings
 from pathlib import Path
 
-from ..errors import NewsloraError
+from ..errors import NewsloraError, first_line
 
 HEARTBEAT_S = 30  # seconds between a running trial's heartbeats (--heartbeat)
 GRACE_FACTOR = 3  # a trial is stale after GRACE_FACTOR heartbeats without one
@@ -88,19 +88,18 @@ def open_storage(url: str, heartbeat: int | None = None):
                                 + ("pip install 'newslora[postgres]'" if driver == "psycopg" else
                                    f"install {driver}")) from None
         except sqlalchemy.exc.OperationalError as e:  # unreachable server, refused login, missing database
-            raise NewsloraError(f"cannot open study storage {shown(url)}: {_first_line(e)}") from None
+            raise NewsloraError(f"cannot open study storage {shown(url)}: {driver_message(e)}") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             last = e
         except sqlalchemy.exc.DatabaseError as e:  # e.g. sqlite:///notes.txt: "file is not a database"
-            raise NewsloraError(f"cannot open study storage {shown(url)}: {_first_line(e)}; point --storage at a "
+            raise NewsloraError(f"cannot open study storage {shown(url)}: {driver_message(e)}; point --storage at a "
                                 "study database or a new file") from None
-    raise NewsloraError(f"cannot open study storage {shown(url)}: {_first_line(last)}")
+    raise NewsloraError(f"cannot open study storage {shown(url)}: {driver_message(last)}")
 
 
-def _first_line(e: BaseException | None) -> str:
-    orig = getattr(e, "orig", None) or e
-    text = str(orig).strip()
-    return text.splitlines()[0] if text else type(orig).__name__
+def driver_message(e: BaseException) -> str:
+    """The first line of a database error: the driver's own exception (SQLAlchemy wraps it as ``orig``)."""
+    return first_line(getattr(e, "orig", None) or e, None)
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ from ..config import Recipe
 from ..errors import NewsloraError
 from ..outputs import write_file_atomic
 from .results import SearchResult, write_results
-from .runner import Job, _console, _run_processes, check_heartbeat, counted, run_worker, trial_recipe
-from .space import Space, _pruner_spec, load_space
+from .runner import Job, check_heartbeat, counted, run_processes, run_worker, stderr_console, trial_recipe
+from .space import Space, load_space, pruner_spec
 from .storage import HEARTBEAT_S, open_storage, shown, study_lock
 from .storage import storage_url as storage_url_of
 
@@ -39,7 +39,7 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
     tracking.check(recipe.train)  # before any trial starts
     space = space if isinstance(space, Space) else load_space(space, recipe)
     if pruner is not None:
-        _pruner_spec(pruner, "--pruner")
+        pruner_spec(pruner, "--pruner")
         space.pruner = pruner
     study_name = study_name or recipe.name
     if not study_name or "/" in study_name:
@@ -64,7 +64,7 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=study_name, storage=db, direction=direction, load_if_exists=True)
     _check_same_study(study, base, space, direction, shown(storage_url))
-    con = _console()
+    con = stderr_console()
     existing = study.get_trials(deepcopy=False)
     if not existing:
         study.set_user_attr("base_recipe", yaml.safe_dump(_comparable(base), sort_keys=True))
@@ -97,7 +97,7 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
         if workers == 1:
             run_worker(jobs[0])
         else:
-            _run_processes(jobs)
+            run_processes(jobs)
     except BaseException:  # Ctrl-C or an error: the table and best recipe still show what finished
         with contextlib.suppress(Exception):
             write_results(study_name, storage_url, out, recipe, space, final=False)
@@ -138,5 +138,5 @@ def _check_same_study(study, base: dict, space: Space, direction: str, url: str)
                                 f"a new one with --study NAME")
     old_space = study.user_attrs.get("space")
     if old_space is not None and json.loads(old_space) != json.loads(json.dumps(space.raw, default=str)):
-        _console().print("[yellow]note: the search space changed since this study started; earlier trials keep "
+        stderr_console().print("[yellow]note: the search space changed since this study started; earlier trials keep "
                          "their old parameters[/yellow]")
