@@ -764,6 +764,11 @@ CASES += [
          ["column 'label' holds a list", "integer or a class name"]),
     Case("jsonl-boolean-label", lambda e: train_args(e, _typed(e, "d.jsonl", label=lambda v: v == 1)),
          ["column 'label' holds a boolean", "row 0"]),
+    Case("predict-parquet-list-text", lambda e: ["predict", e.tiny_run, "-i", _typed(e, "in.parquet", text=lambda t: [t]),
+                                                 "-o", "s.csv"], ["column 'text' holds a list", "must be a string"]),
+    Case("predict-jsonl-record-text", lambda e: ["predict", e.tiny_run, "-i", _typed(e, "in.jsonl",
+                                                 text=lambda t: {"title": t}), "-o", "s.csv"],
+         ["column 'text' holds a record", "must be a string"]),
     Case("train-disk-full", lambda e: _disk_full(e, *train_args(e, TRAIN_CSV)), ["No space left on device"],
          changes=["runs", "../cache"]),
 ]

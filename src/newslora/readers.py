@@ -67,8 +67,6 @@ def read_table(path: str | Path, text_column="text", label_column: str | None = 
         raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     except (ValueError, pd.errors.ParserError) as e:
         raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
-    if suffix in (".jsonl", ".json", ".parquet"):  # typed formats: a value may be a list, a record or a boolean
-        check_kinds(df, path, text_column, label_column)
     return _non_empty(select_columns(df, path, text_column, label_column, options, id_column), path)
 
 
@@ -248,6 +246,7 @@ def select_columns(df: pd.DataFrame, path: Path, text_column, label_column: str 
                else options[0])
         raise NewsloraError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(map(str, df.columns))}); "
                             f"set {key} to the right name")
+    check_kinds(df, path, text_column, label_column)  # typed formats (JSONL, parquet) may hold lists or booleans
     cols = _columns(text_column)
     if len(cols) == 1:
         text = df[cols[0]]
