@@ -326,8 +326,9 @@ def create_app(model_path: str | Path, classifier=None, options: ServeOptions | 
                 raise HTTPException(422, str(e)) from None
             if len(t) * 4 > opts.max_text_bytes and len(t.encode("utf-8")) > opts.max_text_bytes:
                 metrics["rejected"].labels("text_too_long").inc()
+                kept = {"head": "first", "tail": "last", "head_tail": "first and last"}.get(clf.truncation, "first")
                 raise HTTPException(413, f"texts[{i}] is over {opts.max_text_bytes} UTF-8 bytes; the model reads "
-                                         f"only its first {clf.max_length} tokens: shorten it (or raise "
+                                         f"only its {kept} {clf.max_length} tokens: shorten it (or raise "
                                          "--max-text-bytes)")
         try:
             future = worker.submit(req.texts)
