@@ -114,10 +114,11 @@ def test_non_finite_and_out_of_range_values_name_the_key(override, words):
 def test_new_keys_are_declared_with_their_defaults():
     r = load_recipe(None, ["data.text_columns=[title,description]", "train.report_to=tensorboard",
                            "train.tracking_uri=mlruns", "distill.unlabelled=u.csv", "distill.teachers=[t]", "data.drop_overlap=true",
-                           "model.truncation=head_tail", "train.class_weights=balanced"])
+                           "model.truncation=head_tail"])
     assert r.data.text_columns == ["title", "description"] and r.train.report_to == ["tensorboard"]
     assert (r.train.tracking_uri, r.distill.unlabelled, r.data.drop_overlap) == ("mlruns", "u.csv", True)
-    assert (r.model.truncation, r.train.class_weights) == ("head_tail", "balanced")
+    assert r.model.truncation == "head_tail"
+    assert load_recipe(None, ["train.class_weights=balanced"]).train.class_weights == "balanced"
     d = Recipe()
     assert (d.data.text_columns, d.model.truncation, d.train.class_weights, d.train.report_to, d.train.tracking_uri,
             d.data.drop_overlap, d.distill.unlabelled) == (None, "head", "none", [], None, False, None)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_overrides
 from transformers import TrainerCallback
 

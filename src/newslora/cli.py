@@ -130,7 +130,7 @@ def budget(overrides: Optional[list[str]] = Overrides, config: Optional[Path] = 
     else:
         report.print(out)
     if not report.fits:
-        err.print(f"[bold red]error:[/bold red] {report.refusal()}", highlight=False, soft_wrap=True)
+        error_line(report.refusal())
         raise typer.Exit(1)
 
 

@@ -21,9 +21,6 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from . import methods
 from .errors import NewsloraError
-from .methods.adalora import AdaLoraSection  # noqa: F401 - re-exported: the sections' old import path
-from .methods.lora import LoraSection  # noqa: F401
-from .methods.vera import VeraSection  # noqa: F401
 from .sections import Float, Int, List, Section, Str
 from .yamlfile import parse_yaml, read_yaml_mapping
 
@@ -240,6 +237,9 @@ class RecipeBase(Section):
         if self.model.quantization != "none" and self.model.random_init:
             raise ValueError(f"model.quantization={self.model.quantization} quantizes pretrained weights; it does "
                              "not combine with model.random_init=true")
+        if self.distill.teachers and self.train.class_weights != "none":
+            raise ValueError("train.class_weights does not combine with distill.teachers (the distillation loss "
+                             "weighs every row alike): drop one of them")
         return self
 
     def check(self) -> None:

@@ -46,6 +46,7 @@ class Teacher:
     max_length: int
     tokenizer_path: Path
     files: list  # (relative name, size, mtime_ns) of everything that defines the weights
+    truncation: str = "head"  # which tokens of a long text the teacher reads, as it was trained
 
     def describe(self, run) -> dict:
         """What the student's run folder records: the teacher's path relative to that folder (so a moved pair of
@@ -72,11 +73,12 @@ def inspect_teacher(path: str | Path) -> Teacher:
         folder = describe(p, runtime="torch")
         files = _weight_files(p, [Run.RECIPE, "*.safetensors", f"{a}/*.safetensors", f"{a}/*.bin", f"{a}/*.json",
                                   f"{b}/*.safetensors", f"{b}/*.bin", f"{b}/config.json"])
-        return Teacher(given, p, "run", folder.label_names, folder.max_length, Run(p).adapter_dir, files)
+        return Teacher(given, p, "run", folder.label_names, folder.max_length, Run(p).adapter_dir, files,
+                       folder.truncation)
     if (p / "config.json").is_file():
         folder = describe(p, runtime="torch")
         files = _weight_files(p, ["config.json", "*.safetensors", "*.bin"])
-        return Teacher(given, p, "model", folder.label_names, folder.max_length, p, files)
+        return Teacher(given, p, "model", folder.label_names, folder.max_length, p, files, folder.truncation)
     raise NewsloraError(f"distill teacher {given} is neither a newslora run folder (recipe.yaml + adapter/) nor a "
                         "model folder (config.json)")
 
@@ -121,7 +123,7 @@ def _cache_key(teacher: Teacher, tokenizer, df) -> str:
 
     ident = {"version": CACHE_VERSION, "path": str(teacher.resolved), "files": teacher.files,
              "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": teacher.max_length,
-             "data": frame_fingerprint(df), "rows": len(df)}
+             "truncation": teacher.truncation, "data": frame_fingerprint(df), "rows": len(df)}
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -153,7 +155,7 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
         model, tok = _load(teacher)
         if loaded is not None:
             loaded[teacher.path] = (model, tok)
-    arr = _forward(model, tok, df["text"].tolist(), teacher.max_length, batch_size)
+    arr = _forward(model, tok, df["text"].tolist(), teacher.max_length, batch_size, teacher.truncation)
     if computed is not None:
         computed.append(len(df))
     if cache:
@@ -170,11 +172,11 @@ def teacher_logits(teacher: Teacher, df, batch_size: int = 128, loaded: dict | N
     return arr
 
 
-def _forward(model, tokenizer, texts: list[str], max_length: int, batch_size: int):
+def _forward(model, tokenizer, texts: list[str], max_length: int, batch_size: int, truncation: str = "head"):
     """Teacher logits in input order (the predict stage's length-batched forward)."""
     from .predict import batched_logits
 
-    return batched_logits(model, tokenizer, texts, max_length, batch_size)
+    return batched_logits(model, tokenizer, texts, max_length, batch_size, truncation)
 
 
 def soft_targets(logits_list: list, temperature: float):

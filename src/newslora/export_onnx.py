@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NewsloraError, first_line
-from .modelfolder import MODEL_META, ONNX_FILE, describe, is_onnx_folder, write_meta
+from .modelfolder import MODEL_META, ONNX_FILE, describe, is_adapter_folder, is_onnx_folder, write_meta
 from .onnx_runtime import OnnxModel
 
 # int8 weights move logits by a few hundredths on trained models; the argmax must still agree on the sample
@@ -78,8 +78,8 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .export import CHECK_TEXTS, export
-
     from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
+    from .predict import refuse_non_finite
     from .run import Run
 
     source = Path(source)
@@ -90,6 +90,10 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
             merged = export(source)
     elif (source / "config.json").is_file() and (source / "model.safetensors").is_file():
         run, merged = None, source
+    elif is_adapter_folder(source):  # a plain PEFT adapter: merged first (ADAPTER/merged), then exported
+        run, merged = None, source / Run.MERGED
+        if not (merged / "config.json").is_file():
+            merged = export(source)
     else:
         raise NewsloraError(f"{source} is neither a finished run folder (recipe.yaml + adapter/) nor a merged model "
                             "folder (config.json + model.safetensors)")
@@ -104,6 +108,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     described = describe(merged, runtime="torch")
     max_length = described.max_length
     model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    refuse_non_finite(model, merged)
     tok = AutoTokenizer.from_pretrained(merged)
 
     created = make_parents(target)

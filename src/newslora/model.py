@@ -21,7 +21,6 @@ from . import families, methods
 from .config import Recipe
 from .errors import NewsloraError, first_line
 from .families import LAYER_RE, resolve_backbone
-from .methods.adalora import adalora_schedule  # noqa: F401 - re-exported (older import path)
 
 
 # ----------------------------------------------------------------------------- backbone

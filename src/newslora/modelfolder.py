@@ -21,9 +21,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import families
 from .config import ModelConfig
-from .errors import NewsloraError
+from .errors import NewsloraError, first_line
 from .outputs import read_json, write_json
+from .texts import TRUNCATIONS
 
 # tokens per text in a folder that does not say: the recipe's own model.max_length default, defined there once
 DEFAULT_MAX_LENGTH = ModelConfig().max_length
@@ -123,9 +125,20 @@ def _run(path: Path) -> ModelFolder:
     run = Run.open(path, need="adapter")
     recipe = run.read_recipe_dict()
     model, data = recipe.get("model") or {}, recipe.get("data") or {}
+    # the column(s) the run read its texts from: data.text_columns, else a single data.text_column
+    columns = data.get("text_columns") or ([data["text_column"]] if data.get("text_column", "text") != "text" else None)
     return ModelFolder(path, "run", run.label_names(), int(model.get("max_length") or DEFAULT_MAX_LENGTH),
-                       data.get("text_columns") or None, model.get("truncation") or DEFAULT_TRUNCATION,
-                       model.get("backbone"))
+                       columns, _truncation(model.get("truncation"), path / Run.RECIPE), model.get("backbone"))
+
+
+def _truncation(value, where: Path) -> str:
+    """A recorded truncation, checked: a value the tokenizer step does not know is refused in one line."""
+    if value is None:
+        return DEFAULT_TRUNCATION
+    if value not in TRUNCATIONS:
+        raise NewsloraError(f"{where}: truncation {value!r} is not one of {', '.join(TRUNCATIONS)}; set it to how the "
+                            "model was trained (head if unsure), or export the model again")
+    return value
 
 
 def _described(path: Path, kind: str) -> ModelFolder:
@@ -142,7 +155,7 @@ def _described(path: Path, kind: str) -> ModelFolder:
                             f"tokens; set it to what the model was trained with (e.g. {DEFAULT_MAX_LENGTH}), or "
                             "export the model again")
     return ModelFolder(path, kind, config_label_names(config), max_length,
-                       meta.get("text_columns") or None, meta.get("truncation") or DEFAULT_TRUNCATION,
+                       meta.get("text_columns") or None, _truncation(meta.get("truncation"), path / MODEL_META),
                        meta.get("backbone"), {k: v for k, v in meta.items() if k not in settings})
 
 
@@ -191,14 +204,10 @@ def _base_config(base: str) -> dict:
     """The base model's config.json as a mapping (a local folder, a packaged alias or the hub cache)."""
     from transformers import AutoConfig
 
-    from .families import resolve_backbone
-
-    name = resolve_backbone(base)
+    name = families.resolve_backbone(base)
     try:
         return AutoConfig.from_pretrained(name).to_dict()
     except (OSError, ValueError) as e:
-        from .errors import first_line
-
         raise NewsloraError(f"cannot read the config of the adapter's base model {base}: {first_line(e)}; make it "
                             "reachable (a local folder, or the hub cache)") from None
 
@@ -215,8 +224,6 @@ def read_adapter_weights(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path / ADAPTER_WEIGHTS[1], map_location="cpu", weights_only=True)
     except Exception as e:  # pickle's and torch's errors for a damaged file or one holding more than tensors
-        from .errors import first_line
-
         raise NewsloraError(f"cannot read {path / ADAPTER_WEIGHTS[1]} as tensors: {first_line(e)}; re-save the "
                             "adapter with save_pretrained(..., safe_serialization=True)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -235,8 +242,6 @@ def head_outputs(path: str | os.PathLike) -> int | None:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     else:
         shapes = {k: list(v.shape) for k, v in read_adapter_weights(path).items()}
-    from . import families
-
     heads = {f"base_model.model.{f.head_out}.weight" for f in (*families.FAMILIES.values(), families.GENERIC)}
     outs = [s[0] for k, s in shapes.items() if k in heads and len(s) == 2]
     return outs[0] if outs else None

@@ -341,8 +341,11 @@ def predict(model: str | Path, input: str | Path, output: str | Path, text_colum
 
     check_output_file(output, [input], overwrite)
     fmt = output_format(output)
-    if Path(input).suffix.lower() not in PICKLE_SUFFIXES:
+    if Path(input).suffix.lower() not in PICKLE_SUFFIXES | {".txt"}:
         id_column = find_id_column(input, id_column)
+    elif id_column is not None:  # a pickled Dataset is read for its texts only, a .txt file has one text per line
+        raise NewsloraError(f"--id-column {id_column}: {input} is read for its texts only (one per row), with no ID "
+                            "column; drop --id-column (rows are numbered 0..N-1)")
     columns = input_columns(model, text_column, runtime, label_names)
     chunks, total = iter_input(input, columns, trust_pickle, chunk_rows, options, id_column)
     first = next(chunks)  # problems with the input as a whole surface before the model loads

@@ -381,6 +381,9 @@ def _csv_chunks(path: Path, sep: str, text_column, chunk_rows: int, options,
     classic, kaggle = _headerless(first, text_column), _is_kaggle(first)
     if classic and (len(first) != 3 or id_column is not None):
         raise headerless_error(path, options)
+    if kaggle and id_column is not None:
+        raise NewsloraError(f"{path} is AG News's Kaggle form (Class Index,Title,Description), which has no ID column: "
+                            f"drop --id-column {id_column} (rows are numbered 0..N-1)")
     reader = pd.read_csv(path, sep=sep, encoding="utf-8", keep_default_na=False, dtype=str, chunksize=chunk_rows,
                          **({"header": None} if classic else {}))
     line = 1 if classic else 2  # the file line of the chunk's first row

@@ -31,7 +31,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from .errors import NewsloraError
-from .serveoptions import MAX_TEXTS, TOKEN_ENV, ServeOptions
+from .serveoptions import TOKEN_ENV, ServeOptions
+
 
 class ClassifyRequest(BaseModel):
     texts: list[str] = Field(..., min_length=1, description="texts to classify (non-empty UTF-8 strings)")

@@ -32,5 +32,5 @@ class ServeOptions:
         for name in ("max_batch", "max_queue", "max_texts", "max_text_bytes", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise NewsloraError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0:
-            raise NewsloraError(f"batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
+        if not 0 <= self.batch_wait_ms < float("inf"):  # NaN and inf fail too: a wait must be a finite time
+            raise NewsloraError(f"batch-wait-ms must be a finite number >= 0, got {self.batch_wait_ms}")

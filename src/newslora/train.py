@@ -231,8 +231,14 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
     if recipe.train.report_to:  # the MLflow run starts (and its store is opened) once the run folder exists
         hooks.append(tracking.Tracker(recipe, run, b))
     distributed.barrier()  # the folder exists before any rank goes on
-    return _build(recipe, run, tokenizer, splits, resume is not None, list(callbacks), hooks,
-                  trainer_cls or NewsloraTrainer, b.fit)
+    try:
+        return _build(recipe, run, tokenizer, splits, resume is not None, list(callbacks), hooks,
+                      trainer_cls or NewsloraTrainer, b.fit)
+    except BaseException:  # fit() never runs: end what setup started (the MLflow run, the folder's lock)
+        for hook in hooks:
+            hook.abort("failed")
+        unlock_run_folder(run.path)
+        raise
 
 
 def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, callbacks: list, hooks: list,

@@ -28,12 +28,19 @@ Space file::
       lora.r: {type: int, low: 2, high: 16}
       lora.target_modules: {type: categorical, choices: [[query, value], [query, key, value]]}
 """
-from .results import SearchResult, best_recipe, print_summary, trials_frame, write_results
-from .runner import Job, make_pruning_callback, run_worker, trial_recipe
-from .space import Param, Space, field_type, load_space, make_pruner, make_sampler
-from .storage import open_storage, storage_url, study_lock
-from .study import search
+from importlib import import_module
 
-__all__ = ["Job", "Param", "SearchResult", "Space", "best_recipe", "field_type", "load_space", "make_pruner",
-           "make_sampler", "make_pruning_callback", "open_storage", "print_summary", "run_worker", "search",
-           "storage_url", "study_lock", "trial_recipe", "trials_frame", "write_results"]
+# name -> submodule; imported on first use, so that reading a constant of one submodule (the CLI's pruner list) does not
+# load the training stack the others import
+_EXPORTS = {"SearchResult": "results", "best_recipe": "results", "print_summary": "results", "trials_frame": "results",
+            "write_results": "results", "Job": "runner", "make_pruning_callback": "runner", "run_worker": "runner",
+            "trial_recipe": "runner", "Param": "space", "Space": "space", "field_type": "space", "load_space": "space",
+            "make_pruner": "space", "make_sampler": "space", "open_storage": "storage", "storage_url": "storage",
+            "study_lock": "storage", "search": "study"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -51,11 +51,12 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
     direction = "minimize" if recipe.train.metric == "loss" else "maximize"
 
     # everything cheap that can fail, before any trial: trial recipe, data (train/validation only), labels
-    from ..data import label_set, load_splits
+    from ..data import load_splits
 
     probe = trial_recipe(base, {}, f"{study_name}-t0")
-    load_splits(probe.data)  # the data's own checks, before any trial
-    label_names = label_set(probe.data)  # the classes every trial's budget counts, as budget and train count them
+    # the data's own checks before any trial; its classes are what every trial's budget counts, as budget and train
+    # count them (data.label_set's order)
+    label_names = load_splits(probe.data).label_names
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage is None:
