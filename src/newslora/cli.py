@@ -165,7 +165,7 @@ def baseline(overrides: Optional[list[str]] = Overrides, config: Optional[Path] 
 
 
 @command()
-def evaluate(model: Path = typer.Argument(..., help="run folder or merged model folder"),
+def evaluate(model: Path = typer.Argument(..., help="a run folder, merged or ONNX model folder, or plain PEFT adapter folder"),
              data: Path = typer.Option(..., "--data", help="labelled file (CSV/TSV/JSONL/parquet, or classic AG News CSV)"),
              text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP), label_column: str = "label",
              output: Optional[Path] = typer.Option(None, "--output", help="write the metrics as JSON here"),
@@ -220,7 +220,7 @@ def _export(run_dir: Path, output: Optional[Path], overwrite: bool, onnx: bool, 
 
 
 @command()
-def predict(model: Path = typer.Argument(..., help="run folder or merged model folder"),
+def predict(model: Path = typer.Argument(..., help="a run folder, merged or ONNX model folder, or plain PEFT adapter folder"),
             input: Path = typer.Option(..., "--input", "-i", help="CSV/TSV/JSONL/parquet/.txt, or a pickled Dataset"),
             output: Path = typer.Option(Path("submission.csv"), "--output", "-o",
                                         help="the extension picks the format: .csv, .tsv, .jsonl or .parquet"),
@@ -281,7 +281,7 @@ def rows_progress(what: str):
 
 
 @command()
-def classify(model: Path = typer.Argument(..., help="run folder or merged model folder"),
+def classify(model: Path = typer.Argument(..., help="a run folder, merged or ONNX model folder, or plain PEFT adapter folder"),
              texts: list[str] = typer.Argument(..., help="one or more headlines"),
              runtime: Optional[str] = RuntimeOpt, label_names: Optional[str] = LabelNamesOpt):
     """Classify headlines given on the command line."""
@@ -328,7 +328,7 @@ def serve_option(name: str, *decls: str):
 
 
 @command()
-def serve(model: Path = typer.Argument(..., help="run folder, merged model folder or ONNX folder"),
+def serve(model: Path = typer.Argument(..., help="a run folder, merged or ONNX model folder, or plain PEFT adapter folder"),
           host: str = typer.Option("127.0.0.1", help="address to bind; a non-loopback one needs $NEWSLORA_API_TOKEN"),
           port: int = 8000,
           runtime: Optional[str] = RuntimeOpt,
@@ -340,8 +340,9 @@ def serve(model: Path = typer.Argument(..., help="run folder, merged model folde
           max_text_bytes: int = serve_option("max_text_bytes"),
           max_body_bytes: int = serve_option("max_body_bytes"),
           label_names: Optional[str] = LabelNamesOpt):
-    """Serve a model over HTTP: POST /classify {"texts": [...]}, GET /labels, /health, /metrics (Prometheus),
-    /docs (OpenAPI). Set $NEWSLORA_API_TOKEN to require 'Authorization: Bearer <token>'."""
+    """Serve a model over HTTP: a page at / to try it in a browser, POST /classify {"texts": [...]}, GET /labels,
+    /model, /health, /metrics (Prometheus), /docs (OpenAPI). Set $NEWSLORA_API_TOKEN to require
+    'Authorization: Bearer <token>' everywhere but / and /health."""
     from .serve import serve as run_serve
 
     opts = ServeOptions(max_batch=max_batch, batch_wait_ms=batch_wait_ms, batching=batching, max_queue=max_queue,

@@ -49,7 +49,8 @@ def evaluate(model_path: str | Path, data: str | Path, text_column: str | None =
 
     if output:
         check_output_file(output, [data], overwrite)
-    df = check_texts(read_table(data, input_columns(model_path, text_column, runtime, label_names), label_column, options),
+    columns = input_columns(model_path, text_column, runtime, label_names)
+    df = check_texts(read_table(data, columns, label_column, options),
                      str(data))  # before the model loads
     clf = load_classifier(model_path, runtime=runtime, label_names=label_names)
     df, _ = encode_labels(df, clf.label_names, str(data), names_from=f"the model {model_path}",

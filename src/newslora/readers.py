@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import NewsloraError
+from .errors import NewsloraError, first_line
 from .texts import join_columns
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt"}
@@ -66,7 +66,7 @@ def read_table(path: str | Path, text_column="text", label_column: str | None = 
     except UnicodeDecodeError as e:
         raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     except (ValueError, pd.errors.ParserError) as e:
-        raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+        raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {first_line(e)}") from None
     return _non_empty(select_columns(df, path, text_column, label_column, options, id_column), path)
 
 
@@ -97,7 +97,7 @@ def read_labels(path: str | Path, text_column="text", label_column: str = "label
     except UnicodeDecodeError as e:
         raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+        raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {first_line(e)}") from None
     return _non_empty(df.rename(columns={label_column: "label"})[["label"]], path)
 
 
@@ -372,7 +372,7 @@ def _raw_chunks(path: Path, suffix: str, text_column, chunk_rows: int,
     except UnicodeDecodeError as e:
         raise NewsloraError(f"{path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     except (ValueError, pd.errors.ParserError) as e:
-        raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+        raise NewsloraError(f"{path} could not be parsed as {suffix[1:]}: {first_line(e)}") from None
 
 
 def _csv_chunks(path: Path, sep: str, text_column, chunk_rows: int, options,
@@ -413,7 +413,7 @@ def _jsonl_chunks(path: Path, text_column, chunk_rows: int, options,
                 return
             except ValueError as e:  # pandas names a position inside the chunk: name the chunk's lines
                 raise NewsloraError(f"{path} could not be parsed as jsonl in lines {line}-{line + chunk_rows - 1}: "
-                                    f"{str(e).splitlines()[0]}") from None
+                                    f"{first_line(e)}") from None
             yield select_columns(df, path, text_column, None, options, id_column)
             line += chunk_rows  # a chunk is chunk_rows lines of the file, blank ones included
 
@@ -431,7 +431,7 @@ def _parquet_chunks(path: Path, text_column, chunk_rows: int, options,
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=list(dict.fromkeys(wanted))):
             yield select_columns(batch.to_pandas(), path, text_column, None, options, id_column)
     except OSError as e:  # pyarrow's I/O errors (a truncated file) are OSErrors, its format errors ValueErrors
-        raise NewsloraError(f"{path} could not be parsed as parquet: {str(e).splitlines()[0]}") from None
+        raise NewsloraError(f"{path} could not be parsed as parquet: {first_line(e)}") from None
 
 
 def _txt_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from .errors import NewsloraError
+from .errors import NewsloraError, first_line
 from .serveoptions import TOKEN_ENV, ServeOptions
 
 
@@ -340,7 +340,7 @@ def create_app(model_path: str | Path, classifier=None, options: ServeOptions | 
         try:
             return {"results": await future}
         except Exception as e:
-            raise HTTPException(500, f"inference failed: {type(e).__name__}: {e}") from None
+            raise HTTPException(500, f"inference failed: {first_line(e, with_type=True)}") from None
 
     return app
 

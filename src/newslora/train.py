@@ -306,7 +306,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return summary(classification_metrics(p.label_ids, logits.argmax(-1), splits.label_names))
 
-    callbacks = [StopOnNonFinite(), TrainTally(), MetricsFileCallback(run), Heartbeat(run, info), *callbacks, *method.callbacks(run, total_steps)]
+    callbacks = [StopOnNonFinite(), TrainTally(), MetricsFileCallback(run), Heartbeat(run, info), *callbacks,
+                 *method.callbacks(run, total_steps)]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     kwargs = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
@@ -341,7 +342,8 @@ def fit(s: Setup) -> RunResult:
     except BaseException as e:
         outcome = ("terminated" if isinstance(e, Terminated) else "interrupted" if isinstance(e, KeyboardInterrupt)
                    else "failed")
-        run.end_attempt(info, outcome, trainer.state.global_step, None if outcome == "interrupted" else first_line(e, None, with_type=True))
+        error = None if outcome == "interrupted" else first_line(e, None, with_type=True)
+        run.end_attempt(info, outcome, trainer.state.global_step, error)
         run.relativize_checkpoints()
         for hook in s.hooks:
             hook.abort(outcome)
@@ -445,7 +447,7 @@ def finalize(run_dir: Path) -> None:
     try:
         failures = finalize_run(run_dir)
     except Exception as e:  # a plot must not cost the user a trained model
-        failures = [f"{type(e).__name__}: {e}"]
+        failures = [first_line(e, with_type=True)]
     if failures:
         Run(run_dir).update_info(report_errors=failures)
         console.print(Text(f"warning: the model trained, but its report is incomplete ({'; '.join(failures)}); "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..errors import first_line
 from .card import adapter_card, write_model_card
 from .compare import compare_runs
 from .plots import plot_run
@@ -28,11 +29,11 @@ def finalize_run(run_dir: str | os.PathLike) -> list[str]:
     try:
         plot_run(run_dir, failures)
     except Exception as exc:  # noqa: BLE001
-        failures.append(f"plots: {type(exc).__name__}: {exc}")
+        failures.append(f"plots: {first_line(exc, with_type=True)}")
     try:
         write_workbook(run_dir)
     except Exception as exc:  # noqa: BLE001
-        failures.append(f"metrics.xlsx: {type(exc).__name__}: {exc}")
+        failures.append(f"metrics.xlsx: {first_line(exc, with_type=True)}")
     for failure in failures:
         log.warning("finalize_run: %s failed for %s", failure, run_dir)
     return failures

@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure  # object API: Agg canvas, no pyplot global state
 
+from ..errors import first_line
 from ..run import Run
 from .common import DPI, SPLITS, RunView, load_view
 
@@ -239,7 +240,7 @@ def plot_run(run_dir: str | os.PathLike, failures: list[str] | None = None) -> l
         except Exception as exc:  # noqa: BLE001 - one bad plot must not stop the others
             log.warning("skipping %s for %s: %s", filename, run.path, exc)
             if failures is not None:
-                failures.append(f"{filename}: {type(exc).__name__}: {exc}")
+                failures.append(f"{filename}: {first_line(exc, with_type=True)}")
             result = None
         if result is not None:
             written.append(result)

@@ -272,7 +272,7 @@ def _run_trial(study, trial, job: Job, space: Space) -> str:
     except Exception as e:  # one broken trial must not end the study
         run_dir.mkdir(parents=True, exist_ok=True)
         run.write_error(traceback.format_exc())
-        _mark_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        _mark_run(run_dir, "failed", error=first_line(e, with_type=True))
         return finish(TrialState.FAIL, reason=first_line(e, None, with_type=True),
                       recipe=recipe)
     if metric == "loss":
