@@ -222,7 +222,7 @@ def test_dataloader_workers_train_the_same_run(tmp_path):
         losses[workers] = steps["loss"].tolist()
     assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert newslora_trainer(tmp_path / "dl", **{"train.dataloader_workers": 1}).get_train_dataloader().num_workers == 1
-    with pytest.raises(NewsloraError, match="train.dataloader_workers=-1 must be >= 0"):
+    with pytest.raises(NewsloraError, match="train.dataloader_workers=-1 must be at least 0"):
         load_recipe(None, ["train.dataloader_workers=-1"])
 
 
