@@ -14,7 +14,7 @@
     # base size on every row (after `bash scripts/install_mpnet.sh`; hours each on 2 cores, resumable):
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes mpfull-all-r2-ep2,mpfull-qv-r8,mpfull-qv-r8-ep2 --reference mpfull-qv-r8 --table mpnet-full
     # the ceiling (full fine-tuning of MiniLM, lr chosen on validation) on all rows:
-    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes ceil-lr2e-5,ceil-lr5e-5,ceil-lr1e-4,ceiling --reference ceil-lr5e-5 --table ceiling
+    HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes ceil-lr5e-5,ceil-lr1e-4,ceiling --reference ceil-lr5e-5 --table ceiling
     # unlabelled text: 3,000 labelled rows, the other training texts without labels
     HF_HUB_OFFLINE=1 python bench/accuracy.py --recipes tfidf,plain,unl-teacher,unl-w0.5,unl-w1,unl-chosen,unl6k-w1 --rows 3000 \
         --workdir runs/accuracy-unl --reference unl-teacher --table unlabelled
@@ -209,10 +209,11 @@ RECIPES: dict[str, dict] = {
                   "what": "the fast variant (fast-ep1) if it trains within plain's time, on the test set"},
     # the ceiling: every weight of MiniLM trains (over the budget: the reference the budget is measured against),
     # 2 epochs, validation (4 times an epoch) keeps the best checkpoint; the learning rate is chosen on validation
+    # between 5e-5 and 1e-4 (the usual range for a 6-layer encoder; 2e-5 is there to extend it downwards)
     **{f"ceil-lr{lr}": {"kind": "full", "lr": float(lr), "epochs": 2, "what": f"full fine-tuning of MiniLM (every "
                         f"weight, over the budget), lr {lr}, 2 epochs, best validation checkpoint"}
        for lr in ("2e-5", "5e-5", "1e-4")},
-    "ceiling": {"best_of": ["ceil-lr2e-5", "ceil-lr5e-5", "ceil-lr1e-4"], "final": True,
+    "ceiling": {"best_of": ["ceil-lr5e-5", "ceil-lr1e-4"], "final": True,
                 "what": "the ceiling: the full fine-tuning run with the best validation, read once on the test set"},
     "tiny-full": {"kind": "full", "lr": 1e-3, "epochs": 1, "tiny": True,
                   "what": "protocol smoke test: full fine-tuning of a 2-layer random-init roberta"},
@@ -464,7 +465,8 @@ def run_full(name: str, spec: dict, seed: int, data: Path, workdir: Path, log, t
 
 def full_worker(spec: dict) -> None:
     """Every weight of the backbone trains with the HF Trainer (no PEFT, no budget): the accuracy ceiling of the
-    backbone on the protocol's rows. The best validation checkpoint is kept as ``RUN/best`` for the test read."""
+    backbone on the protocol's rows, in length-grouped batches (the Trainer's own sampler: little padding, still
+    shuffled). The best validation checkpoint is kept as ``RUN/best`` for the test read."""
     import numpy as np
     import pandas as pd
     from datasets import Dataset
@@ -509,7 +511,7 @@ def full_worker(spec: dict) -> None:
                                  weight_decay=0.01, eval_strategy="steps", eval_steps=every, save_strategy="steps",
                                  save_steps=every, save_total_limit=2, load_best_model_at_end=True,
                                  metric_for_best_model="accuracy", logging_steps=50, report_to="none", seed=seed,
-                                 bf16=bf16, use_cpu=True)
+                                 bf16=bf16, use_cpu=True, train_sampling_strategy="group_by_length")
 
         def accuracy(p):
             return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}

@@ -144,11 +144,11 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
     with pytest.raises(NewsloraError, match="bf16"):
         train_mod.resolve_precision("bf16")
-    assert train_mod.resolve_precision("auto") == "fp32"  # no AMX: fp32
+    assert train_mod.resolve_precision("auto") == "fp32"  # no native bf16 (AMX or AVX512-BF16): fp32
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
     assert train_mod.resolve_precision("bf16") == "bf16"
     assert train_mod.precision_flags("bf16") == {"bf16": True, "use_cpu": True}
-    assert train_mod.resolve_precision("auto") == "fp32"  # auto stays fp32 on any CPU: bf16 there is opt-in
+    assert train_mod.resolve_precision("auto") == "bf16"  # native bf16: autocast, its accuracy measured equal
 
 
 def test_tf32_needs_an_ampere_gpu_and_is_auto_there(monkeypatch):

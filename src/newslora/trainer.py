@@ -72,18 +72,19 @@ def cpu_has_bf16() -> bool:
 
 def resolve_precision(choice: str) -> str:
     """The precision a run trains in: ``fp32``, ``tf32``, ``bf16`` or ``fp16``; refuses what this machine can't do.
-    ``auto``: TF32 on an Ampere-or-newer GPU, fp16 autocast on an older one, fp32 on CPU (reproducible everywhere).
+    ``auto``: TF32 on an Ampere-or-newer GPU, fp16 autocast on an older one; on a CPU, bf16 autocast where the CPU has
+    native bf16 matmuls (AMX or AVX512-BF16), fp32 elsewhere. On such a CPU bf16 autocast trains about twice as fast
+    as fp32 at the same validation accuracy (bench/ACCURACY.md, bf16; bench/RESULTS.md); its numerics depend on the CPU
+    model, so ``fp32`` is the choice for runs that must match bit for bit across machines.
     ``tf32``: fp32 weights and activations, TF32 tensor-core matmuls (Ampere or newer): no autocast, so none of its
     per-matmul cast kernels. At the recipes' batch sizes (16-32) a LoRA step of roberta-base is bound by the host on
     such a GPU, and autocast's casts cost ~20% more host time per step than fp32 (bench/RESULTS.md); ``bf16`` stays an
-    explicit choice for batches large enough to keep the GPU busy. ``bf16`` on a CPU with AMX/AVX512-BF16 is an
-    explicit opt-in: bf16 autocast, faster per step there (bench/RESULTS.md), at the cost of CPU-model-dependent
-    numerics."""
+    explicit choice on a GPU, for batches large enough to keep it busy."""
     cuda = torch.cuda.is_available()
     ampere = cuda and torch.cuda.get_device_capability()[0] >= 8
     if choice == "auto":
         if not cuda:
-            return "fp32"
+            return "bf16" if cpu_has_bf16() else "fp32"
         choice = "tf32" if ampere else "fp16"
     if choice == "tf32" and not ampere:
         raise NewsloraError("train.precision=tf32 needs an NVIDIA GPU of the Ampere generation or newer; use "
