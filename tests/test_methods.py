@@ -32,10 +32,14 @@ def recipe_for(method: str, **extra):
 
 
 class Grab(TrainerCallback):
-    """Keeps the model the Trainer ends with (after loading the best checkpoint, if it does)."""
+    """Keeps the model the Trainer ends with (after loading the best checkpoint, if it does), its forward freed from
+    the Trainer's autocast wrapper (bf16 autocast on a CPU with native bf16), so it runs in fp32 as a reloaded model
+    does."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.model = model
+        from accelerate.utils import extract_model_from_parallel
+
+        self.model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
 @torch.inference_mode()
