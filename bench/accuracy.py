@@ -488,13 +488,18 @@ def full_worker(spec: dict) -> None:
         lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True, remove_columns=["text"])
         for s in splits}
     res = {"recipe": spec["name"], "seed": seed, "backbone": "tiny" if spec["tiny"] else "minilm"}
-    if spec["test"]:  # the kept best checkpoint on the test set
+
+    def predict_best(split):
+        """Predictions of the kept best checkpoint on ``split``, in row order. A Trainer of its own: one that groups
+        by length also samples its evaluation rows by length (transformers 5), out of the split's order."""
         model = AutoModelForSequenceClassification.from_pretrained(run_dir / "best")
-        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(run_dir / "test"), report_to="none",
+        trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(run_dir / "predict"), report_to="none",
                                                               per_device_eval_batch_size=256),
                           data_collator=DataCollatorWithPadding(tok))
-        pred = np.asarray(trainer.predict(ds["test"]).predictions).argmax(-1)
-        res["test"] = brief(classification_metrics(np.asarray(ds["test"]["label"]), pred, labels))
+        return np.asarray(trainer.predict(ds[split]).predictions).argmax(-1)
+
+    if spec["test"]:  # the kept best checkpoint on the test set
+        res["test"] = brief(classification_metrics(np.asarray(ds["test"]["label"]), predict_best("test"), labels))
     else:
         set_seed(seed)
         if spec["tiny"]:
@@ -521,11 +526,11 @@ def full_worker(spec: dict) -> None:
         last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
         m = trainer.train(resume_from_checkpoint=last).metrics
         trainer.save_model(str(run_dir / "best"))
-        pred = np.asarray(trainer.predict(ds["validation"]).predictions).argmax(-1)
+        pred = predict_best("validation")
         res.update({"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "train_rows": len(ds["train"]), "epochs": spec["epochs"], "precision": "bf16" if bf16 else "fp32",
                     "train_seconds": round(m["train_runtime"], 2), "samples_per_second": m["train_samples_per_second"],
-                    "best_checkpoint": trainer.state.best_model_checkpoint,
+                    "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
                     "validation": brief(classification_metrics(np.asarray(ds["validation"]["label"]), pred, labels)),
                     "test": None, "val_pred": pred.tolist()})
     out = Path(spec["out"])

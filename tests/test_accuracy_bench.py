@@ -182,4 +182,6 @@ def test_ceiling_trains_every_weight_and_reads_test_from_the_kept_checkpoint(ben
     ceiling = json.loads((work / "results" / "tiny-ceiling-s42.json").read_text())
     assert full["trainable"] > 1_000_000 and full["test"] is None  # every weight; test unread while choosing
     assert (work / "runs" / "tiny-full-s42" / "best" / "model.safetensors").is_file()
+    # its validation predictions are in the split's row order: the kept checkpoint's accuracy, as the Trainer saw it
+    assert full["validation"]["accuracy"] == pytest.approx(full["best_metric"])
     assert ceiling["chosen"] == "tiny-full" and ceiling["test"]["n"] == len(pd.read_csv(test))

@@ -47,6 +47,10 @@ def test_export_round_trip_same_argmax(tiny_run, onnx_run, texts):
     assert info["precision"] == "fp32" and info["check"]["same_argmax"] == info["check"]["n"] == 6
     assert info["check"]["max_logit_diff"] <= 1e-3 and info["max_length"] == 48
     assert "ONNX export (fp32)" in (onnx_run / "README.md").read_text()
+    # a RoBERTa graph is fused: one Attention kernel per layer (2 layers in the tiny model), residual layer norms fused
+    ops = [n.op_type for n in onnx.load(onnx_run / "model.onnx").graph.node]
+    assert ops.count("Attention") == 2 and "SkipLayerNormalization" in ops and "Softmax" not in ops
+    assert "fused by onnxruntime's transformer optimizer" in info["exporter"]
     torch_clf, onnx_clf = load_classifier(tiny_run.run_dir), load_classifier(onnx_run)
     assert (torch_clf.runtime, onnx_clf.runtime) == ("torch", "onnx")
     assert onnx_clf.label_names == torch_clf.label_names and onnx_clf.max_length == torch_clf.max_length
@@ -103,9 +107,23 @@ def test_int8_export(tiny_model_dir, tmp_path, texts):
     info = json.loads((out / "newslora.json").read_text())
     assert info["precision"] == "int8" and info["check"]["same_argmax"] == 6
     ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # int8 weights, activations quantized on the fly
+    assert {"DynamicQuantizeLinear", "MatMulInteger", "QAttention"} <= ops  # int8 weights, fused attention too
     a, b = load_classifier(tiny_model_dir).predict_proba(texts), load_classifier(out).predict_proba(texts)
     assert np.abs(a - b).max() < 0.05
+
+
+def test_unfusable_graph_falls_back_to_the_plain_export(tiny_model_dir, tmp_path, texts, monkeypatch):
+    """A model whose attention blocks the optimizer doesn't fuse (here: fusion disabled by model type) is exported
+    by torch.export, unfused, and still matches PyTorch."""
+    from newslora import export_onnx as ex
+
+    monkeypatch.setattr(ex, "FUSABLE", set())
+    out = ex.export_onnx(tiny_model_dir, tmp_path / "plain")
+    ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
+    assert "Attention" not in ops and "Softmax" in ops
+    assert json.loads((out / "newslora.json").read_text())["exporter"].startswith("torch.onnx.export(dynamo=True)")
+    a, b = load_classifier(tiny_model_dir).predict_proba(texts), load_classifier(out).predict_proba(texts)
+    np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_export_errors(tmp_path, tiny_run):

@@ -1,6 +1,8 @@
 """ONNX export and runtime: a merged model as ``model.onnx`` (fp32, or int8 weights) next to its tokenizer.
 
-Export uses ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), the exporter that supports
+BERT-shaped encoders (BERT, MiniLM, RoBERTa) are exported by the TorchScript exporter with eager attention and fused
+by onnxruntime's transformer optimizer (one Attention kernel per layer); other models, or a graph that does not fully
+fuse, by ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), the exporter that supports
 transformers 5.x (optimum-onnx pins transformers<4.58), and onnxruntime's dynamic quantization for int8. The
 exported graph is checked against the PyTorch model on a fixed sample (same argmax, max logit difference within a
 tolerance) before the folder is kept; the check is written to ``newslora.json`` and the folder's README card.
@@ -29,10 +31,17 @@ def is_onnx_export(path: Path) -> bool:
     return is_onnx_folder(path) and (path / MODEL_META).is_file()
 
 
-def _torch_export(model, path: Path, opset: int) -> None:
+# model types whose graph onnxruntime's transformer optimizer fuses (its "bert" pattern set: BERT, MiniLM, RoBERTa):
+# each attention block becomes one Attention kernel (QAttention once quantized) instead of ~20 small ops, and the
+# residual adds, layer norms and GELUs fuse too (bench/RESULTS.md, ONNX: the int8 samples/s it buys)
+FUSABLE = {"bert", "roberta"}
+
+
+def _logits_module(model):
+    """``model`` as a module whose one output is its logits (no ModelOutput dataclass in the graph)."""
     import torch
 
-    class Logits(torch.nn.Module):  # the graph's one output: logits (no ModelOutput dataclass in the graph)
+    class Logits(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -40,11 +49,22 @@ def _torch_export(model, path: Path, opset: int) -> None:
         def forward(self, input_ids, attention_mask):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=4096)
+    return Logits(model).eval()
+
+
+def _example(model):
+    import torch
+
     example = (torch.tensor([[0, 31414, 232, 2], [0, 31414, 2, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
-    example = tuple(x.clamp(max=model.config.vocab_size - 1) for x in example)
+    return tuple(x.clamp(max=model.config.vocab_size - 1) for x in example)
+
+
+def _torch_export(model, path: Path, opset: int) -> None:
+    import torch
+
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=4096)
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.onnx.export(Logits(model).eval(), example, dynamo=True, opset_version=opset,
+        program = torch.onnx.export(_logits_module(model), _example(model), dynamo=True, opset_version=opset,
                                     input_names=["input_ids", "attention_mask"], output_names=["logits"],
                                     dynamic_shapes={"input_ids": {0: batch, 1: seq},
                                                     "attention_mask": {0: batch, 1: seq}},
@@ -52,11 +72,61 @@ def _torch_export(model, path: Path, opset: int) -> None:
     program.save(str(path), external_data=False)
 
 
+def _fused_export(model, path: Path, opset: int) -> bool:
+    """Export ``model`` (a BERT-shaped encoder) with eager attention through the TorchScript exporter, whose graph
+    onnxruntime's transformer optimizer recognises, and fuse it. True if every attention block fused; False (and
+    nothing written) otherwise, for the plain export to take over."""
+    import warnings
+
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = model.config
+    before = cfg._attn_implementation
+    raw = path.with_name(path.name + ".unfused")
+    try:
+        model.set_attn_implementation("eager")  # the attention pattern the optimizer fuses
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(_logits_module(model), _example(model), str(raw), dynamo=False, opset_version=min(opset, 17),
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                            "attention_mask": {0: "batch", 1: "sequence"}})
+        fused = optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
+                               hidden_size=cfg.hidden_size, opt_level=0)  # fusions only: the session optimizes the rest
+        if fused.get_fused_operator_statistics().get("Attention", 0) != cfg.num_hidden_layers:
+            return False
+        fused.save_model_to_file(str(path))
+        return True
+    finally:
+        model.set_attn_implementation(before)
+        raw.unlink(missing_ok=True)
+
+
+def _export_graph(model, path: Path, opset: int) -> str:
+    """Write the fp32 graph of ``model`` to ``path``; what wrote it, in words (for newslora.json and the card)."""
+    import torch
+
+    if model.config.model_type in FUSABLE:
+        try:
+            if _fused_export(model, path, opset):
+                return (f"torch.onnx.export (TorchScript) torch {torch.__version__}, opset {min(opset, 17)}, "
+                        "fused by onnxruntime's transformer optimizer (Attention, SkipLayerNormalization, BiasGelu)")
+        except Exception:  # a graph the optimizer can't handle: the plain export below still serves
+            path.unlink(missing_ok=True)
+    _torch_export(model, path, opset)
+    return f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}"
+
+
 def _quantize_int8(src: Path, dst: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # per-channel int8 weights of MatMul/Gemm; activations quantized on the fly
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
+    # per-channel int8 weights of MatMul/Gemm and of fused Attention (QAttention); activations quantized on the fly;
+    # embeddings stay fp32. Shape inference can't type the outputs of fused (com.microsoft) ops: they are float.
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def check_against_torch(model, tokenizer, onnx_path: Path, max_length: int, texts: list[str]) -> dict:
@@ -117,7 +187,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     try:
         fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
         try:
-            _torch_export(model, fp32, opset)
+            exporter = _export_graph(model, fp32, opset)
             if int8:
                 _quantize_int8(fp32, tmp / ONNX_FILE)
                 fp32.unlink()
@@ -133,11 +203,10 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         import onnxruntime
-        import torch
 
         info = {"runtime": "onnx", "precision": precision,
                 "source": os.path.relpath(merged.resolve(), target.resolve()),
-                "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}, opset {opset}",
+                "exporter": exporter,
                 "onnxruntime": onnxruntime.__version__, "check": check}
         if run is not None:
             info["run"] = os.path.relpath(run.path.resolve(), target.resolve())
@@ -158,7 +227,7 @@ def _write_card(folder: Path, name: str, merged: Path, info: dict) -> None:
     c = info["check"]
     card += (f"\n\n## ONNX export ({info['precision']})\n\n"
              f"`{ONNX_FILE}`: {info['exporter']}"
-             + (", weights quantized to int8 by onnxruntime's `quantize_dynamic` (per channel, MatMul/Gemm)"
+             + (", weights quantized to int8 by onnxruntime's `quantize_dynamic` (per channel, MatMul/Gemm/Attention)"
                 if info["precision"] == "int8" else "") + ". "
              f"Checked against the PyTorch model on {c['n']} texts: same argmax on {c['same_argmax']}/{c['n']}, "
              f"max logit difference {c['max_logit_diff']:.2e} (tolerance {c['atol']}).\n\n"
