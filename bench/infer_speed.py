@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--pipeline-rows", type=int, default=None, help="time the pipeline on the first N rows only "
                    "(its samples/s; agreement columns then compare those rows); default: all rows")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX fp32/int8 rows")
+    p.add_argument("--extra-onnx", action="append", default=[], metavar="NAME=FOLDER",
+                   help="also time this ONNX folder (e.g. one exported another way), as row NAME")
     a = p.parse_args()
     sizes = [None if x == "default" else int(x) for x in str(a.batch_size).split(",")]
 
@@ -136,6 +138,9 @@ def main() -> None:
             onnx_clf = load_classifier(folder)
             assert onnx_clf.max_length == clf.max_length, (onnx_clf.max_length, clf.max_length)
             runners[f"onnx {precision}"] = lambda xs, c=onnx_clf: c.predict_proba(xs, batch_size=sizes[0])
+    for extra in a.extra_onnx:
+        label, _, folder = extra.partition("=")
+        runners[label] = lambda xs, c=load_classifier(folder): c.predict_proba(xs, batch_size=sizes[0])
     if run_dir is not None:
         clf_run = load_classifier(run_dir)
         runners["newslora (run folder)"] = lambda xs: clf_run.predict_proba(xs, batch_size=sizes[0])
