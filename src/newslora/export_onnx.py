@@ -89,7 +89,8 @@ def _fused_export(model, path: Path, opset: int) -> bool:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(_logits_module(model), _example(model), str(raw), dynamo=False,
-                              opset_version=min(opset, 17), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                              opset_version=min(opset, 17), input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"],
                               dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
                                             "attention_mask": {0: "batch", 1: "sequence"}})
         fused = optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
