@@ -231,6 +231,8 @@ RECIPES: dict[str, dict] = {
        for w in ("0.5", "1")},
     "unl-chosen": {"best_of": ["unl-w0.5", "unl-w1"], "final": True,
                    "what": "the unlabelled weight with the better validation, on the test set"},
+    "unl-w1-test": {"test_of": "unl-w1", "final": True,
+                    "what": "unl-w1 (unlabelled weight 1, fixed, not chosen), on the test set"},
     "unl6k-w1": {"config": "configs/demo.yaml", "teacher": "unl-teacher", "unlabelled": "unlabelled-6000.csv",
                  "final": True, "overrides": [*ALL, "distill.temperature=2", "distill.alpha=0.5",
                                               "distill.unlabelled_weight=1"],
