@@ -148,7 +148,25 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
     assert train_mod.resolve_precision("bf16") == "bf16"
     assert train_mod.precision_flags("bf16") == {"bf16": True, "use_cpu": True}
-    assert train_mod.resolve_precision("auto") == "bf16"  # native bf16: autocast, its accuracy measured equal
+    # native bf16 that measures faster: autocast (its accuracy measured equal); native but slower: fp32
+    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda: 2.0)
+    assert train_mod.resolve_precision("auto") == "bf16"
+    assert train_mod.cpu_precision_probe("auto") == {"cpu_bf16_speedup": 2.0}
+    assert train_mod.cpu_precision_probe("fp32") == {}
+    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda: 0.7)
+    assert train_mod.resolve_precision("auto") == "fp32"
+    assert train_mod.resolve_precision("bf16") == "bf16"  # asked for by name: still allowed
+
+
+def test_cpu_bf16_speedup_is_measured_once():
+    """The probe times real matmuls: a positive ratio (0.0 only without native bf16), the same value on every call."""
+    from newslora import trainer as train_mod
+
+    train_mod.cpu_bf16_speedup.cache_clear()
+    ratio = train_mod.cpu_bf16_speedup()
+    assert ratio == train_mod.cpu_bf16_speedup()
+    assert (ratio > 0) == train_mod.cpu_has_bf16()
+    assert train_mod.cpu_bf16_speedup.cache_info().hits >= 1
 
 
 def test_tf32_needs_an_ampere_gpu_and_is_auto_there(monkeypatch):

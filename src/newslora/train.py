@@ -34,11 +34,9 @@ from .run import Run
 from .texts import text_record
 # the training loop's parts, also importable from here: one module for a run's setup and its parts
 from .trainer import (Collator, Heartbeat, MetricsFileCallback, NewsloraTrainer, ReadableProgress, TrainHook,  # noqa: F401
-                      StopOnNonFinite, TrainTally, compile_settings, cpu_has_bf16, device_name, optimizer_steps,
-                      planned_steps,
-                      precision_flags,
-                      resolve_precision, tf32_matmuls,
-                      versions)
+                      StopOnNonFinite, TrainTally, compile_settings, cpu_bf16_speedup, cpu_has_bf16,
+                      cpu_precision_probe, device_name, optimizer_steps, planned_steps, precision_flags,
+                      resolve_precision, tf32_matmuls, versions)
 
 console = Console(stderr=True)
 
@@ -270,7 +268,8 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                      **({"unlabelled": added} if added else {})},
             "overlap": splits.overlap, "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(),
             "versions": versions(),
-            "precision": precision, "processes": distributed.world_size(), "train_runtime_s": None,
+            "precision": precision, **cpu_precision_probe(t.precision),
+            "processes": distributed.world_size(), "train_runtime_s": None,
             "train_samples_per_second": None, "text": text_record(recipe),
             "class_weights": class_weights(splits.train["label"], len(splits.label_names), t.class_weights)}
     # the attempt (pid, host, heartbeat) is recorded before training starts; on resume the earlier attempts and the

@@ -4,9 +4,11 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -70,12 +72,48 @@ def cpu_has_bf16() -> bool:
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
+# bf16 autocast must beat fp32 by this much on the probe below before ``auto`` picks it on a CPU
+BF16_MIN_SPEEDUP = 1.2
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster this CPU runs a base-size linear layer (1024 tokens x 768 -> 768) in bf16 autocast than
+    in fp32: the median of 5 interleaved timings each, ~0.2 s, measured once per process; 0.0 without native bf16.
+    The flags alone do not tell: AVX512-BF16 made bf16 ~2x faster on one CPU (an AMD EPYC) and ~1.5x slower on
+    another (a virtualised Intel Xeon, no AMX exposed; bench/RESULTS.md)."""
+    if not cpu_has_bf16():
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1024, 768, generator=gen), torch.randn(768, 768, generator=gen)
+
+    def timed(bf16: bool) -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            start = time.perf_counter()
+            for _ in range(2):
+                torch.nn.functional.linear(x, w)
+            return time.perf_counter() - start
+
+    timed(True), timed(False)  # warm-up: kernel selection and first-touch allocations
+    fp32, bf16 = zip(*((timed(False), timed(True)) for _ in range(5)))
+    return statistics.median(fp32) / statistics.median(bf16)
+
+
+def cpu_precision_probe(choice: str) -> dict:
+    """What ``auto`` measured on a CPU, for run.json: ``{"cpu_bf16_speedup": x}``; empty on a GPU or for a named
+    precision."""
+    if choice != "auto" or torch.cuda.is_available() or not cpu_has_bf16():
+        return {}
+    return {"cpu_bf16_speedup": round(cpu_bf16_speedup(), 2)}
+
+
 def resolve_precision(choice: str) -> str:
     """The precision a run trains in: ``fp32``, ``tf32``, ``bf16`` or ``fp16``; refuses what this machine can't do.
     ``auto``: TF32 on an Ampere-or-newer GPU, fp16 autocast on an older one; on a CPU, bf16 autocast where the CPU has
-    native bf16 matmuls (AMX or AVX512-BF16), fp32 elsewhere. On such a CPU bf16 autocast trains about twice as fast
-    as fp32 at the same validation accuracy (bench/ACCURACY.md, bf16; bench/RESULTS.md); its numerics depend on the CPU
-    model, so ``fp32`` is the choice for runs that must match bit for bit across machines.
+    native bf16 matmuls (AMX or AVX512-BF16) and they measure at least ``BF16_MIN_SPEEDUP`` times as fast as fp32
+    (``cpu_bf16_speedup``), fp32 elsewhere. bf16 autocast trains at the same validation accuracy as fp32
+    (bench/ACCURACY.md, bf16); its numerics depend on the CPU model, so ``fp32`` is the choice for runs that must
+    match bit for bit across machines.
     ``tf32``: fp32 weights and activations, TF32 tensor-core matmuls (Ampere or newer): no autocast, so none of its
     per-matmul cast kernels. At the recipes' batch sizes (16-32) a LoRA step of roberta-base is bound by the host on
     such a GPU, and autocast's casts cost ~20% more host time per step than fp32 (bench/RESULTS.md); ``bf16`` stays an
@@ -84,7 +122,7 @@ def resolve_precision(choice: str) -> str:
     ampere = cuda and torch.cuda.get_device_capability()[0] >= 8
     if choice == "auto":
         if not cuda:
-            return "bf16" if cpu_has_bf16() else "fp32"
+            return "bf16" if cpu_has_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
         choice = "tf32" if ampere else "fp16"
     if choice == "tf32" and not ampere:
         raise NewsloraError("train.precision=tf32 needs an NVIDIA GPU of the Ampere generation or newer; use "
