@@ -84,12 +84,11 @@ ALL = ["model.backbone=minilm", "model.max_length=128", "lora.target_modules=[qu
        "train.epochs=1", "train.batch_size=32", "train.eval_batch_size=256", "train.eval_steps=160",
        "train.early_stopping_patience=null", "train.logging_steps=50"]
 
-# mpnet-base, 1 epoch at batch 16; validation and a checkpoint three times an epoch on 6,000 rows. fp32: on a CPU
-# with AVX512-BF16 but no AMX, bf16 autocast trains a base-size encoder slower than fp32 (bench/RESULTS.md).
+# mpnet-base, 1 epoch at batch 16; validation and a checkpoint three times an epoch on 6,000 rows. fp32 whatever the
+# CPU, so every mpnet-base row of ACCURACY.md trains in the same precision.
 MP = ["model.backbone=mpnet-base", "model.max_length=128", "lora.dropout=0.1", "train.lr=5e-4", "train.epochs=1",
-      "train.precision=fp32",
-      "train.batch_size=16", "train.eval_batch_size=128", "train.eval_steps=125", "train.early_stopping_patience=null",
-      "train.logging_steps=25"]
+      "train.precision=fp32", "train.batch_size=16", "train.eval_batch_size=128", "train.eval_steps=125",
+      "train.early_stopping_patience=null", "train.logging_steps=25"]
 
 ALL3 = [*ALL, "train.epochs=3"]
 FAST = [*ALL, "model.max_length=64", "train.lr=1e-3", "train.eval_steps=null"]
