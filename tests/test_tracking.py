@@ -228,6 +228,27 @@ def test_interrupted_run_ends_killed_in_mlflow(tmp_path, clean_mlflow_env, mlflo
     assert logged and [h.step for h in client.get_metric_history(mrun.info.run_id, "loss")] == logged
 
 
+def test_resumed_run_continues_its_mlflow_run(tmp_path, clean_mlflow_env, mlflow_server):
+    """Ctrl-C after a checkpoint, then ``--resume``: the same MLflow run (one per run folder) ends FINISHED, with the
+    loss of every step of the finished folder and the final metrics."""
+    from conftest import ctrl_c_after
+
+    from newslora.train import train
+
+    run_dir = tmp_path / "resumed"
+    over = {**FAST, "train.report_to": "[mlflow]", "train.tracking_uri": mlflow_server["url"]}
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe(None, tiny_overrides(**over)), run_dir=run_dir, extra_callbacks=[ctrl_c_after(3)])
+    _, first = the_mlflow_run(mlflow_server["url"], run_dir)
+    assert first.info.status == "KILLED"
+    res = train(resume=run_dir)
+    client, mrun = the_mlflow_run(mlflow_server["url"], run_dir)
+    assert mrun.info.run_id == first.info.run_id and mrun.info.status == "FINISHED"
+    logged = set(pd.read_csv(run_dir / "metrics_steps.csv").dropna(subset=["loss"])["step"])
+    assert len(logged) >= 4 and {h.step for h in client.get_metric_history(mrun.info.run_id, "loss")} == logged
+    assert mrun.data.metrics["final_test_accuracy"] == pytest.approx(res.eval["test"]["accuracy"])
+
+
 def test_tracking_uri_without_mlflow_is_refused(tmp_path):
     from newslora.errors import NewsloraError
     from newslora.train import train

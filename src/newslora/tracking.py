@@ -136,11 +136,13 @@ class Tracker(TrainHook):
     or the run ``MLFLOW_RUN_ID`` names -- so the Trainer's ``MLflowCallback`` logs into it and leaves ending it to
     this hook; it logs the recipe, budget and run-folder tag at once, and once the run folder is complete the final
     metrics and the artifacts. ``MLFLOW_RUN_ID`` and ``MLFLOW_NESTED_RUN`` are read here and hidden from the
-    callback until the run ends (with them set it would start a run of its own)."""
+    callback until the run ends (with them set it would start a run of its own). ``resuming``: a ``--resume`` of the
+    run folder reattaches to the latest MLflow run tagged with it, so one folder is one MLflow run; the steps logged
+    between the last checkpoint and the stop are logged again, at the same step numbers."""
 
     HIDDEN = ("MLFLOW_RUN_ID", "MLFLOW_NESTED_RUN")
 
-    def __init__(self, recipe, run, breakdown):
+    def __init__(self, recipe, run, breakdown, resuming: bool = False):
         self.recipe, self.run = recipe, run
         self.mlflow = "mlflow" in recipe.train.report_to and run.writes
         self.run_id: str | None = None
@@ -154,10 +156,11 @@ class Tracker(TrainHook):
             use_store(tracking_uri(recipe.train.tracking_uri, run.path.parent), run.path.parent)
         self.hidden = {k: os.environ.pop(k) for k in self.HIDDEN if k in os.environ}
         nested = parent is not None or self.hidden.get("MLFLOW_NESTED_RUN", "").lower() in ("1", "true", "yes")
-        active = mlflow.start_run(run_id=self.hidden.get("MLFLOW_RUN_ID"), run_name=run.path.name, nested=nested,
+        run_id = self.hidden.get("MLFLOW_RUN_ID") or (tagged_run(run.path) if resuming and parent is None else None)
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run.path.name, nested=nested,
                                   tags={RUN_DIR_TAG: str(run.path.resolve())})
         self.run_id = active.info.run_id
-        if "MLFLOW_RUN_ID" not in self.hidden:  # a new run; a reattached one has these already
+        if run_id is None:  # a new run; a reattached one has these already
             b = breakdown
             mlflow.log_params({**flat_params(recipe.to_dict(), "recipe"),
                                **{f"budget.adapter.{m}": str(n) for m, n in b.by_module.items()}})
@@ -197,6 +200,17 @@ class Tracker(TrainHook):
             mlflow.end_run(status)
         self.run_id = None
         os.environ.update(self.hidden)
+
+
+def tagged_run(run_dir: Path) -> str | None:
+    """The id of the latest MLflow run of the current experiment tagged with ``run_dir``; None if there is none."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    found = mlflow.MlflowClient().search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = "
+                                              f"'{Path(run_dir).resolve()}'", max_results=1,
+                                              order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
 
 
 def study_parent(report_to: list[str], configured_uri: str | None, study: str, output: Path) -> str | None:

@@ -227,7 +227,7 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
     if main:  # a --resume of this folder from another process is refused while it trains
         lock_run_folder(run.path, str(run.path))
     if recipe.train.report_to:  # the MLflow run starts (and its store is opened) once the run folder exists
-        hooks.append(tracking.Tracker(recipe, run, b))
+        hooks.append(tracking.Tracker(recipe, run, b, resuming=resume is not None))
     distributed.barrier()  # the folder exists before any rank goes on
     try:
         return _build(recipe, run, tokenizer, splits, resume is not None, list(callbacks), hooks,
