@@ -1,7 +1,7 @@
 """bf16 autocast vs fp32 on this CPU: what ``precision: auto`` measures, and what a LoRA training step costs in each.
 
     HF_HUB_OFFLINE=1 python bench/cpu_bf16.py                                  # MiniLM and random-init roberta-base
-    HF_HUB_OFFLINE=1 python bench/cpu_bf16.py --backbone mpnet-base --targets q,v --batch-size 16   # after install_mpnet.sh
+    HF_HUB_OFFLINE=1 python bench/cpu_bf16.py --backbone mpnet-base --batch-size 16   # after install_mpnet.sh
 
 A CPU that reports native bf16 (AVX512-BF16 or AMX) may still run bf16 matmuls slower than fp32, so the flag alone
 cannot choose the precision. This prints ``trainer.cpu_bf16_speedup()`` (the probe behind ``auto``) beside the
