@@ -479,7 +479,7 @@ def full_worker(spec: dict) -> None:
 
     from newslora.evaluate import classification_metrics
     from newslora.families import resolve_backbone
-    from newslora.trainer import cpu_has_bf16
+    from newslora.trainer import resolve_precision
 
     data, seed, labels = Path(spec["data"]), spec["seed"], ["World", "Sports", "Business", "Sci/Tech"]
     run_dir = Path(spec["workdir"]) / "runs" / f"{spec['name']}-s{seed}"
@@ -513,7 +513,7 @@ def full_worker(spec: dict) -> None:
             model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=len(labels))
         steps = -(-len(ds["train"]) // 32)  # optimizer steps per epoch
         every = max(1, steps // 4)
-        bf16 = cpu_has_bf16() and not spec["tiny"]  # the CPU's native bf16 autocast, as newslora's own runs
+        bf16 = resolve_precision("auto") == "bf16" and not spec["tiny"]  # what newslora's own runs pick
         args = TrainingArguments(output_dir=str(run_dir), learning_rate=spec["lr"], per_device_train_batch_size=32,
                                  per_device_eval_batch_size=256, num_train_epochs=spec["epochs"], warmup_steps=0.06,
                                  weight_decay=0.01, eval_strategy="steps", eval_steps=every, save_strategy="steps",

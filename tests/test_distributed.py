@@ -37,7 +37,8 @@ DROPOUT_OFF = {**TINY, "hidden_dropout_prob": 0, "attention_probs_dropout_prob":
 # 256 training rows: 32 global batches of 8 in both runs, no ragged last batch
 RECIPE = {"model.config_overrides": "{" + ", ".join(f"{k}: {v}" for k, v in DROPOUT_OFF.items()) + "}",
           "lora.dropout": 0, "train.group_by_length": "false", "train.optimizer": "sgd", "train.lr": 0.5,
-          "train.eval_steps": 8, "train.logging_steps": 2, "train.threads": 1, "data.max_test_samples": 32}
+          "train.eval_steps": 8, "train.logging_steps": 2, "train.threads": 1, "data.max_test_samples": 32,
+          "train.precision": "fp32"}  # one precision on both sides, whatever each process's probe of the CPU says
 
 
 def overrides(batch_size: int) -> list[str]:

@@ -158,15 +158,27 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
     assert train_mod.resolve_precision("bf16") == "bf16"  # asked for by name: still allowed
 
 
-def test_cpu_bf16_speedup_is_measured_once():
-    """The probe times real matmuls: a positive ratio (0.0 only without native bf16), the same value on every call."""
+def test_cpu_bf16_probe_times_real_matmuls(monkeypatch):
+    """The probe: 0.0 without native bf16 (nothing timed); with it, a plausible measured ratio, rounded as run.json
+    records it, measured once per thread count."""
     from newslora import trainer as train_mod
 
-    train_mod.cpu_bf16_speedup.cache_clear()
-    ratio = train_mod.cpu_bf16_speedup()
-    assert ratio == train_mod.cpu_bf16_speedup()
-    assert (ratio > 0) == train_mod.cpu_has_bf16()
-    assert train_mod.cpu_bf16_speedup.cache_info().hits >= 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
+    assert train_mod.cpu_bf16_speedup() == 0.0 and train_mod.cpu_precision_probe("auto") == {}
+    train_mod.measure_bf16_speedup.cache_clear()
+    ratio = train_mod.measure_bf16_speedup(1)
+    assert 0.05 < ratio < 50 and ratio == round(ratio, 2)
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert train_mod.cpu_bf16_speedup() == ratio  # the cached measurement at 1 thread
+        assert train_mod.cpu_precision_probe("auto") == {"cpu_bf16_speedup": ratio}
+        assert train_mod.resolve_precision("auto") == ("bf16" if ratio >= train_mod.BF16_MIN_SPEEDUP else "fp32")
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert train_mod.measure_bf16_speedup.cache_info().currsize == 1
 
 
 def test_tf32_needs_an_ampere_gpu_and_is_auto_there(monkeypatch):
@@ -268,3 +280,23 @@ def test_trainer_bookkeeping_shortcuts_keep_flops_and_clipping(tmp_path):
     for n, p in model.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n] / 4, rtol=1e-5, atol=1e-8)
+
+
+def test_resumed_auto_run_keeps_its_precision(tmp_path, monkeypatch):
+    """``auto`` is decided once per run folder: a resume keeps the precision run.json recorded (with its probe), even
+    where this machine's probe would now choose another; one this machine cannot run is decided again."""
+    from newslora import trainer as train_mod
+    from newslora.run import Run
+    from newslora.train import choose_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda: 1.8)
+    run = Run(tmp_path / "r")
+    run.path.mkdir()
+    assert choose_precision("auto", run, resuming=False) == ("bf16", {"cpu_bf16_speedup": 1.8})
+    run.write_info({"precision": "fp32", "cpu_bf16_speedup": 0.9})
+    assert choose_precision("auto", run, resuming=True) == ("fp32", {"cpu_bf16_speedup": 0.9})
+    assert choose_precision("fp32", run, resuming=True) == ("fp32", {})  # a named precision is the recipe's
+    run.write_info({"precision": "tf32"})  # a GPU run resumed on this CPU
+    assert choose_precision("auto", run, resuming=True) == ("bf16", {"cpu_bf16_speedup": 1.8})

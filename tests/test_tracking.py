@@ -85,7 +85,9 @@ def the_mlflow_run(uri: str, run_dir: Path):
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("newslora")
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`newslora.run_dir` = '{run_dir.resolve()}'")
+    path = str(run_dir.resolve())
+    literal = f'"{path}"' if "'" in path else f"'{path}'"
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`newslora.run_dir` = {literal}")
     assert len(found) == 1
     return client, found[0]
 
@@ -230,12 +232,13 @@ def test_interrupted_run_ends_killed_in_mlflow(tmp_path, clean_mlflow_env, mlflo
 
 def test_resumed_run_continues_its_mlflow_run(tmp_path, clean_mlflow_env, mlflow_server):
     """Ctrl-C after a checkpoint, then ``--resume``: the same MLflow run (one per run folder) ends FINISHED, with the
-    loss of every step of the finished folder and the final metrics."""
+    loss of every step of the finished folder and the final metrics. The folder's path holds a quote (MLflow's
+    filter syntax has no escapes)."""
     from conftest import ctrl_c_after
 
     from newslora.train import train
 
-    run_dir = tmp_path / "resumed"
+    run_dir = tmp_path / "it's" / "resumed"
     over = {**FAST, "train.report_to": "[mlflow]", "train.tracking_uri": mlflow_server["url"]}
     with pytest.raises(KeyboardInterrupt):
         train(load_recipe(None, tiny_overrides(**over)), run_dir=run_dir, extra_callbacks=[ctrl_c_after(3)])
@@ -244,6 +247,7 @@ def test_resumed_run_continues_its_mlflow_run(tmp_path, clean_mlflow_env, mlflow
     res = train(resume=run_dir)
     client, mrun = the_mlflow_run(mlflow_server["url"], run_dir)
     assert mrun.info.run_id == first.info.run_id and mrun.info.status == "FINISHED"
+    assert mrun.data.params == first.data.params and "MLFLOW_MAX_LOG_PARAMS" not in os.environ
     logged = set(pd.read_csv(run_dir / "metrics_steps.csv").dropna(subset=["loss"])["step"])
     assert len(logged) >= 4 and {h.step for h in client.get_metric_history(mrun.info.run_id, "loss")} == logged
     assert mrun.data.metrics["final_test_accuracy"] == pytest.approx(res.eval["test"]["accuracy"])

@@ -170,7 +170,7 @@ class TrainConfig(Section):
     """validation metric that chooses the best checkpoint"""
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     """auto: TF32 on an Ampere+ GPU (fp16 autocast on older ones); on CPU bf16 autocast where the CPU has native bf16
-    (AMX/AVX512-BF16) that measures >= 1.2x fp32, else fp32; tf32: fp32 with TF32 matmuls (Ampere+ GPUs); bf16/fp16:
+    (AMX/AVX512-BF16) that measures >= 1.1x fp32, else fp32; tf32: fp32 with TF32 matmuls (Ampere+ GPUs); bf16/fp16:
     autocast; fp32: bit-for-bit the same on every machine"""
     group_by_length: bool = True
     """shuffled length buckets: less padding, still random"""

@@ -155,12 +155,21 @@ class Tracker(TrainHook):
         if parent is None:  # a search trial runs under its study's run, in the study's store
             use_store(tracking_uri(recipe.train.tracking_uri, run.path.parent), run.path.parent)
         self.hidden = {k: os.environ.pop(k) for k in self.HIDDEN if k in os.environ}
-        nested = parent is not None or self.hidden.get("MLFLOW_NESTED_RUN", "").lower() in ("1", "true", "yes")
-        run_id = self.hidden.get("MLFLOW_RUN_ID") or (tagged_run(run.path) if resuming and parent is None else None)
-        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run.path.name, nested=nested,
-                                  tags={RUN_DIR_TAG: str(run.path.resolve())})
+        try:
+            nested = parent is not None or self.hidden.get("MLFLOW_NESTED_RUN", "").lower() in ("1", "true", "yes")
+            run_id = self.hidden.get("MLFLOW_RUN_ID") or (tagged_run(run.path) if resuming and parent is None
+                                                          else None)
+            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run.path.name, nested=nested,
+                                      tags={RUN_DIR_TAG: str(run.path.resolve())})
+        except BaseException:
+            os.environ.update(self.hidden)
+            raise
         self.run_id = active.info.run_id
-        if run_id is None:  # a new run; a reattached one has these already
+        if run_id is not None:  # reattached: the callback would log the TrainingArguments again, and MLflow refuses
+            # a parameter whose value changed (e.g. a run resumed on another machine); the first attempt's stay
+            self.hidden["MLFLOW_MAX_LOG_PARAMS"] = os.environ.get("MLFLOW_MAX_LOG_PARAMS")
+            os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"
+        else:  # a new run; a reattached one has these already
             b = breakdown
             mlflow.log_params({**flat_params(recipe.to_dict(), "recipe"),
                                **{f"budget.adapter.{m}": str(n) for m, n in b.by_module.items()}})
@@ -199,7 +208,11 @@ class Tracker(TrainHook):
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status)
         self.run_id = None
-        os.environ.update(self.hidden)
+        for key, value in self.hidden.items():  # as they were before the run
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def tagged_run(run_dir: Path) -> str | None:
@@ -208,9 +221,17 @@ def tagged_run(run_dir: Path) -> str | None:
 
     exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
     found = mlflow.MlflowClient().search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = "
-                                              f"'{Path(run_dir).resolve()}'", max_results=1,
+                                              f"{quoted(str(Path(run_dir).resolve()))}", max_results=1,
                                               order_by=["attributes.start_time DESC"])
     return found[0].info.run_id if found else None
+
+
+def quoted(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (which has no escapes): single quotes, or double
+    quotes around a value that holds a single quote."""
+    if "'" in value and '"' in value:
+        raise NewsloraError(f"MLflow cannot search for {value!r} (it holds both quote characters): rename it")
+    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def study_parent(report_to: list[str], configured_uri: str | None, study: str, output: Path) -> str | None:
@@ -225,7 +246,7 @@ def study_parent(report_to: list[str], configured_uri: str | None, study: str, o
     use_store(tracking_uri(configured_uri, output), output)
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'",
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = {quoted(study)}",
                                max_results=1, order_by=["attributes.start_time ASC"])
     if found:
         return found[0].info.run_id

@@ -90,7 +90,8 @@ def prepare(recipe: Recipe):
     Returns (tokenizer, splits, breakdown)."""
     check_quantization(recipe.model.quantization)
     tracking.check(recipe.train)
-    resolve_precision(recipe.train.precision)  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
+    if recipe.train.precision != "auto":  # e.g. fp16 or tf32 asked for on a machine without the GPU for it
+        resolve_precision(recipe.train.precision)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.backbone)
     check_max_length(recipe)
     splits = load_splits(recipe.data)
@@ -226,10 +227,10 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
     run.mkdir()
     if main:  # a --resume of this folder from another process is refused while it trains
         lock_run_folder(run.path, str(run.path))
-    if recipe.train.report_to:  # the MLflow run starts (and its store is opened) once the run folder exists
-        hooks.append(tracking.Tracker(recipe, run, b, resuming=resume is not None))
-    distributed.barrier()  # the folder exists before any rank goes on
     try:
+        if recipe.train.report_to:  # the MLflow run starts (and its store is opened) once the run folder exists
+            hooks.append(tracking.Tracker(recipe, run, b, resuming=resume is not None))
+        distributed.barrier()  # the folder exists before any rank goes on
         return _build(recipe, run, tokenizer, splits, resume is not None, list(callbacks), hooks,
                       trainer_cls or NewsloraTrainer, b.fit)
     except BaseException:  # fit() never runs: end what setup started (the MLflow run, the folder's lock)
@@ -237,6 +238,19 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
             hook.abort("failed")
         unlock_run_folder(run.path)
         raise
+
+
+def choose_precision(choice: str, run: Run, resuming: bool) -> tuple[str, dict]:
+    """The precision a run trains in, and what ``auto`` measured to choose it (for run.json). Decided once per run
+    folder: a resumed ``auto`` run keeps the precision its first attempt recorded, where this machine can run it, so
+    one run never trains partly in one precision and partly in another. Called on rank 0 only (shared)."""
+    info = run.read_info() if resuming else {}
+    if choice == "auto" and info.get("precision"):
+        try:
+            return resolve_precision(info["precision"]), {k: info[k] for k in ("cpu_bf16_speedup",) if k in info}
+        except NewsloraError:  # e.g. a GPU run resumed on a CPU: decide again for this machine
+            pass
+    return resolve_precision(choice), cpu_precision_probe(choice)
 
 
 def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, callbacks: list, hooks: list,
@@ -259,7 +273,7 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
     b.fit = fit
     method.before_train(model, run, resuming)
 
-    precision = resolve_precision(t.precision)
+    precision, probe = distributed.share(lambda: choose_precision(t.precision, run, resuming))
     info = {"name": recipe.name, "method": recipe.method, "backbone": recipe.model.backbone,
             "label_names": splits.label_names, "trainable": {"total": b.total, "head": b.head, "adapter": b.adapter,
                                                              "budget": b.budget},
@@ -268,7 +282,7 @@ def _build(recipe: Recipe, run: Run, tokenizer, splits: Splits, resuming: bool, 
                      **({"unlabelled": added} if added else {})},
             "overlap": splits.overlap, "optimizer_steps": total_steps, "auto_fit": b.fit, "device": device_name(),
             "versions": versions(),
-            "precision": precision, **cpu_precision_probe(t.precision),
+            "precision": precision, **probe,
             "processes": distributed.world_size(), "train_runtime_s": None,
             "train_samples_per_second": None, "text": text_record(recipe),
             "class_weights": class_weights(splits.train["label"], len(splits.label_names), t.class_weights)}

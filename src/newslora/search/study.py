@@ -14,6 +14,7 @@ from .. import tracking
 from ..config import Recipe
 from ..errors import NewsloraError
 from ..outputs import write_file_atomic
+from ..trainer import resolve_precision
 from .results import SearchResult, write_results
 from .runner import Job, check_heartbeat, counted, run_processes, run_worker, stderr_console, trial_recipe
 from .space import Space, load_space, pruner_spec
@@ -92,8 +93,8 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers) if workers > 1 else None
-    jobs = [Job(study_name, storage_url, str(out), base, space.raw, n_trials, label_names, seed, space.pruner, w,
-                threads, heartbeat) for w in range(workers)]
+    jobs = [Job(study_name, storage_url, str(out), trial_base(base), space.raw, n_trials, label_names, seed,
+                space.pruner, w, threads, heartbeat) for w in range(workers)]
     try:
         if workers == 1:
             run_worker(jobs[0])
@@ -104,6 +105,16 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
             write_results(study_name, storage_url, out, recipe, space, final=False)
         raise
     return write_results(study_name, storage_url, out, recipe, space)
+
+
+def trial_base(base: dict) -> dict:
+    """The base recipe the workers of this machine train from: ``train.precision: auto`` decided here, once, so that
+    workers measuring the CPU while the others train cannot give one study's trials different precisions."""
+    if base.get("train", {}).get("precision", "auto") != "auto":
+        return base
+    out = copy.deepcopy(base)
+    out.setdefault("train", {})["precision"] = resolve_precision("auto")
+    return out
 
 
 def _comparable(base: dict) -> dict:
