@@ -35,7 +35,8 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     also be a plain PEFT adapter folder (``label_names``: its classes where its base model does not name them).
     An earlier export there is replaced only with ``overwrite``; any other non-empty folder is refused."""
     from .model import merge_adapter
-    from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
+    from .outputs import (check_output_folder, make_parents, make_temp_folder, remove_created, replace_folder,
+                          temp_folder_for)
     from .predict import Classifier, load_folder, load_run, refuse_non_finite
     from .report import write_model_card
     from .run import Run
@@ -73,6 +74,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
     tmp = temp_folder_for(target)
     try:
+        make_temp_folder(tmp)
         merged.config.name_or_path = ""  # the config would otherwise record where the backbone was loaded from
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -149,7 +149,8 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .export import CHECK_TEXTS, export
-    from .outputs import check_output_folder, make_parents, remove_created, replace_folder, temp_folder_for
+    from .outputs import (check_output_folder, make_parents, make_temp_folder, remove_created, replace_folder,
+                          temp_folder_for)
     from .predict import refuse_non_finite
     from .run import Run
 
@@ -186,6 +187,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
     tmp = temp_folder_for(target)
     try:
+        make_temp_folder(tmp)
         fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
         try:
             exporter = _export_graph(model, fp32, opset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Callable
 
 from .errors import NewsloraError
 
-UMASK = os.umask(0o022)  # the process's umask, read once (reading it means setting it), for files made by mkstemp
+UMASK = os.umask(0o022)  # the process's umask, read once (reading it sets it), for temp files made owner-only
 os.umask(UMASK)
 
 
@@ -52,14 +53,14 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     any failure (and the folders this call created)."""
     path = Path(path)
     created = make_parents(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # named first: the cleanup below always knows it
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's file is owner-only; the result gets a new file's usual mode
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # created owner-only; the result gets a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         remove_created(created)
         raise
     return path
@@ -112,14 +113,24 @@ def check_output_folder(path: str | Path, owned: Callable[[Path], bool], what: s
 
 
 def temp_folder_for(target: Path) -> Path:
-    """A new folder next to ``target`` (``.<name>.<random>.tmp``, mode 755) to build it in before
-    :func:`replace_folder`. Temp folders of an earlier export to ``target`` that was killed (SIGKILL, power loss)
-    are removed first: nothing else writes folders of that name."""
+    """A fresh, not yet created path next to ``target`` (``.<name>.<random>.tmp``) to build it in before
+    :func:`replace_folder`: the caller creates it with :func:`make_temp_folder` inside the ``try`` whose cleanup
+    removes it, so a signal at any moment leaves no folder behind. Temp folders of an earlier export to ``target``
+    that was killed (SIGKILL, power loss) are removed first: nothing else writes folders of that name."""
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the exported model private
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        if not tmp.exists():
+            return tmp
+
+
+def make_temp_folder(tmp: Path) -> Path:
+    """Create ``tmp`` (from :func:`temp_folder_for`) with mode 755, whatever the umask: an exported model is not
+    private."""
+    tmp.mkdir()
+    tmp.chmod(0o755)
     return tmp
 
 
