@@ -55,12 +55,17 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     created = make_parents(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # named first: the cleanup below always knows it
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # another writer's temp file of the same random name: not this call's to remove
+            tmp = None
+            raise
         write(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)  # created owner-only; the result gets a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         remove_created(created)
         raise
     return path

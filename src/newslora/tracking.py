@@ -162,19 +162,24 @@ class Tracker(TrainHook):
             active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run.path.name, nested=nested,
                                       tags={RUN_DIR_TAG: str(run.path.resolve())})
         except BaseException:
-            os.environ.update(self.hidden)
+            self.restore_env()
             raise
         self.run_id = active.info.run_id
-        if run_id is not None:  # reattached: the callback would log the TrainingArguments again, and MLflow refuses
-            # a parameter whose value changed (e.g. a run resumed on another machine); the first attempt's stay
-            self.hidden["MLFLOW_MAX_LOG_PARAMS"] = os.environ.get("MLFLOW_MAX_LOG_PARAMS")
-            os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"
-        else:  # a new run; a reattached one has these already
-            b = breakdown
-            mlflow.log_params({**flat_params(recipe.to_dict(), "recipe"),
-                               **{f"budget.adapter.{m}": str(n) for m, n in b.by_module.items()}})
-            mlflow.log_metrics({"budget_trainable": b.total, "budget_head": b.head, "budget_adapter": b.adapter,
-                                "budget_max_params": b.budget, "budget_used": b.total / b.budget}, step=0)
+        try:
+            if run_id is not None and mlflow.get_run(run_id).data.params:
+                # a run with parameters already (a resumed folder's): the callback would log the TrainingArguments
+                # again, and MLflow refuses a parameter whose value changed (a run resumed on another machine)
+                self.hidden["MLFLOW_MAX_LOG_PARAMS"] = os.environ.get("MLFLOW_MAX_LOG_PARAMS")
+                os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"
+            else:  # a new run, or an empty one MLFLOW_RUN_ID names (e.g. made by an orchestrator)
+                b = breakdown
+                mlflow.log_params({**flat_params(recipe.to_dict(), "recipe"),
+                                   **{f"budget.adapter.{m}": str(n) for m, n in b.by_module.items()}})
+                mlflow.log_metrics({"budget_trainable": b.total, "budget_head": b.head, "budget_adapter": b.adapter,
+                                    "budget_max_params": b.budget, "budget_used": b.total / b.budget}, step=0)
+        except BaseException:
+            self.end("FAILED")
+            raise
 
     def configure(self, trainer_cls, kwargs):
         if self.mlflow:
@@ -186,13 +191,17 @@ class Tracker(TrainHook):
             return result
         import mlflow
 
-        for split, m in result.eval.items():
-            mlflow.log_metrics(numbers(m, f"final_{split}"))
-        for name in ARTIFACT_FILES:
-            if self.run.file(name).is_file():
-                mlflow.log_artifact(str(self.run.file(name)))
-        if self.run.plots_dir.is_dir():
-            mlflow.log_artifacts(str(self.run.plots_dir), artifact_path=self.run.PLOTS)
+        try:
+            for split, m in result.eval.items():
+                mlflow.log_metrics(numbers(m, f"final_{split}"))
+            for name in ARTIFACT_FILES:
+                if self.run.file(name).is_file():
+                    mlflow.log_artifact(str(self.run.file(name)))
+            if self.run.plots_dir.is_dir():
+                mlflow.log_artifacts(str(self.run.plots_dir), artifact_path=self.run.PLOTS)
+        except BaseException:
+            self.end("FAILED")
+            raise
         self.end("FINISHED")
         return result
 
@@ -208,11 +217,16 @@ class Tracker(TrainHook):
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status)
         self.run_id = None
-        for key, value in self.hidden.items():  # as they were before the run
+        self.restore_env()
+
+    def restore_env(self) -> None:
+        """The MLflow variables this hook hid or set, as they were before the run."""
+        for key, value in self.hidden.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        self.hidden = {}
 
 
 def tagged_run(run_dir: Path) -> str | None:

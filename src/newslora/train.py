@@ -245,7 +245,7 @@ def choose_precision(choice: str, run: Run, resuming: bool) -> tuple[str, dict]:
     folder: a resumed ``auto`` run keeps the precision its first attempt recorded, where this machine can run it, so
     one run never trains partly in one precision and partly in another. Called on rank 0 only (shared)."""
     info = run.read_info() if resuming else {}
-    if choice == "auto" and info.get("precision"):
+    if choice == "auto" and info.get("precision") in ("fp32", "tf32", "bf16", "fp16"):
         try:
             return resolve_precision(info["precision"]), {k: info[k] for k in ("cpu_bf16_speedup",) if k in info}
         except NewsloraError:  # e.g. a GPU run resumed on a CPU: decide again for this machine

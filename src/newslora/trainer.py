@@ -88,7 +88,18 @@ def cpu_bf16_speedup() -> float:
 @functools.cache
 def measure_bf16_speedup(threads: int) -> float:
     """The probe behind :func:`cpu_bf16_speedup`, once per process and thread count: medians of 5 interleaved
-    timings each (~0.3 s), rounded to 2 decimals (the value run.json records is the one decided on)."""
+    timings each (~0.2 s) at ``threads`` threads, rounded to 2 decimals (the value run.json records is the one
+    decided on)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.enable_grad():
+            return _time_bf16_speedup()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_bf16_speedup() -> float:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(768, 768, generator=gen)
     x = torch.randn(1024, 768, generator=gen, requires_grad=True)

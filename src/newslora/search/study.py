@@ -93,7 +93,8 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers) if workers > 1 else None
-    jobs = [Job(study_name, storage_url, str(out), trial_base(base), space.raw, n_trials, label_names, seed,
+    worker_base = trial_base(base, threads)
+    jobs = [Job(study_name, storage_url, str(out), worker_base, space.raw, n_trials, label_names, seed,
                 space.pruner, w, threads, heartbeat) for w in range(workers)]
     try:
         if workers == 1:
@@ -107,13 +108,21 @@ def search(recipe: Recipe, space: str | Path | dict | Space, n_trials: int, work
     return write_results(study_name, storage_url, out, recipe, space)
 
 
-def trial_base(base: dict) -> dict:
-    """The base recipe the workers of this machine train from: ``train.precision: auto`` decided here, once, so that
-    workers measuring the CPU while the others train cannot give one study's trials different precisions."""
+def trial_base(base: dict, threads: int | None) -> dict:
+    """The base recipe the workers of this machine train from: ``train.precision: auto`` decided here, once, at the
+    workers' thread count, so that workers measuring the CPU while the others train cannot give one study's trials
+    different precisions."""
     if base.get("train", {}).get("precision", "auto") != "auto":
         return base
+    import torch
+
     out = copy.deepcopy(base)
-    out.setdefault("train", {})["precision"] = resolve_precision("auto")
+    before = torch.get_num_threads()
+    torch.set_num_threads(base["train"].get("threads") or threads or before)
+    try:
+        out["train"]["precision"] = resolve_precision("auto")
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
