@@ -248,3 +248,27 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path):
     assert len(lines) == 1 and "unknown recipe key 'train.batchsize'" in lines[0]
     assert "did you mean 'batch_size'?" in lines[0]
     assert not (tmp_path / "s").exists()  # nothing written for a bad space
+
+
+def test_trial_base_decides_auto_once_at_the_workers_thread_count(monkeypatch):
+    """A study's workers all train from one precision: ``auto`` resolved here at the workers' thread count (the
+    probe's cached measurement at that count), this process's thread count and the recipe dict left as they were."""
+    import torch
+
+    from newslora import trainer
+    from newslora.search.study import trial_base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    asked = []
+    monkeypatch.setattr(trainer, "measure_bf16_speedup", lambda threads: asked.append(threads) or 1.5)
+    before = torch.get_num_threads()
+    base = {"train": {"precision": "auto"}}
+    assert trial_base(base, 1)["train"]["precision"] == "bf16" and asked == [1]
+    assert base == {"train": {"precision": "auto"}} and torch.get_num_threads() == before
+    assert trial_base({"train": {"precision": "auto", "threads": 3}}, 1)["train"]["precision"] == "bf16"
+    assert asked == [1, 3]  # the recipe's own train.threads wins
+    monkeypatch.setattr(trainer, "measure_bf16_speedup", lambda threads: 0.6)
+    assert trial_base(base, 1)["train"]["precision"] == "fp32"
+    named = {"train": {"precision": "fp32"}}
+    assert trial_base(named, 1) is named

@@ -149,11 +149,11 @@ def test_cpu_bf16_needs_native_support(monkeypatch):
     assert train_mod.resolve_precision("bf16") == "bf16"
     assert train_mod.precision_flags("bf16") == {"bf16": True, "use_cpu": True}
     # native bf16 that measures faster: autocast (its accuracy measured equal); native but slower: fp32
-    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda: 2.0)
+    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda threads=None: 2.0)
     assert train_mod.resolve_precision("auto") == "bf16"
     assert train_mod.cpu_precision_probe("auto") == {"cpu_bf16_speedup": 2.0}
     assert train_mod.cpu_precision_probe("fp32") == {}
-    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda: 0.7)
+    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda threads=None: 0.7)
     assert train_mod.resolve_precision("auto") == "fp32"
     assert train_mod.resolve_precision("bf16") == "bf16"  # asked for by name: still allowed
 
@@ -171,6 +171,9 @@ def test_cpu_bf16_probe_times_real_matmuls(monkeypatch):
     assert 0.05 < ratio < 50 and ratio == round(ratio, 2)
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
     torch_threads = torch.get_num_threads()
+    # at a thread count given (the one a search's workers train at): the same cached measurement, the count untouched
+    assert train_mod.cpu_bf16_speedup(1) == ratio and torch.get_num_threads() == torch_threads
+    assert train_mod.resolve_precision("auto", 1) == ("bf16" if ratio >= train_mod.BF16_MIN_SPEEDUP else "fp32")
     try:
         torch.set_num_threads(1)
         assert train_mod.cpu_bf16_speedup() == ratio  # the cached measurement at 1 thread
@@ -291,7 +294,7 @@ def test_resumed_auto_run_keeps_its_precision(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda: 1.8)
+    monkeypatch.setattr(train_mod, "cpu_bf16_speedup", lambda threads=None: 1.8)
     run = Run(tmp_path / "r")
     run.path.mkdir()
     assert choose_precision("auto", run, resuming=False) == ("bf16", {"cpu_bf16_speedup": 1.8})

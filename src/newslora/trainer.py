@@ -77,12 +77,13 @@ def cpu_has_bf16() -> bool:
 BF16_MIN_SPEEDUP = 1.1
 
 
-def cpu_bf16_speedup() -> float:
+def cpu_bf16_speedup(threads: int | None = None) -> float:
     """How many times faster this CPU runs a frozen base-size linear layer (1024 tokens x 768 -> 768, forward and the
-    input's gradient, as under LoRA) in bf16 autocast than in fp32, at the current thread count; 0.0 without native
-    bf16. The CPU flags alone do not tell: with AVX512-BF16, bf16 trained 1.5-1.8x as fast as fp32 on one CPU (an AMD
-    EPYC) and 0.70-0.89x on another (a virtualised Intel Xeon, no AMX exposed; bench/RESULTS.md)."""
-    return measure_bf16_speedup(torch.get_num_threads()) if cpu_has_bf16() else 0.0
+    input's gradient, as under LoRA) in bf16 autocast than in fp32, at ``threads`` threads (default: the current
+    count); 0.0 without native bf16. The CPU flags alone do not tell: with AVX512-BF16, bf16 trained 1.5-1.8x as fast
+    as fp32 on one CPU (an AMD EPYC) and 0.70-0.89x on another (a virtualised Intel Xeon, no AMX exposed;
+    bench/RESULTS.md)."""
+    return measure_bf16_speedup(threads or torch.get_num_threads()) if cpu_has_bf16() else 0.0
 
 
 @functools.cache
@@ -125,13 +126,14 @@ def cpu_precision_probe(choice: str) -> dict:
     return {"cpu_bf16_speedup": cpu_bf16_speedup()}
 
 
-def resolve_precision(choice: str) -> str:
+def resolve_precision(choice: str, threads: int | None = None) -> str:
     """The precision a run trains in: ``fp32``, ``tf32``, ``bf16`` or ``fp16``; refuses what this machine can't do.
     ``auto``: TF32 on an Ampere-or-newer GPU, fp16 autocast on an older one; on a CPU, bf16 autocast where the CPU has
     native bf16 matmuls (AMX or AVX512-BF16) and they measure at least ``BF16_MIN_SPEEDUP`` times as fast as fp32
     (``cpu_bf16_speedup``), fp32 elsewhere. bf16 autocast trains at the same validation accuracy as fp32
     (bench/ACCURACY.md, bf16); its numerics depend on the CPU model, so ``fp32`` is the choice for runs that must
-    match bit for bit across machines.
+    match bit for bit across machines. ``threads``: the thread count the run will train at, where it differs from
+    this process's (the probe measures at it).
     ``tf32``: fp32 weights and activations, TF32 tensor-core matmuls (Ampere or newer): no autocast, so none of its
     per-matmul cast kernels. At the recipes' batch sizes (16-32) a LoRA step of roberta-base is bound by the host on
     such a GPU, and autocast's casts cost ~20% more host time per step than fp32 (bench/RESULTS.md); ``bf16`` stays an
@@ -140,7 +142,7 @@ def resolve_precision(choice: str) -> str:
     ampere = cuda and torch.cuda.get_device_capability()[0] >= 8
     if choice == "auto":
         if not cuda:
-            return "bf16" if cpu_has_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
+            return "bf16" if cpu_has_bf16() and cpu_bf16_speedup(threads) >= BF16_MIN_SPEEDUP else "fp32"
         choice = "tf32" if ampere else "fp16"
     if choice == "tf32" and not ampere:
         raise NewsloraError("train.precision=tf32 needs an NVIDIA GPU of the Ampere generation or newer; use "

@@ -114,15 +114,8 @@ def trial_base(base: dict, threads: int | None) -> dict:
     different precisions."""
     if base.get("train", {}).get("precision", "auto") != "auto":
         return base
-    import torch
-
     out = copy.deepcopy(base)
-    before = torch.get_num_threads()
-    torch.set_num_threads(base["train"].get("threads") or threads or before)
-    try:
-        out["train"]["precision"] = resolve_precision("auto")
-    finally:
-        torch.set_num_threads(before)
+    out["train"]["precision"] = resolve_precision("auto", base["train"].get("threads") or threads)
     return out
 
 
