@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from newslora.outputs import write_file_atomic
+from newslora.outputs import make_parents, remove_created, write_file_atomic
 
 
 def test_an_atomic_write_has_the_mode_of_a_plain_write_and_leaves_no_temp_file(tmp_path):
@@ -29,6 +29,29 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_new_folder(tmp_path):
     with pytest.raises(RuntimeError):
         write_file_atomic(tmp_path / "new" / "deeper" / "x.csv", fail)
     assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]
+
+
+def test_parents_are_listed_as_each_is_made_so_a_failure_midway_removes_them(tmp_path, monkeypatch):
+    """A signal or error between two folders: the list already names the ones made, and removing them leaves
+    nothing."""
+    from pathlib import Path
+
+    made, mkdir = [], Path.mkdir
+
+    def second_fails(self, *a, **k):
+        if made:
+            raise KeyboardInterrupt
+        mkdir(self, *a, **k)
+        made.append(self)
+
+    created: list = []
+    monkeypatch.setattr(Path, "mkdir", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        make_parents(tmp_path / "a" / "b" / "c.csv", created)
+    monkeypatch.undo()
+    assert created == [tmp_path / "a"] and (tmp_path / "a").is_dir()
+    remove_created(created)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("exc, line, typed", [

@@ -135,13 +135,14 @@ def test_sigterm_during_export_leaves_no_temp_folder(tiny_run, tmp_path):
 def test_export_removes_stale_temp_folders(tiny_run, tmp_path):
     from newslora.export import export
 
-    stale = tmp_path / ".merged.k1ll3d.tmp"
+    stale = tmp_path / ".merged.0badc0de.tmp"  # a killed export's temp folder for this target: removed
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\0" * 1024)
-    other = tmp_path / ".other.x.tmp"  # not this export's: kept
-    other.mkdir()
+    for name in (".other.0badc0de.tmp", ".merged.int8.0badc0de.tmp"):  # another target's, a sibling's: kept
+        (tmp_path / name).mkdir()
     export(tiny_run.run_dir, tmp_path / "merged")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x.tmp", "merged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.int8.0badc0de.tmp", ".other.0badc0de.tmp",
+                                                          "merged"]
 
 
 @pytest.mark.parametrize("drop", [False, True])

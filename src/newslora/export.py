@@ -70,10 +70,11 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     if diff > atol:
         raise NewsloraError(f"merged model differs from the adapter model (max logit diff {diff:.2e} > {atol}); "
                             "not exported")
-    created = make_parents(target)
+    created: list[Path] = []
     # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
     tmp = temp_folder_for(target)
     try:
+        make_parents(target, created)
         make_temp_folder(tmp)
         merged.config.name_or_path = ""  # the config would otherwise record where the backbone was loaded from
         merged.save_pretrained(tmp, safe_serialization=True)

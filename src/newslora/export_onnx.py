@@ -183,10 +183,11 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     refuse_non_finite(model, merged)
     tok = AutoTokenizer.from_pretrained(merged)
 
-    created = make_parents(target)
+    created: list[Path] = []
     # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
     tmp = temp_folder_for(target)
     try:
+        make_parents(target, created)
         make_temp_folder(tmp)
         fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -52,9 +53,10 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` into a temp file next to ``path``, then rename it over ``path``; the temp file is removed on
     any failure (and the folders this call created)."""
     path = Path(path)
-    created = make_parents(path)
+    created: list[Path] = []
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # named first: the cleanup below always knows it
     try:
+        make_parents(path, created)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:  # another writer's temp file of the same random name: not this call's to remove
@@ -71,12 +73,13 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def make_parents(path: Path) -> list[Path]:
-    """Create ``path``'s missing parent folders; return them (outermost first) for :func:`remove_created`."""
-    missing = [p for p in reversed(path.parents) if not p.exists()]
-    for p in missing:
+def make_parents(path: Path, created: list[Path]) -> list[Path]:
+    """Create ``path``'s missing parent folders, outermost first, appending each to ``created`` as soon as it exists
+    (so a signal midway leaves the list right for :func:`remove_created`)."""
+    for p in [p for p in reversed(path.parents) if not p.exists()]:
         p.mkdir()
-    return missing
+        created.append(p)
+    return created
 
 
 def remove_created(folders: list[Path]) -> None:
@@ -122,8 +125,9 @@ def temp_folder_for(target: Path) -> Path:
     :func:`replace_folder`: the caller creates it with :func:`make_temp_folder` inside the ``try`` whose cleanup
     removes it, so a signal at any moment leaves no folder behind. Temp folders of an earlier export to ``target``
     that was killed (SIGKILL, power loss) are removed first: nothing else writes folders of that name."""
+    ours = re.compile(re.escape(f".{target.name}.") + r"[0-9a-f]{8}\.tmp")  # not a sibling's (``model.int8``)
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        if stale.is_dir() and not stale.is_symlink():
+        if ours.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
     while True:
         tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
