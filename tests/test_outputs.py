@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from newslora.outputs import make_parents, remove_created, write_file_atomic
+from newslora.outputs import make_parents, remove_created, temp_folder_for, write_file_atomic
 
 
 def test_an_atomic_write_has_the_mode_of_a_plain_write_and_leaves_no_temp_file(tmp_path):
@@ -31,27 +31,47 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_new_folder(tmp_path):
     assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]
 
 
-def test_parents_are_listed_as_each_is_made_so_a_failure_midway_removes_them(tmp_path, monkeypatch):
-    """A signal or error between two folders: the list already names the ones made, and removing them leaves
-    nothing."""
+def test_parents_made_before_a_signal_are_all_removed(tmp_path, monkeypatch):
+    """A signal handled right after a folder is made (still inside mkdir) or before the next one: every folder this
+    call made is on the list, and removing them leaves nothing."""
     from pathlib import Path
 
-    made, mkdir = [], Path.mkdir
+    calls, mkdir = [], Path.mkdir
 
-    def second_fails(self, *a, **k):
-        if made:
-            raise KeyboardInterrupt
+    def signal_after_the_second(self, *a, **k):
         mkdir(self, *a, **k)
-        made.append(self)
+        calls.append(self)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
 
     created: list = []
-    monkeypatch.setattr(Path, "mkdir", second_fails)
+    monkeypatch.setattr(Path, "mkdir", signal_after_the_second)
     with pytest.raises(KeyboardInterrupt):
-        make_parents(tmp_path / "a" / "b" / "c.csv", created)
+        make_parents(tmp_path / "a" / "b" / "c" / "d.csv", created)
     monkeypatch.undo()
-    assert created == [tmp_path / "a"] and (tmp_path / "a").is_dir()
+    assert (tmp_path / "a" / "b").is_dir() and created[:2] == [tmp_path / "a", tmp_path / "a" / "b"]
     remove_created(created)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_where_a_parent_folder_must_go_is_the_error_and_nothing_is_left(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError) as e:
+        write_file_atomic(tmp_path / "afile" / "sub" / "x.csv", lambda tmp: tmp.write_text("y"))
+    assert ".tmp" not in str(e.value) and e.value.__context__ is None  # the mkdir's error, not the cleanup's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == "x"
+
+
+def test_the_stale_temp_sweep_takes_only_the_targets_own_temp_folders(tmp_path):
+    """A killed export's temp folder for this target goes (even with glob characters in the name); a sibling
+    target's (``run[1].int8``) and other files stay; the new temp path is not created."""
+    for name in (".run[1].0badc0de.tmp", ".run[1].int8.0badc0de.tmp", ".run[1].notours.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".run[1].12345678.tmp.keep").write_text("x")
+    tmp = temp_folder_for(tmp_path / "run[1]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run[1].12345678.tmp.keep", ".run[1].int8.0badc0de.tmp",
+                                                          ".run[1].notours.tmp"]
+    assert tmp.parent == tmp_path and tmp.name.startswith(".run[1].") and not tmp.exists()
 
 
 @pytest.mark.parametrize("exc, line, typed", [

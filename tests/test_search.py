@@ -261,13 +261,15 @@ def test_trial_base_decides_auto_once_at_the_workers_thread_count(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
     asked = []
-    monkeypatch.setattr(trainer, "measure_bf16_speedup", lambda threads: asked.append(threads) or 1.5)
     before = torch.get_num_threads()
+    # the probe is asked at the workers' count; this process's own count is never changed for it
+    monkeypatch.setattr(trainer, "measure_bf16_speedup",
+                        lambda threads: asked.append((threads, torch.get_num_threads())) or 1.5)
     base = {"train": {"precision": "auto"}}
-    assert trial_base(base, 1)["train"]["precision"] == "bf16" and asked == [1]
+    assert trial_base(base, 1)["train"]["precision"] == "bf16" and asked == [(1, before)]
     assert base == {"train": {"precision": "auto"}} and torch.get_num_threads() == before
     assert trial_base({"train": {"precision": "auto", "threads": 3}}, 1)["train"]["precision"] == "bf16"
-    assert asked == [1, 3]  # the recipe's own train.threads wins
+    assert asked == [(1, before), (3, before)]  # the recipe's own train.threads wins
     monkeypatch.setattr(trainer, "measure_bf16_speedup", lambda threads: 0.6)
     assert trial_base(base, 1)["train"]["precision"] == "fp32"
     named = {"train": {"precision": "fp32"}}

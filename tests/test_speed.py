@@ -167,12 +167,13 @@ def test_cpu_bf16_probe_times_real_matmuls(monkeypatch):
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: False)
     assert train_mod.cpu_bf16_speedup() == 0.0 and train_mod.cpu_precision_probe("auto") == {}
     train_mod.measure_bf16_speedup.cache_clear()
+    torch_threads = torch.get_num_threads()
     ratio = train_mod.measure_bf16_speedup(1)
     assert 0.05 < ratio < 50 and ratio == round(ratio, 2)
+    assert torch.get_num_threads() == torch_threads  # measured at 1 thread, this process's count restored
     monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: True)
-    torch_threads = torch.get_num_threads()
-    # at a thread count given (the one a search's workers train at): the same cached measurement, the count untouched
-    assert train_mod.cpu_bf16_speedup(1) == ratio and torch.get_num_threads() == torch_threads
+    # at a thread count given (the one a search's workers train at): the same cached measurement
+    assert train_mod.cpu_bf16_speedup(1) == ratio
     assert train_mod.resolve_precision("auto", 1) == ("bf16" if ratio >= train_mod.BF16_MIN_SPEEDUP else "fp32")
     try:
         torch.set_num_threads(1)

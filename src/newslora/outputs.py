@@ -2,6 +2,7 @@
 without ``--overwrite``), written through a temp file in the same folder that never outlives a failure."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,7 +55,7 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     any failure (and the folders this call created)."""
     path = Path(path)
     created: list[Path] = []
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # named first: the cleanup below always knows it
+    tmp = temp_name(path)  # named first: the cleanup below always knows it
     try:
         make_parents(path, created)
         try:
@@ -67,19 +68,33 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. never created: a file where a parent folder must go
+                tmp.unlink()
         remove_created(created)
         raise
     return path
 
 
-def make_parents(path: Path, created: list[Path]) -> list[Path]:
-    """Create ``path``'s missing parent folders, outermost first, appending each to ``created`` as soon as it exists
-    (so a signal midway leaves the list right for :func:`remove_created`)."""
+TEMP_TOKEN_BYTES = 4  # temp names are ``.<name>.<8 hex digits>.tmp``
+
+
+def temp_name(target: Path) -> Path:
+    """A random temp path next to ``target``: ``.<name>.<8 hex digits>.tmp``."""
+    return target.parent / f".{target.name}.{secrets.token_hex(TEMP_TOKEN_BYTES)}.tmp"
+
+
+def make_parents(path: Path, created: list[Path]) -> None:
+    """Create ``path``'s missing parent folders, outermost first. Each is added to ``created`` before it is made, so a
+    signal at any moment leaves the list naming every folder this call made, for :func:`remove_created` (which skips
+    one listed but not yet made)."""
     for p in [p for p in reversed(path.parents) if not p.exists()]:
-        p.mkdir()
         created.append(p)
-    return created
+        try:
+            p.mkdir()
+        except OSError:  # made meanwhile by another process (then fine), or a file in the way: not ours to remove
+            created.pop()
+            if not p.is_dir():
+                raise
 
 
 def remove_created(folders: list[Path]) -> None:
@@ -125,12 +140,13 @@ def temp_folder_for(target: Path) -> Path:
     :func:`replace_folder`: the caller creates it with :func:`make_temp_folder` inside the ``try`` whose cleanup
     removes it, so a signal at any moment leaves no folder behind. Temp folders of an earlier export to ``target``
     that was killed (SIGKILL, power loss) are removed first: nothing else writes folders of that name."""
-    ours = re.compile(re.escape(f".{target.name}.") + r"[0-9a-f]{8}\.tmp")  # not a sibling's (``model.int8``)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        if ours.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
+    ours = re.compile(re.escape(f".{target.name}.") + f"[0-9a-f]{{{2 * TEMP_TOKEN_BYTES}}}" + r"\.tmp")
+    if target.parent.is_dir():  # only this target's own temp names: not a sibling's (``model.int8``)
+        for stale in target.parent.iterdir():
+            if ours.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
     while True:
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        tmp = temp_name(target)
         if not tmp.exists():
             return tmp
 
