@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from newslora.outputs import make_parents, remove_created, temp_folder_for, write_file_atomic
+from newslora.outputs import build_folder, make_parents, remove_created, temp_folder_for, write_file_atomic
 
 
 def test_an_atomic_write_has_the_mode_of_a_plain_write_and_leaves_no_temp_file(tmp_path):
@@ -72,6 +72,51 @@ def test_the_stale_temp_sweep_takes_only_the_targets_own_temp_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run[1].12345678.tmp.keep", ".run[1].int8.0badc0de.tmp",
                                                           ".run[1].notours.tmp"]
     assert tmp.parent == tmp_path and tmp.name.startswith(".run[1].") and not tmp.exists()
+
+
+def test_a_built_folder_replaces_the_old_one_only_when_complete(tmp_path):
+    """The body writes into a temp folder next to the target; a failing body leaves the old folder as it was and no
+    temp or parent folder behind; a finished body's folder takes the target's place, mode 755 under any umask."""
+    old = tmp_path / "model"
+    old.mkdir()
+    (old / "weights").write_text("old")
+    with pytest.raises(RuntimeError):
+        with build_folder(old) as tmp:
+            assert tmp.parent == tmp_path and tmp.is_dir()
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        with build_folder(tmp_path / "new" / "deeper" / "model") as tmp:
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (old / "weights").read_text() == "old"
+
+    umask = os.umask(0o077)
+    try:
+        with build_folder(old) as tmp:
+            (tmp / "weights").write_text("new")
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (old / "weights").read_text() == "new"
+    assert stat.S_IMODE(os.stat(old).st_mode) == 0o755
+
+
+def test_a_temp_folder_name_another_writer_took_first_is_left_to_it(tmp_path, monkeypatch):
+    """Between choosing a free random name and making the folder, another writer may make one of that name: the
+    build fails, and the other writer's folder and files stay."""
+    import newslora.outputs as outputs
+
+    theirs = tmp_path / ".model.0badc0de.tmp"
+
+    def taken_meanwhile(target):
+        theirs.mkdir()
+        (theirs / "weights").write_text("theirs")
+        return theirs
+
+    monkeypatch.setattr(outputs, "temp_folder_for", taken_meanwhile)
+    with pytest.raises(FileExistsError):
+        with build_folder(tmp_path / "model"):
+            pytest.fail("the body must not run in another writer's folder")
+    assert (theirs / "weights").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == [theirs.name]
 
 
 @pytest.mark.parametrize("exc, line, typed", [

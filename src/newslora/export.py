@@ -5,7 +5,6 @@ The merged model is checked against the adapter model on a fixed set of texts be
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     also be a plain PEFT adapter folder (``label_names``: its classes where its base model does not name them).
     An earlier export there is replaced only with ``overwrite``; any other non-empty folder is refused."""
     from .model import merge_adapter
-    from .outputs import (check_output_folder, make_parents, make_temp_folder, remove_created, replace_folder,
-                          temp_folder_for)
+    from .outputs import build_folder, check_output_folder
     from .predict import Classifier, load_folder, load_run, refuse_non_finite
     from .report import write_model_card
     from .run import Run
@@ -70,12 +68,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
     if diff > atol:
         raise NewsloraError(f"merged model differs from the adapter model (max logit diff {diff:.2e} > {atol}); "
                             "not exported")
-    created: list[Path] = []
-    # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
-    tmp = temp_folder_for(target)
-    try:
-        make_parents(target, created)
-        make_temp_folder(tmp)
+    with build_folder(target) as tmp:
         merged.config.name_or_path = ""  # the config would otherwise record where the backbone was loaded from
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -87,11 +80,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, atol: float = 
             raise NewsloraError("the saved merged model predicts differently from the adapter model; not exported")
         if run is not None:
             write_model_card(tmp, run.path, model_path=_display_path(target, run))
-        return replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
-        raise
+    return target
 
 
 def _display_path(target: Path, run) -> str:

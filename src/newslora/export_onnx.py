@@ -13,7 +13,6 @@ precision, check); ``load_classifier`` runs it with onnxruntime when it finds ``
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +148,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .export import CHECK_TEXTS, export
-    from .outputs import (check_output_folder, make_parents, make_temp_folder, remove_created, replace_folder,
-                          temp_folder_for)
+    from .outputs import build_folder, check_output_folder
     from .predict import refuse_non_finite
     from .run import Run
 
@@ -183,12 +181,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
     refuse_non_finite(model, merged)
     tok = AutoTokenizer.from_pretrained(merged)
 
-    created: list[Path] = []
-    # the temp folder sits next to the target, so the relative paths written into it stay right after the rename
-    tmp = temp_folder_for(target)
-    try:
-        make_parents(target, created)
-        make_temp_folder(tmp)
+    with build_folder(target) as tmp:
         fp32 = tmp / ("model.fp32.onnx" if int8 else ONNX_FILE)
         try:
             exporter = _export_graph(model, fp32, opset)
@@ -216,11 +209,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, int8: bool
             info["run"] = os.path.relpath(run.path.resolve(), target.resolve())
         write_meta(tmp, described, **info)
         _write_card(tmp, target.name, merged, info)
-        return replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
-        raise
+    return target
 
 
 def _write_card(folder: Path, name: str, merged: Path, info: dict) -> None:

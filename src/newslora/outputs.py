@@ -10,7 +10,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import NewsloraError
 
@@ -83,6 +83,11 @@ def temp_name(target: Path) -> Path:
     return target.parent / f".{target.name}.{secrets.token_hex(TEMP_TOKEN_BYTES)}.tmp"
 
 
+def temp_pattern(target: Path) -> re.Pattern:
+    """Matches exactly the names :func:`temp_name` gives ``target``'s temp paths (not a sibling's: ``model.int8``)."""
+    return re.compile(re.escape(f".{target.name}.") + f"[0-9a-f]{{{2 * TEMP_TOKEN_BYTES}}}" + r"\.tmp")
+
+
 def make_parents(path: Path, created: list[Path]) -> None:
     """Create ``path``'s missing parent folders, outermost first. Each is added to ``created`` before it is made, so a
     signal at any moment leaves the list naming every folder this call made, for :func:`remove_created` (which skips
@@ -136,12 +141,11 @@ def check_output_folder(path: str | Path, owned: Callable[[Path], bool], what: s
 
 
 def temp_folder_for(target: Path) -> Path:
-    """A fresh, not yet created path next to ``target`` (``.<name>.<random>.tmp``) to build it in before
-    :func:`replace_folder`: the caller creates it with :func:`make_temp_folder` inside the ``try`` whose cleanup
-    removes it, so a signal at any moment leaves no folder behind. Temp folders of an earlier export to ``target``
-    that was killed (SIGKILL, power loss) are removed first: nothing else writes folders of that name."""
-    ours = re.compile(re.escape(f".{target.name}.") + f"[0-9a-f]{{{2 * TEMP_TOKEN_BYTES}}}" + r"\.tmp")
-    if target.parent.is_dir():  # only this target's own temp names: not a sibling's (``model.int8``)
+    """A fresh, not yet created path next to ``target`` (``.<name>.<random>.tmp``) to build it in. Temp folders of an
+    earlier build of ``target`` that was killed (SIGKILL, power loss) are removed first: nothing else writes folders
+    of that name."""
+    ours = temp_pattern(target)
+    if target.parent.is_dir():
         for stale in target.parent.iterdir():
             if ours.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -151,12 +155,32 @@ def temp_folder_for(target: Path) -> Path:
             return tmp
 
 
-def make_temp_folder(tmp: Path) -> Path:
-    """Create ``tmp`` (from :func:`temp_folder_for`) with mode 755, whatever the umask: an exported model is not
-    private."""
-    tmp.mkdir()
-    tmp.chmod(0o755)
-    return tmp
+@contextlib.contextmanager
+def build_folder(target: Path) -> Iterator[Path]:
+    """Build the folder ``target`` in a temp folder next to it (mode 755 whatever the umask: an exported model is
+    not private), so relative paths written into it stay right after the rename. The body writes into the folder
+    this yields; once the body ends without error it replaces ``target`` (:func:`replace_folder`). On any error or
+    signal the temp folder and the parent folders made for it are removed -- each is listed before it is made --
+    but never a folder of the same random name that another writer made first."""
+    created: list[Path] = []
+    tmp = temp_folder_for(target)
+    ours = False
+    try:
+        make_parents(target, created)
+        ours = True
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            ours = False
+            raise
+        tmp.chmod(0o755)
+        yield tmp
+        replace_folder(tmp, target)
+    except BaseException:
+        if ours:
+            shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
+        raise
 
 
 def replace_folder(tmp: Path, target: Path) -> Path:
