@@ -187,6 +187,37 @@ def test_resume_finishes_a_two_process_run_stopped_after_a_checkpoint(tmp_path, 
     assert r.stdout.count("run folder:") == 1
 
 
+TRACKER_FAILS = """
+import os
+import sys
+from newslora.config import load_recipe
+from newslora.errors import NewsloraError
+from newslora.train import train
+
+run_dir, *overrides = sys.argv[1:]
+try:
+    train(load_recipe(None, overrides), run_dir=run_dir)
+except NewsloraError as e:
+    print(f"rank {os.environ['RANK']} stopped: {e}", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_a_tracker_failing_on_rank_0_stops_every_rank(tmp_path, monkeypatch):
+    """Rank 0 alone starts the MLflow run; its error (here ``MLFLOW_RUN_ID`` names no run) is raised on every rank,
+    so rank 1 stops with it instead of waiting at the barrier after the tracker until the launcher ends it."""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_NESTED_RUN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    script = tmp_path / "tracker.py"
+    script.write_text(TRACKER_FAILS)
+    r = torchrun(script, tmp_path / "run", *overrides(GLOBAL_BATCH // 2), "train.report_to=[mlflow]", timeout=300)
+    assert r.returncode != 0
+    assert re.search(r"rank 1 stopped: rank 0 failed: \w*Exception: .*0{32}", r.stdout), (r.stdout + r.stderr)[-3000:]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 def test_a_run_that_only_reads_writes_nothing(tmp_path):
     """What the ranks other than 0 hold: every write of the run folder is skipped, the attempt is kept in memory."""
     from newslora.run import Run

@@ -89,6 +89,14 @@ def share(make) -> Any:
     return value
 
 
+def on_main(make) -> Any:
+    """``make()`` run on rank 0 only: its result there, None on the other ranks. An error ``make`` raises on rank 0
+    is raised on every rank (as :func:`share`), so that no rank waits at a later barrier for a rank that stopped."""
+    made: list = []
+    share(lambda: made.append(make()))
+    return made[0] if made else None
+
+
 def barrier() -> None:
     if active():
         import torch.distributed as dist
