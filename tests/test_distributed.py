@@ -190,6 +190,7 @@ def test_resume_finishes_a_two_process_run_stopped_after_a_checkpoint(tmp_path, 
 TRACKER_FAILS = """
 import os
 import sys
+import time
 from newslora.config import load_recipe
 from newslora.errors import NewsloraError
 from newslora.train import train
@@ -200,6 +201,10 @@ try:
 except NewsloraError as e:
     print(f"rank {os.environ['RANK']} stopped: {e}", flush=True)
     sys.exit(3)
+except Exception:
+    if os.environ["RANK"] == "0":
+        time.sleep(2)  # rank 1 has printed before the launcher ends it when rank 0 exits
+    raise
 """
 
 

@@ -89,12 +89,15 @@ def share(make) -> Any:
     return value
 
 
-def on_main(make) -> Any:
-    """``make()`` run on rank 0 only: its result there, None on the other ranks. An error ``make`` raises on rank 0
-    is raised on every rank (as :func:`share`), so that no rank waits at a later barrier for a rank that stopped."""
-    made: list = []
-    share(lambda: made.append(make()))
-    return made[0] if made else None
+def on_main(do) -> None:
+    """``do()`` run on rank 0 only, the other ranks waiting for it. An error it raises is raised on every rank (as
+    :func:`share`: a :class:`NewsloraError` with rank 0's message on the others), so that no rank waits at a later
+    barrier for a rank that stopped. ``do`` keeps what it makes itself: nothing is handed to the other ranks."""
+
+    def done() -> None:
+        do()
+
+    share(done)
 
 
 def barrier() -> None:

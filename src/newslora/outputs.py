@@ -161,7 +161,8 @@ def build_folder(target: Path) -> Iterator[Path]:
     not private), so relative paths written into it stay right after the rename. The body writes into the folder
     this yields; once the body ends without error it replaces ``target`` (:func:`replace_folder`). On any error or
     signal the temp folder and the parent folders made for it are removed -- each is listed before it is made --
-    but never a folder of the same random name that another writer made first."""
+    but not a folder of the chosen random name that appeared before this call made it. Earlier temp folders of
+    ``target`` are swept first (:func:`temp_folder_for`): one build of a target runs at a time."""
     created: list[Path] = []
     tmp = temp_folder_for(target)
     ours = False

@@ -229,9 +229,7 @@ def setup(recipe: Recipe | None = None, run: Run | str | Path | None = None, *, 
         lock_run_folder(run.path, str(run.path))
     try:
         if recipe.train.report_to:  # rank 0 starts the MLflow run (and opens its store) once the run folder exists
-            tracker = distributed.on_main(lambda: tracking.Tracker(recipe, run, b, resuming=resume is not None))
-            if tracker is not None:
-                hooks.append(tracker)
+            distributed.on_main(lambda: hooks.append(tracking.Tracker(recipe, run, b, resuming=resume is not None)))
         distributed.barrier()  # the folder exists before any rank goes on
         return _build(recipe, run, tokenizer, splits, resume is not None, list(callbacks), hooks,
                       trainer_cls or NewsloraTrainer, b.fit)
